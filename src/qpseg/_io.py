@@ -1,0 +1,53 @@
+"""Small file helpers: atomic writes with a backup of anything replaced."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_write", "backup_path", "write_json_atomic"]
+
+
+def backup_path(path: Path) -> Path:
+    """Where the previous version of ``path`` is kept when it is replaced (``name.bak``)."""
+    return path.with_name(path.name + ".bak")
+
+
+@contextmanager
+def atomic_write(
+    path: str | os.PathLike[str], mode: str = "w", *, backup: bool = True, encoding: str = "utf-8"
+) -> Iterator[IO[Any]]:
+    """Write ``path`` atomically: a temp file in the same folder, fsync, then rename over it.
+
+    A reader never sees a half-written file, and a crash leaves the old file intact. When the
+    file already exists and ``backup`` is true, its previous content is kept as ``<name>.bak``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        kwargs: dict[str, Any] = {} if "b" in mode else {"encoding": encoding, "newline": "\n"}
+        with os.fdopen(fd, mode, **kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        if backup and path.exists():
+            shutil.copy2(path, backup_path(path))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any, *, backup: bool = True,
+                      indent: int | None = 2) -> None:
+    """Serialise ``data`` as UTF-8 JSON (non-ASCII kept) to ``path`` atomically."""
+    with atomic_write(path, "w", backup=backup) as fh:
+        json.dump(data, fh, indent=indent, ensure_ascii=False, allow_nan=False)
+        fh.write("\n")
