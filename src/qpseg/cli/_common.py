@@ -1,0 +1,19 @@
+"""Small helpers shared by the command modules (output only; no library logic)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def print_json(data: Any) -> None:
+    """Print JSON to stdout (UTF-8, non-ASCII kept)."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def console() -> Any:
+    """A Rich console on stdout (imported lazily: rich is not needed for --help)."""
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=False)

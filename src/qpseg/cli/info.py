@@ -1,0 +1,71 @@
+"""``qpseg info``: what a QuPath project holds and whether its images can be found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def info(
+    project: Path = typer.Argument(..., help="project.qpproj (or the folder holding it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    open_slides: bool = typer.Option(
+        False, "--open-slides", help="Open every found image to read its pixel size and size."
+    ),
+) -> int:
+    """List a project's entries: id, name, resolved image path, found/missing, pixel size."""
+    from qpseg.cli._common import console, print_json
+    from qpseg.errors import QpsegError
+    from qpseg.qupath.project import QuPathProject
+
+    qp = QuPathProject.load(project)
+    rows = []
+    for e in qp.entries:
+        mpp, dims, problem = e.mpp, e.dimensions, None
+        if open_slides and e.image_found and e.image_path is not None:
+            from qpseg.slide import open_slide
+
+            try:
+                with open_slide(e.image_path) as s:
+                    dims = s.qupath_dimensions
+                    mpp = s.mpp if s.has_mpp else None
+            except QpsegError as exc:
+                problem = exc.message
+        rows.append({
+            "id": e.entry_id,
+            "name": e.image_name,
+            "image": str(e.image_path) if e.image_path else e.uri,
+            "found": e.image_found,
+            "mpp": mpp,
+            "width": dims[0] if dims else None,
+            "height": dims[1] if dims else None,
+            "provider": e.provider,
+            "problem": problem,
+        })
+    n_missing = sum(not r["found"] for r in rows)
+    if as_json:
+        print_json({
+            "project": str(qp.path),
+            "version": qp.version,
+            "classes": [{"name": c.name, "color": list(c.color)} for c in qp.classes],
+            "entries": rows,
+            "missing": n_missing,
+        })
+        return 0
+    from rich.table import Table
+
+    out = console()
+    out.print(f"[bold]{qp.path}[/] QuPath {qp.version or '?'}: {len(rows)} entries, "
+              f"{n_missing} image(s) missing, {len(qp.classes)} classes")
+    table = Table(show_lines=False)
+    for col in ("id", "name", "found", "mpp", "size", "image"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        size = f"{r['width']}x{r['height']}" if r["width"] else "?"
+        table.add_row(
+            str(r["id"]), str(r["name"]), "yes" if r["found"] else "[red]missing[/]",
+            f"{r['mpp']:.4g}" if r["mpp"] else "?", size, str(r["image"]),
+        )
+    out.print(table)
+    return 0
