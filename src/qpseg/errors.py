@@ -16,6 +16,7 @@ __all__ = [
     "GeoJSONError",
     "GeoJSONWarning",
     "LabelError",
+    "MissingImageWarning",
     "ModelError",
     "ProjectError",
     "ProjectWarning",
@@ -98,3 +99,7 @@ class GeoJSONWarning(QpsegWarning):
 
 class ProjectWarning(QpsegWarning):
     """A project entry has a problem (e.g. its image cannot be found) but the project loads."""
+
+
+class MissingImageWarning(ProjectWarning):
+    """Project entries whose images cannot be found on this machine (normal for shared projects)."""
