@@ -1,0 +1,1167 @@
+"""QuPath GeoJSON objects <-> shapely: a lenient reader, a strict writer and a validator.
+
+Reading accepts every dialect QuPath has written (0.2 - 0.7) and what other tools make of it:
+a FeatureCollection, a bare list of Features, a single Feature or a bare Geometry; ``objectType``
+(0.4+), ``object_type`` (0.3) or the legacy ``id`` type names (0.2); classifications as
+``{name|names, color:[r,g,b(,a)]}`` (0.4+), ``{name, colorRGB, parentClass}`` (0.3) or a plain
+string; measurements as an object (0.4+) or a list of ``{name, value}`` (0.3); ``.geojson.gz``
+files. A feature that cannot be read is skipped with a :class:`GeoJSONWarning` naming the file
+and the feature's index; geometry is never changed while reading (invalid polygons are kept as
+they are and flagged by :func:`validate_geojson`).
+
+Writing produces the 0.4+ dialect QuPath 0.4 - 0.7 imports: a FeatureCollection of Features with
+a UUID ``id``, ``objectType``, a ``classification`` that always carries a colour (QuPath refuses
+a classification without one), finite measurements as an object, and geometry that is valid
+(repaired with ``make_valid``), oriented (exteriors counter-clockwise) and of a kind QuPath can
+turn into a ROI. Coordinates are level-0 pixels and are written exactly as held (no rounding).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import numbers
+import os
+import re
+import uuid
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qpseg._io import atomic_write
+from qpseg.errors import GeoJSONError, GeoJSONWarning
+from qpseg.qupath.classes import argb_to_rgb, default_color
+
+if TYPE_CHECKING:  # shapely and numpy are imported lazily: the CLI must start fast
+    import numpy as np
+    from shapely.geometry.base import BaseGeometry
+
+__all__ = [
+    "GEOMETRY_TYPES",
+    "OBJECT_TYPES",
+    "PROBLEM_SEVERITY",
+    "FeatureProblem",
+    "GeoJSONReport",
+    "QuPathObject",
+    "canonical_object_type",
+    "parse_features",
+    "read_geojson",
+    "repair_polygonal",
+    "to_feature",
+    "to_feature_collection",
+    "validate_geojson",
+    "write_geojson",
+]
+
+RGB = tuple[int, int, int]
+
+OBJECT_TYPES: tuple[str, ...] = ("annotation", "detection", "cell", "tile", "tmaCore")
+GEOMETRY_TYPES: frozenset[str] = frozenset({
+    "Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
+    "GeometryCollection",
+})
+
+# Objects that QuPath can only hold as areas; annotations and detections may be points/lines.
+_AREA_ONLY_TYPES = frozenset({"cell", "tile", "tmaCore"})
+
+# Spellings of object types seen in QuPath files, keyed by lower case without separators:
+# 0.4+ "tmaCore", 0.3 "tma_core", 0.2 class names stored in the feature's "id".
+_OBJECT_TYPE_KEYS: dict[str, str] = {
+    "annotation": "annotation", "pathannotationobject": "annotation",
+    "detection": "detection", "pathdetectionobject": "detection",
+    "cell": "cell", "pathcellobject": "cell",
+    "tile": "tile", "pathtileobject": "tile",
+    "tmacore": "tmaCore", "tmacoreobject": "tmaCore",
+}
+_LEGACY_TYPE_IDS = frozenset({
+    "PathAnnotationObject", "PathDetectionObject", "PathCellObject", "PathTileObject",
+    "TMACoreObject", "PathRootObject",
+})
+
+# Property keys the reader interprets; everything else is kept in QuPathObject.extra.
+_KNOWN_PROPERTIES = frozenset({
+    "objectType", "object_type", "classification", "name", "color", "isLocked", "metadata",
+    "measurements", "nucleusGeometry",
+})
+# Keys the writer owns; an ``extra`` entry never overrides them.
+_RESERVED_PROPERTIES = _KNOWN_PROPERTIES
+_GEOMETRY_MEMBERS = frozenset({"type", "coordinates", "geometries", "bbox"})
+
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                      r"[0-9a-fA-F]{12}$")
+_MAX_GEOMETRY_DEPTH = 16   # nested GeometryCollections; deeper is not a QuPath file
+_MAX_JSON_DEPTH = 64       # nesting allowed in ``extra`` values written back
+
+# Problem kinds reported by validate_geojson, and whether they make a file unusable.
+PROBLEM_SEVERITY: dict[str, str] = {
+    "skipped-feature": "error",          # the feature cannot be read at all
+    "empty-geometry": "error",           # nothing left to draw (as read, or after repair)
+    "wrong-geometry-type": "error",      # e.g. a cell that is a line: cannot be written
+    "unrepairable-geometry": "error",    # make_valid failed
+    "invalid-geometry": "warning",       # self-intersections etc.; repaired on write
+    "missing-colour": "warning",         # classified without a colour; default used on write
+    "non-finite-measurement": "warning",  # NaN/inf; dropped on write
+    "non-numeric-measurement": "warning",  # dropped while reading
+    "unknown-object-type": "warning",    # read as an annotation (as QuPath does)
+    "bad-property": "warning",           # a malformed property that was ignored
+    "duplicate-id": "warning",           # two objects share one UUID
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Data model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuPathObject:
+    """One QuPath object: its geometry (level-0 pixels) and the properties QuPath keeps."""
+
+    geometry: BaseGeometry
+    object_type: str = "annotation"
+    classification: str | None = None   # class name ("Tumor", "Tumor: Positive"); None = none
+    class_color: RGB | None = None
+    name: str | None = None
+    color: RGB | None = None            # the object's own colour (properties.color)
+    measurements: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    id: str | None = None
+    is_locked: bool = False
+    nucleus_geometry: BaseGeometry | None = None
+    extra: dict[str, Any] = field(default_factory=dict)   # other properties, e.g. isMissing
+    # Foreign members of the geometry object QuPath uses ("plane", "isEllipse").
+    geometry_extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_area(self) -> bool:
+        """True when the geometry has a polygonal part (an area ROI in QuPath)."""
+        return _has_polygonal_part(self.geometry)
+
+    @property
+    def area(self) -> float:
+        """Area in level-0 px² as stored (an invalid polygon may report an odd area)."""
+        return float(self.geometry.area)
+
+
+@dataclass(frozen=True)
+class FeatureProblem:
+    """A problem with one feature of a GeoJSON file (``index`` counts features from 0)."""
+
+    index: int
+    kind: str
+    message: str
+
+    @property
+    def severity(self) -> str:
+        """``"error"`` (the feature is lost) or ``"warning"`` (it is read or repaired)."""
+        return PROBLEM_SEVERITY.get(self.kind, "warning")
+
+
+@dataclass
+class GeoJSONReport:
+    """What :func:`validate_geojson` found in one file."""
+
+    path: Path
+    n_features: int                    # features in the file, readable or not
+    n_objects: int                     # features read as objects
+    counts: dict[tuple[str, str | None], int]   # (objectType, class name or None) -> count
+    problems: list[FeatureProblem]
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem is an error (warnings are allowed)."""
+        return not any(p.severity == "error" for p in self.problems)
+
+    @property
+    def n_errors(self) -> int:
+        """Number of problems of severity error."""
+        return sum(p.severity == "error" for p in self.problems)
+
+    def kinds(self) -> Counter[str]:
+        """How many problems of each kind."""
+        return Counter(p.kind for p in self.problems)
+
+
+class _Skip(Exception):
+    """A feature cannot be read (internal; becomes a warning and a FeatureProblem)."""
+
+    def __init__(self, message: str, kind: str = "skipped-feature") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def canonical_object_type(value: Any) -> str | None:
+    """QuPath's 0.4+ spelling of an object type (``"tma_core"`` -> ``"tmaCore"``), or None."""
+    if not isinstance(value, str):
+        return None
+    key = re.sub(r"[^a-z0-9]", "", value.lower())
+    return _OBJECT_TYPE_KEYS.get(key)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages about arbitrary input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_geometry_type(value: Any) -> bool:
+    return isinstance(value, str) and value in GEOMETRY_TYPES
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _is_number(value: Any) -> bool:
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, without the slow ABC check
+        return True
+    return isinstance(value, numbers.Real) and kind is not bool
+
+
+def _finite_float(value: Any) -> float | None:
+    """``value`` as a finite float, or None (NaN, infinity, too large, not a number)."""
+    if type(value) is float:
+        return value if math.isfinite(value) else None
+    if not _is_number(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _parse_rgb(value: Any) -> RGB | None:
+    """A colour as QuPath writes it: ``[r, g, b]``, ``[r, g, b, a]``, ``[argb]`` or an ARGB int."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return argb_to_rgb(value)
+    if isinstance(value, list) and len(value) in (1, 3, 4):
+        if not all(_is_number(c) and float(c).is_integer() for c in value):
+            return None
+        ints = [int(c) for c in value]
+        if len(ints) == 1:
+            return argb_to_rgb(ints[0])
+        if all(0 <= c <= 255 for c in ints):
+            return (ints[0], ints[1], ints[2])
+    return None
+
+
+def _valid_rgb(value: Any) -> RGB | None:
+    if (isinstance(value, tuple | list) and len(value) == 3
+            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255
+                    for c in value)):
+        return (int(value[0]), int(value[1]), int(value[2]))
+    return None
+
+
+def _has_polygonal_part(geom: Any) -> bool:
+    from shapely.geometry import MultiPolygon, Polygon
+    from shapely.geometry.base import BaseMultipartGeometry
+
+    if isinstance(geom, Polygon | MultiPolygon):
+        return not geom.is_empty
+    if isinstance(geom, BaseMultipartGeometry):
+        return any(_has_polygonal_part(g) for g in geom.geoms)
+    return False
+
+
+def _flatten(geom: Any) -> list[Any]:
+    """Single-part, non-empty geometries inside ``geom``."""
+    from shapely.geometry.base import BaseMultipartGeometry
+
+    if geom.is_empty:
+        return []
+    if isinstance(geom, BaseMultipartGeometry):
+        return [part for g in geom.geoms for part in _flatten(g)]
+    return [geom]
+
+
+def _describe(obj: QuPathObject) -> str:
+    what = obj.object_type if isinstance(obj.object_type, str) else "object"
+    if obj.name:
+        return f"{what} {obj.name!r}"
+    if obj.id:
+        return f"{what} {obj.id}"
+    if obj.classification:
+        return f"{what} of class {obj.classification!r}"
+    return what
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: whole file
+# --------------------------------------------------------------------------------------------
+
+
+def _load_json(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in ``path`` (gzip-compressed or not); GeoJSONError for whole-file problems."""
+    path = Path(path)
+    if not path.exists():
+        raise GeoJSONError("file not found", path)
+    if path.is_dir():
+        raise GeoJSONError("is a directory, not a GeoJSON file", path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise GeoJSONError(f"cannot read file ({exc.strerror or exc})", path) from exc
+    if raw[:2] == b"\x1f\x8b":  # gzip magic, whatever the extension says
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise GeoJSONError(f"corrupt gzip data ({exc})", path) from exc
+    if not raw.strip():
+        raise GeoJSONError("file is empty", path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise GeoJSONError(f"not UTF-8 text (byte {exc.start})", path) from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GeoJSONError(f"not valid JSON ({exc.msg} at line {exc.lineno} column "
+                           f"{exc.colno})", path) from exc
+    except RecursionError as exc:
+        raise GeoJSONError("JSON nested too deeply", path) from exc
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise GeoJSONError(f"not valid JSON ({exc})", path) from exc
+
+
+def _feature_list(data: Any, source: str | Path) -> list[Any]:
+    """The features of any top-level shape QuPath (or a tool) writes; GeoJSONError otherwise."""
+    expected = "expected a FeatureCollection, a list of Features, a Feature or a Geometry"
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict):
+        raise GeoJSONError(f"top-level JSON value is a {_json_kind(data)}; {expected}", source)
+    kind = data.get("type")
+    if kind == "FeatureCollection" or (kind is None and "features" in data):
+        features = data.get("features")
+        if not isinstance(features, list):
+            raise GeoJSONError(f"FeatureCollection 'features' is a {_json_kind(features)}, "
+                               "not an array", source)
+        return features
+    if kind == "Feature" or _is_geometry_type(kind) or (kind is None and "geometry" in data):
+        return [data]
+    raise GeoJSONError(f"top-level JSON object has type {_short(kind)}; {expected}", source)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: geometry
+# --------------------------------------------------------------------------------------------
+
+
+def _positions(value: Any, what: str) -> np.ndarray:
+    """An (n, 2) float array from a GeoJSON position list; _Skip when it is not one."""
+    import numpy as np
+
+    if not isinstance(value, list):
+        raise _Skip(f"{what} coordinates are a {_json_kind(value)}, not an array")
+    if not value:
+        return np.empty((0, 2))
+    arr: np.ndarray | None
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError):  # ragged or mixed: diagnose below
+        arr = None
+    if arr is not None and arr.ndim == 2 and arr.shape[1] >= 2 and arr.dtype.kind in "iuf":
+        xy = arr[:, :2].astype(np.float64)
+    else:
+        xy = _positions_slow(value, what)
+    if not np.isfinite(xy).all():
+        raise _Skip(f"{what} has non-finite coordinates (NaN or infinity)")
+    return xy
+
+
+def _positions_slow(value: list[Any], what: str) -> np.ndarray:
+    import numpy as np
+
+    out = np.empty((len(value), 2))
+    for i, pos in enumerate(value):
+        if not isinstance(pos, list) or len(pos) < 2:
+            raise _Skip(f"{what} position {i} is not an [x, y] array")
+        for j in (0, 1):
+            c = pos[j]
+            if not _is_number(c):
+                raise _Skip(f"{what} position {i} has a non-numeric coordinate "
+                            f"({_json_kind(c)})")
+            try:
+                out[i, j] = float(c)
+            except OverflowError:
+                out[i, j] = math.inf
+    return out
+
+
+def _ring(value: Any, what: str) -> Any:
+    """A LinearRing (closed if the file left it open), or None for an empty ring."""
+    import numpy as np
+    import shapely
+
+    xy = _positions(value, what)
+    if len(xy) == 0:
+        return None
+    if xy[0, 0] != xy[-1, 0] or xy[0, 1] != xy[-1, 1]:
+        xy = np.vstack([xy, xy[:1]])
+    if len(xy) < 4:
+        raise _Skip(f"{what} has fewer than 3 distinct positions")
+    return shapely.linearrings(xy)
+
+
+def _polygon(value: Any, what: str) -> Any:
+    from shapely.geometry import Polygon
+
+    if not isinstance(value, list):
+        raise _Skip(f"{what} coordinates are a {_json_kind(value)}, not an array of rings")
+    if not value:
+        return Polygon()
+    shell = _ring(value[0], f"{what} exterior ring")
+    holes = [_ring(r, f"{what} ring {i}") for i, r in enumerate(value[1:], start=1)]
+    holes = [h for h in holes if h is not None]
+    if shell is None:
+        if holes:
+            raise _Skip(f"{what} has holes but an empty exterior ring")
+        return Polygon()
+    return Polygon(shell, holes)
+
+
+def _geometry(obj: Any, what: str = "geometry", depth: int = 0) -> Any:
+    """A shapely geometry from a GeoJSON geometry object, exactly as given; _Skip if invalid."""
+    import shapely
+    from shapely.geometry import (
+        GeometryCollection,
+        LineString,
+        MultiLineString,
+        MultiPoint,
+        MultiPolygon,
+        Point,
+    )
+
+    if obj is None:
+        raise _Skip(f"{what} is missing (null)")
+    if not isinstance(obj, dict):
+        raise _Skip(f"{what} is a {_json_kind(obj)}, not a GeoJSON geometry object")
+    kind = obj.get("type")
+    if not _is_geometry_type(kind):
+        raise _Skip(f"{what} has unknown type {_short(kind)}")
+    try:
+        if kind == "GeometryCollection":
+            if depth >= _MAX_GEOMETRY_DEPTH:
+                raise _Skip(f"{what} nests GeometryCollections too deeply")
+            members = obj.get("geometries")
+            if not isinstance(members, list):
+                raise _Skip(f"{what} GeometryCollection has no 'geometries' array")
+            parts = [_geometry(g, f"{what} member {i}", depth + 1)
+                     for i, g in enumerate(members)]
+            return GeometryCollection([p for p in parts if not p.is_empty])
+        coords = obj.get("coordinates")
+        if kind == "Point":
+            if coords == []:
+                return Point()
+            return Point(_positions([coords], f"{what} Point")[0])
+        if kind == "MultiPoint":
+            xy = _positions(coords, f"{what} MultiPoint")
+            return MultiPoint(xy) if len(xy) else MultiPoint()
+        if kind == "LineString":
+            xy = _positions(coords, f"{what} LineString")
+            if len(xy) == 1:
+                raise _Skip(f"{what} LineString has a single position")
+            return LineString(xy) if len(xy) else LineString()
+        if kind == "MultiLineString":
+            if not isinstance(coords, list):
+                raise _Skip(f"{what} MultiLineString coordinates are not an array")
+            lines = []
+            for i, part in enumerate(coords):
+                xy = _positions(part, f"{what} line {i}")
+                if len(xy) == 1:
+                    raise _Skip(f"{what} line {i} has a single position")
+                if len(xy):
+                    lines.append(LineString(xy))
+            return MultiLineString(lines)
+        if kind == "Polygon":
+            return _polygon(coords, f"{what} Polygon")
+        # MultiPolygon
+        if not isinstance(coords, list):
+            raise _Skip(f"{what} MultiPolygon coordinates are not an array")
+        polys = [_polygon(p, f"{what} polygon {i}") for i, p in enumerate(coords)]
+        return MultiPolygon([p for p in polys if not p.is_empty])
+    except (ValueError, TypeError, shapely.errors.GEOSException) as exc:
+        raise _Skip(f"{what} cannot be built ({exc})") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: properties
+# --------------------------------------------------------------------------------------------
+
+
+def _classification(value: Any, depth: int = 0) -> tuple[str | None, RGB | None, str | None]:
+    """(name, colour, complaint) from any classification QuPath has written."""
+    if value is None:
+        return None, None, None
+    if isinstance(value, str):
+        return (value or None), None, None
+    if not isinstance(value, dict):
+        return None, None, f"classification is a {_json_kind(value)}; ignored"
+    if not value:  # QuPath's NULL_CLASS serialises as {}
+        return None, None, None
+    names = value.get("names")
+    name = value.get("name")
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        name = ": ".join(names)
+    elif not isinstance(name, str) or not name:
+        return None, None, "classification has no name; read as unclassified"
+    parent = value.get("parentClass")  # 0.3: derived classes nest their parent
+    if isinstance(parent, dict) and depth < _MAX_GEOMETRY_DEPTH:
+        parent_name = _classification(parent, depth + 1)[0]
+        if parent_name:
+            name = f"{parent_name}: {name}"
+    color = _parse_rgb(value["color"]) if "color" in value else None
+    if color is None and "colorRGB" in value:
+        color = _parse_rgb(value["colorRGB"])
+    return name, color, None
+
+
+def _measurement_value(value: Any) -> float | None:
+    if value is None:  # a missing value; QuPath's NaN
+        return math.nan
+    if _is_number(value):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, str):
+        try:
+            return float(value)  # "NaN", "Infinity", "1.5"
+        except ValueError:
+            return None
+    return None
+
+
+def _measurements(value: Any, notes: list[tuple[str, str]]) -> dict[str, float]:
+    items: list[tuple[Any, Any]]
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):  # 0.3: [{"name": ..., "value": ...}, ...]
+        items = []
+        for i, entry in enumerate(value):
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                items.append((entry["name"], entry.get("value")))
+            else:
+                notes.append(("non-numeric-measurement",
+                              f"measurement {i} is not a {{name, value}} object; dropped"))
+    else:
+        notes.append(("bad-property",
+                      f"measurements is a {_json_kind(value)}, not an object; ignored"))
+        return {}
+    out: dict[str, float] = {}
+    dropped = []
+    for name, raw in items:
+        number = _measurement_value(raw)
+        if number is None:
+            dropped.append(str(name))
+        else:
+            out[str(name)] = number
+    if dropped:
+        notes.append(("non-numeric-measurement",
+                      "non-numeric measurements dropped: " + ", ".join(map(repr, dropped))))
+    return out
+
+
+def _metadata(value: Any, notes: list[tuple[str, str]]) -> dict[str, str]:
+    if not isinstance(value, dict):
+        notes.append(("bad-property", f"metadata is a {_json_kind(value)}, not an object; "
+                                      "ignored"))
+        return {}
+    out: dict[str, str] = {}
+    dropped = []
+    for key, raw in value.items():
+        if isinstance(raw, str):
+            out[key] = raw
+        elif isinstance(raw, bool):  # as QuPath's getAsString() spells them
+            out[key] = "true" if raw else "false"
+        elif _is_number(raw):
+            out[key] = json.dumps(raw)
+        else:
+            dropped.append(key)
+    if dropped:
+        notes.append(("bad-property", "metadata values that are not text dropped: "
+                      + ", ".join(map(repr, dropped))))
+    return out
+
+
+def _parse_feature(item: Any, notes: list[tuple[str, str]]) -> QuPathObject:
+    """One QuPathObject from one feature; _Skip when it cannot be read, notes for the rest."""
+    if not isinstance(item, dict):
+        raise _Skip(f"feature is a {_json_kind(item)}, not an object")
+    kind = item.get("type")
+    if _is_geometry_type(kind):  # a bare geometry: an unclassified annotation
+        item = {"type": "Feature", "geometry": item}
+    elif kind not in ("Feature", None):
+        raise _Skip(f"feature has type {_short(kind)}, not 'Feature'")
+    if "geometry" not in item:
+        raise _Skip("feature has no geometry")
+    geometry = _geometry(item["geometry"])
+    if geometry.is_empty:
+        raise _Skip("geometry is empty", "empty-geometry")
+    raw_geometry = item["geometry"]
+    geometry_extra = {k: v for k, v in raw_geometry.items() if k not in _GEOMETRY_MEMBERS}
+
+    props = item.get("properties")
+    if props is None:
+        props = {}
+    elif not isinstance(props, dict):
+        notes.append(("bad-property", f"properties is a {_json_kind(props)}, not an object; "
+                                      "ignored"))
+        props = {}
+    consumed = set(_KNOWN_PROPERTIES)
+
+    # Object type: 0.4+ objectType, 0.3 object_type, QuPath's 'type' alias, 0.2 type-as-id.
+    fid = item.get("id")
+    raw_type = props.get("objectType", props.get("object_type"))
+    if raw_type is None and canonical_object_type(props.get("type")) is not None:
+        raw_type = props["type"]
+        consumed.add("type")
+    if isinstance(fid, str) and fid in _LEGACY_TYPE_IDS:
+        raw_type = fid if raw_type is None else raw_type
+        fid = None
+    object_type = "annotation"
+    if raw_type is not None:
+        canonical = canonical_object_type(raw_type)
+        if canonical is None:
+            notes.append(("unknown-object-type",
+                          f"unknown object type {_short(raw_type)}; read as an annotation"))
+        else:
+            object_type = canonical
+    if isinstance(fid, bool) or not isinstance(fid, str | int):
+        fid = None
+    elif isinstance(fid, int):
+        fid = str(fid)
+
+    class_name, class_color, complaint = _classification(props.get("classification"))
+    if complaint:
+        notes.append(("bad-property", complaint))
+
+    name = props.get("name")
+    if name is not None and not isinstance(name, str):
+        if _is_number(name):
+            name = json.dumps(name)
+        else:
+            notes.append(("bad-property", f"name is a {_json_kind(name)}; ignored"))
+            name = None
+
+    color = None
+    if props.get("color") is not None:
+        color = _parse_rgb(props["color"])
+        if color is None:
+            notes.append(("bad-property", f"color {_short(props['color'])} is not "
+                                          "[r, g, b]; ignored"))
+
+    locked = props.get("isLocked", False)
+    if isinstance(locked, str) and locked.lower() in ("true", "false"):
+        locked = locked.lower() == "true"
+    if not isinstance(locked, bool):
+        notes.append(("bad-property", f"isLocked is a {_json_kind(locked)}; ignored"))
+        locked = False
+
+    measurements = {}
+    if props.get("measurements") is not None:
+        measurements = _measurements(props["measurements"], notes)
+    metadata = {}
+    if props.get("metadata") is not None:
+        metadata = _metadata(props["metadata"], notes)
+
+    # QuPath writes the nucleus beside "geometry"; some tools put it into the properties.
+    nucleus = None
+    raw_nucleus = item.get("nucleusGeometry", props.get("nucleusGeometry"))
+    if raw_nucleus is not None:
+        try:
+            nucleus = _geometry(raw_nucleus, "nucleusGeometry")
+        except _Skip as exc:
+            notes.append(("bad-property", f"{exc.message}; nucleus ignored"))
+        else:
+            if nucleus.is_empty:
+                nucleus = None
+
+    extra = {k: v for k, v in props.items() if k not in consumed}
+    return QuPathObject(
+        geometry=geometry, object_type=object_type, classification=class_name,
+        class_color=class_color, name=name, color=color, measurements=measurements,
+        metadata=metadata, id=fid, is_locked=locked, nucleus_geometry=nucleus, extra=extra,
+        geometry_extra=geometry_extra,
+    )
+
+
+def _parse(data: Any, source: str | Path
+           ) -> tuple[int, list[tuple[int, QuPathObject]], list[FeatureProblem]]:
+    """(number of features, [(index, object)], problems) without warning; GeoJSONError for
+    whole-file problems."""
+    features = _feature_list(data, source)
+    objects: list[tuple[int, QuPathObject]] = []
+    problems: list[FeatureProblem] = []
+    for index, item in enumerate(features):
+        notes: list[tuple[str, str]] = []
+        try:
+            obj = _parse_feature(item, notes)
+        except _Skip as exc:
+            problems.append(FeatureProblem(index, exc.kind, f"{exc.message}; skipped"))
+            continue
+        except RecursionError:
+            problems.append(FeatureProblem(index, "skipped-feature",
+                                           "feature nested too deeply; skipped"))
+            continue
+        objects.append((index, obj))
+        problems.extend(FeatureProblem(index, kind, msg) for kind, msg in notes)
+    return len(features), objects, problems
+
+
+def parse_features(data: Any, source: str | Path = "<memory>") -> list[QuPathObject]:
+    """QuPath objects from parsed GeoJSON (any dialect QuPath has written).
+
+    ``data`` is a FeatureCollection, a list of Features, a Feature or a bare Geometry (read as
+    an unclassified annotation). A feature that cannot be read is skipped with a
+    :class:`GeoJSONWarning` naming ``source`` and the feature's index; malformed properties
+    are ignored with a warning. Raises :class:`GeoJSONError` when ``data`` has none of these
+    shapes.
+    """
+    _, objects, problems = _parse(data, source)
+    for problem in problems:
+        warnings.warn(f"{source}: feature {problem.index}: {problem.message}",
+                      GeoJSONWarning, stacklevel=2)
+    return [obj for _, obj in objects]
+
+
+def read_geojson(path: str | os.PathLike[str]) -> list[QuPathObject]:
+    """Read the QuPath objects of a ``.geojson`` (or gzip-compressed ``.geojson.gz``) file.
+
+    Raises :class:`GeoJSONError` for whole-file problems (missing, empty, not JSON, wrong
+    top-level type); bad features are skipped with a warning (see :func:`parse_features`).
+    """
+    path = Path(path)
+    data = _load_json(path)
+    _, objects, problems = _parse(data, path)
+    for problem in problems:
+        warnings.warn(f"{path}: feature {problem.index}: {problem.message}",
+                      GeoJSONWarning, stacklevel=2)
+    return [obj for _, obj in objects]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: geometry
+# --------------------------------------------------------------------------------------------
+
+
+def repair_polygonal(geom: BaseGeometry) -> BaseGeometry:
+    """The valid polygonal part of ``geom``: a Polygon or MultiPolygon, possibly empty.
+
+    Invalid input is repaired with GEOS ``make_valid`` (``structure`` method: overlapping parts
+    are unioned, a bow-tie becomes its two triangles, collapsed slivers are dropped); points
+    and lines are dropped. Labels and the writer share this so they agree on what an invalid
+    annotation covers.
+    """
+    import shapely
+    from shapely.geometry import MultiPolygon, Polygon
+
+    polys = [p for p in _flatten(geom) if isinstance(p, Polygon)]
+    g: Any = polys[0] if len(polys) == 1 else MultiPolygon(polys)
+    if not g.is_valid:
+        try:
+            g = shapely.make_valid(g, method="structure", keep_collapsed=False)
+        except (ValueError, shapely.errors.GEOSException):  # pragma: no cover - old GEOS
+            g = shapely.make_valid(g)
+        polys = [p for p in _flatten(g) if isinstance(p, Polygon) and p.area > 0]
+        g = polys[0] if len(polys) == 1 else MultiPolygon(polys)
+        if not g.is_valid:  # adjacent pieces sharing an edge: merge them
+            g = shapely.unary_union(polys)
+            polys = [p for p in _flatten(g) if isinstance(p, Polygon) and p.area > 0]
+            g = polys[0] if len(polys) == 1 else MultiPolygon(polys)
+    return g
+
+
+@dataclass
+class _Prepared:
+    geometry: Any | None         # what is written, or None
+    kind: str = ""               # problem kind when geometry is None
+    reason: str = ""             # why None, or what was repaired
+    changed: bool = False        # geometry differs from the input (not only orientation)
+
+
+def _prepare_geometry(geom: Any, object_type: str) -> _Prepared:
+    """The geometry the writer emits for an object of ``object_type``, or why there is none."""
+    import numpy as np
+    import shapely
+    from shapely.geometry import (
+        LineString,
+        MultiLineString,
+        MultiPoint,
+        MultiPolygon,
+        Point,
+        Polygon,
+    )
+    from shapely.geometry.base import BaseGeometry
+    from shapely.geometry.polygon import orient
+
+    if not isinstance(geom, BaseGeometry):
+        return _Prepared(None, "wrong-geometry-type",
+                         f"geometry is a {type(geom).__name__}, not a shapely geometry")
+    if geom.is_empty:
+        return _Prepared(None, "empty-geometry", "geometry is empty")
+    try:
+        if not np.isfinite(shapely.get_coordinates(geom)).all():
+            return _Prepared(None, "unrepairable-geometry",
+                             "geometry has non-finite coordinates")
+        notes = []
+        changed = False    # the written shape differs from the input (beyond orientation)
+        repaired = False   # make_valid ran: its output is checked again below
+        parts = _flatten(geom)
+        if _has_polygonal_part(geom):
+            polys = [p for p in parts if isinstance(p, Polygon)]
+            if len(polys) < len(parts):
+                notes.append("points/lines mixed with polygons dropped")
+                changed = True
+            assembled = polys[0] if len(polys) == 1 else MultiPolygon(polys)
+            g = assembled
+            if not assembled.is_valid:
+                notes.append(f"invalid polygon repaired ({shapely.is_valid_reason(assembled)})")
+                changed = repaired = True
+                g = repair_polygonal(assembled)
+                if g.is_empty:
+                    return _Prepared(None, "empty-geometry", "no area left after repair")
+            if g.geom_type == "Polygon":
+                g = orient(g, 1.0)
+            else:
+                g = MultiPolygon([orient(p, 1.0) for p in g.geoms])
+        elif object_type in _AREA_ONLY_TYPES:
+            return _Prepared(None, "wrong-geometry-type",
+                             f"a {object_type} must be a polygon, not a {geom.geom_type}")
+        else:
+            # a LinearRing is a closed LineString to shapely but has no GeoJSON type
+            lines = [LineString(p.coords) if p.geom_type == "LinearRing" else p
+                     for p in parts if isinstance(p, LineString)]
+            points = [p for p in parts if isinstance(p, Point)]
+            if lines and points:
+                notes.append("points mixed with lines dropped")
+                changed = True
+            if lines:
+                g = geom if geom.geom_type in ("LineString", "MultiLineString") else (
+                    lines[0] if len(lines) == 1 else MultiLineString(lines))
+                if not g.is_valid:  # e.g. all positions equal: keep what make_valid leaves
+                    notes.append(f"invalid line repaired ({shapely.is_valid_reason(g)})")
+                    changed = repaired = True
+                    fixed = _flatten(shapely.make_valid(g))
+                    lines = [p for p in fixed if isinstance(p, LineString)]
+                    points = [p for p in fixed if isinstance(p, Point)]
+                    g = (lines[0] if len(lines) == 1 else MultiLineString(lines)) if lines \
+                        else (points[0] if len(points) == 1 else MultiPoint(points))
+            else:
+                g = geom if geom.geom_type in ("Point", "MultiPoint") else (
+                    points[0] if len(points) == 1 else MultiPoint(points))
+            if g.is_empty:
+                return _Prepared(None, "empty-geometry", "nothing left after repair")
+        if repaired and (not g.is_valid
+                         or not np.isfinite(shapely.get_coordinates(g)).all()):
+            return _Prepared(None, "unrepairable-geometry", "geometry could not be repaired")
+        return _Prepared(g, reason="; ".join(notes), changed=changed)
+    except (ValueError, TypeError, shapely.errors.GEOSException) as exc:
+        return _Prepared(None, "unrepairable-geometry", f"geometry could not be repaired ({exc})")
+
+
+def _xy(geom: Any) -> list[list[float | int]]:
+    """The [x, y] positions of a point, line or ring (z dropped: QuPath is 2-D per plane).
+
+    Values are written exactly as held (no rounding); a ring whose values are all integral is
+    written with ints, as QuPath writes pixel-aligned shapes.
+    """
+    import numpy as np
+    import shapely
+
+    xy = shapely.get_coordinates(geom)
+    if (xy == np.floor(xy)).all() and (np.abs(xy) < 2**53).all():
+        return xy.astype(np.int64).tolist()
+    return xy.tolist()
+
+
+def _geometry_json(g: Any) -> dict[str, Any]:
+    kind = g.geom_type
+    if kind == "Point":
+        return {"type": kind, "coordinates": _xy(g)[0]}
+    if kind == "MultiPoint":
+        return {"type": kind, "coordinates": _xy(g)}
+    if kind == "LineString":
+        return {"type": kind, "coordinates": _xy(g)}
+    if kind == "MultiLineString":
+        return {"type": kind, "coordinates": [_xy(line) for line in g.geoms]}
+    if kind == "Polygon":
+        return {"type": kind, "coordinates": _polygon_json(g)}
+    if kind == "MultiPolygon":
+        return {"type": kind, "coordinates": [_polygon_json(p) for p in g.geoms]}
+    raise ValueError(f"cannot write a {kind}")  # _prepare_geometry never returns one
+
+
+def _polygon_json(p: Any) -> list[list[list[float | int]]]:
+    return [_xy(p.exterior)] + [_xy(r) for r in p.interiors]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing: features
+# --------------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any, depth: int = 0) -> bool:
+    """True when ``value`` serialises as strict JSON (no NaN/inf, string keys)."""
+    if depth > _MAX_JSON_DEPTH:
+        return False
+    if value is None or isinstance(value, bool | str | int):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(_json_safe(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _json_safe(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _feature_id(value: Any) -> str:
+    if isinstance(value, str):
+        if _UUID_RE.match(value):
+            return value
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            pass
+    return str(uuid.uuid4())
+
+
+def _warn(label: str, message: str) -> None:
+    warnings.warn(f"{label}: {message}", GeoJSONWarning, stacklevel=4)
+
+
+def _to_feature(obj: QuPathObject, label: str) -> dict[str, Any] | None:
+    if not isinstance(obj, QuPathObject):
+        raise TypeError(f"expected a QuPathObject, not {type(obj).__name__}")
+    object_type = canonical_object_type(obj.object_type)
+    if object_type is None:
+        _warn(label, f"unknown object type {_short(obj.object_type)}; not written")
+        return None
+    prepared = _prepare_geometry(obj.geometry, object_type)
+    if prepared.geometry is None:
+        _warn(label, f"{prepared.reason}; not written")
+        return None
+    if prepared.reason:
+        _warn(label, prepared.reason)
+
+    geometry = _geometry_json(prepared.geometry)
+    for key, value in obj.geometry_extra.items():
+        if key in _GEOMETRY_MEMBERS or not _json_safe(value):
+            continue
+        if key == "isEllipse" and (prepared.changed or geometry["type"] != "Polygon"):
+            continue  # QuPath would rebuild an ellipse from the bounds of a changed shape
+        geometry[key] = value
+
+    feature: dict[str, Any] = {"type": "Feature", "id": _feature_id(obj.id),
+                               "geometry": geometry}
+    if obj.nucleus_geometry is not None:
+        nucleus = _prepare_geometry(obj.nucleus_geometry, "cell")
+        if object_type != "cell":
+            _warn(label, f"a {object_type} has no nucleus; nucleus geometry not written")
+        elif nucleus.geometry is None:
+            _warn(label, f"nucleus geometry: {nucleus.reason}; not written")
+        else:
+            if nucleus.reason:
+                _warn(label, f"nucleus geometry: {nucleus.reason}")
+            feature["nucleusGeometry"] = _geometry_json(nucleus.geometry)
+
+    props: dict[str, Any] = {"objectType": object_type}
+    if obj.name is not None:
+        props["name"] = obj.name if isinstance(obj.name, str) else str(obj.name)
+    if obj.color is not None:
+        color = _valid_rgb(obj.color)
+        if color is None:
+            _warn(label, f"object colour {_short(obj.color)} is not three ints 0..255; "
+                         "not written")
+        else:
+            props["color"] = list(color)
+    if obj.classification is not None and str(obj.classification) != "":
+        class_name = str(obj.classification)
+        class_color = _valid_rgb(obj.class_color)
+        if class_color is None:
+            if obj.class_color is not None:
+                _warn(label, f"class colour {_short(obj.class_color)} is not three ints 0..255; "
+                             "default colour written")
+            class_color = default_color(class_name)
+        props["classification"] = {"name": class_name, "color": list(class_color)}
+    if obj.is_locked:
+        props["isLocked"] = True
+
+    measurements: dict[str, float] = {}
+    dropped = []
+    for key, value in obj.measurements.items():
+        number = _finite_float(value)
+        if number is not None:
+            measurements[str(key)] = number
+        else:
+            dropped.append(str(key))
+    if dropped:
+        _warn(label, "measurements that are not finite numbers dropped: "
+                     + ", ".join(map(repr, dropped)))
+    if measurements:
+        props["measurements"] = measurements
+
+    metadata: dict[str, str] = {}
+    bad: list[str] = []
+    for key, value in obj.metadata.items():
+        if isinstance(value, str):
+            metadata[str(key)] = value
+        elif isinstance(value, bool):
+            metadata[str(key)] = "true" if value else "false"
+        elif _finite_float(value) is not None:
+            metadata[str(key)] = str(value)
+        else:
+            bad.append(str(key))
+    if bad:
+        _warn(label, "metadata values that are not text dropped: " + ", ".join(map(repr, bad)))
+    if metadata:
+        props["metadata"] = metadata
+
+    for key, value in obj.extra.items():
+        if not isinstance(key, str) or key in _RESERVED_PROPERTIES:
+            continue
+        if not _json_safe(value):
+            _warn(label, f"property {key!r} is not plain JSON (NaN, infinity or an object); "
+                         "not written")
+            continue
+        props[key] = value
+    feature["properties"] = props
+    return feature
+
+
+def to_feature(obj: QuPathObject) -> dict[str, Any] | None:
+    """The strict 0.4+ GeoJSON Feature for ``obj``, or None (with a warning) if it cannot be
+    written validly (empty after repair, non-finite coordinates, a line where an area is
+    needed, unknown object type)."""
+    return _to_feature(obj, _describe(obj))
+
+
+def _features(objs: Iterable[QuPathObject], where: str) -> list[dict[str, Any]]:
+    out = []
+    for i, obj in enumerate(objs):
+        label = f"{where}object {i}"
+        if isinstance(obj, QuPathObject):
+            label += f" ({_describe(obj)})"
+        feature = _to_feature(obj, label)
+        if feature is not None:
+            out.append(feature)
+    return out
+
+
+def to_feature_collection(objs: Iterable[QuPathObject]) -> dict[str, Any]:
+    """A FeatureCollection of :func:`to_feature` results (objects that cannot be written are
+    left out with a warning)."""
+    return {"type": "FeatureCollection", "features": _features(objs, "")}
+
+
+def write_geojson(path: str | os.PathLike[str], objs: Iterable[QuPathObject], *,
+                  backup: bool = True, indent: int | None = None) -> int:
+    """Write ``objs`` as a QuPath 0.4+ FeatureCollection; returns how many were written.
+
+    The file is replaced atomically (the previous one kept as ``<name>.bak`` when ``backup``);
+    a name ending in ``.gz`` is gzip-compressed. JSON is compact unless ``indent`` is given.
+    """
+    path = Path(path)
+    collection = {"type": "FeatureCollection", "features": _features(objs, f"{path}: ")}
+    if indent is None:
+        text = json.dumps(collection, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":"))
+    else:
+        text = json.dumps(collection, ensure_ascii=False, allow_nan=False, indent=indent)
+    data = (text + "\n").encode("utf-8")
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    with atomic_write(path, "wb", backup=backup) as fh:
+        fh.write(data)
+    return len(collection["features"])
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _check_object(index: int, obj: QuPathObject) -> list[FeatureProblem]:
+    import shapely
+
+    problems = []
+    geom = obj.geometry
+    if not geom.is_valid:
+        problems.append(FeatureProblem(index, "invalid-geometry",
+                                       f"invalid {geom.geom_type} "
+                                       f"({shapely.is_valid_reason(geom)}); repaired on write"))
+    prepared = _prepare_geometry(geom, obj.object_type)
+    if prepared.geometry is None:
+        problems.append(FeatureProblem(index, prepared.kind,
+                                       f"{prepared.reason}; would not be written"))
+    nucleus = obj.nucleus_geometry
+    if nucleus is not None and not nucleus.is_valid:
+        problems.append(FeatureProblem(index, "invalid-geometry",
+                                       f"invalid nucleus {nucleus.geom_type} "
+                                       f"({shapely.is_valid_reason(nucleus)}); repaired on "
+                                       "write"))
+    if obj.classification is not None and obj.class_color is None:
+        problems.append(FeatureProblem(index, "missing-colour",
+                                       f"class {obj.classification!r} has no colour; QuPath "
+                                       "needs one (a default is written)"))
+    bad = [k for k, v in obj.measurements.items() if not math.isfinite(v)]
+    if bad:
+        problems.append(FeatureProblem(index, "non-finite-measurement",
+                                       "measurements that are NaN or infinite: "
+                                       + ", ".join(map(repr, bad))))
+    return problems
+
+
+def validate_geojson(path: str | os.PathLike[str]) -> GeoJSONReport:
+    """Check a GeoJSON file as ``qpseg validate`` does: counts and per-feature problems.
+
+    Never raises for a problem with a feature (it becomes a :class:`FeatureProblem`; see
+    ``PROBLEM_SEVERITY``); raises :class:`GeoJSONError` for whole-file problems.
+    """
+    path = Path(path)
+    data = _load_json(path)
+    n_features, objects, problems = _parse(data, path)
+    counts: Counter[tuple[str, str | None]] = Counter()
+    first_with_id: dict[str, int] = {}
+    for index, obj in objects:
+        counts[(obj.object_type, obj.classification)] += 1
+        problems.extend(_check_object(index, obj))
+        if obj.id is not None:
+            if obj.id in first_with_id:
+                problems.append(FeatureProblem(index, "duplicate-id",
+                                               f"id {obj.id} is also used by feature "
+                                               f"{first_with_id[obj.id]}"))
+            else:
+                first_with_id[obj.id] = index
+    problems.sort(key=lambda p: p.index)
+    return GeoJSONReport(path=path, n_features=n_features, n_objects=len(objects),
+                         counts=dict(counts), problems=problems)
