@@ -154,22 +154,12 @@ def _paint_order(
     objects: Iterable[QuPathObject], class_map: ClassMap
 ) -> list[tuple[BaseGeometry, int]]:
     """(geometry, value) pairs in painting order, bottom first, per the module rules."""
-    from shapely import make_valid
-    from shapely.geometry import MultiPolygon, Polygon
-    from shapely.geometry.base import BaseMultipartGeometry
+    # One repair rule for everything qpseg draws or writes: labels cover what the files hold.
+    from qpseg.qupath.geojson import repair_polygonal
 
     def polygonal(geom: BaseGeometry) -> BaseGeometry | None:
-        g = geom if geom.is_valid else make_valid(geom)
-        if isinstance(g, Polygon | MultiPolygon):
-            return g if not g.is_empty else None
-        if isinstance(g, BaseMultipartGeometry):
-            parts = [p for p in g.geoms if isinstance(p, Polygon | MultiPolygon) and not p.is_empty]
-            if not parts:
-                return None
-            from shapely import union_all
-
-            return union_all(parts)
-        return None
+        g = repair_polygonal(geom)
+        return None if g.is_empty else g
 
     regions: list[tuple[BaseGeometry, int]] = []
     classes: list[tuple[float, int, BaseGeometry, int]] = []

@@ -67,7 +67,7 @@ def exit_code_for(exc: QpsegError) -> int:
     """The process exit code for a qpseg error (the one mapping, see ``qpseg.errors``)."""
     for cls in type(exc).__mro__:
         if cls in EXIT_CODES:
-            return EXIT_CODES[cls]  # type: ignore[index]
+            return EXIT_CODES[cls]
     return 1
 
 
@@ -93,9 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # Usage errors (bad option, missing argument) come from click, or from the copy of
         # click that newer typer vendors: recognise them by their interface.
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
-            return int(exc.exit_code)
+        code, show = getattr(exc, "exit_code", None), getattr(exc, "show", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            return code
         raise
     finally:
         warnings.showwarning = old_show

@@ -15,7 +15,7 @@ def info(
     ),
 ) -> int:
     """List a project's entries: id, name, resolved image path, found/missing, pixel size."""
-    from qpseg.cli._common import console, print_json
+    from qpseg.cli._common import print_json
     from qpseg.errors import QpsegError
     from qpseg.qupath.project import QuPathProject
 
@@ -35,7 +35,7 @@ def info(
         rows.append({
             "id": e.entry_id,
             "name": e.image_name,
-            "image": str(e.image_path) if e.image_path else e.uri,
+            "image": str(e.image_path or e.uri_path or e.uri),
             "found": e.image_found,
             "mpp": mpp,
             "width": dims[0] if dims else None,
@@ -53,19 +53,15 @@ def info(
             "missing": n_missing,
         })
         return 0
-    from rich.table import Table
-
-    out = console()
-    out.print(f"[bold]{qp.path}[/] QuPath {qp.version or '?'}: {len(rows)} entries, "
-              f"{n_missing} image(s) missing, {len(qp.classes)} classes")
-    table = Table(show_lines=False)
-    for col in ("id", "name", "found", "mpp", "size", "image"):
-        table.add_column(col, overflow="fold")
+    typer.echo(f"{qp.path}: QuPath {qp.version or '?'}, {len(rows)} entries, "
+               f"{n_missing} image(s) missing, {len(qp.classes)} classes")
+    # Plain columns (no wrapping) so the listing stays greppable in logs and pipes.
+    width = max([len(str(r["name"])) for r in rows] + [4])
+    typer.echo(f"{'id':>5}  {'found':7}  {'mpp':>8}  {'size':>13}  {'name':{width}}  image")
     for r in rows:
         size = f"{r['width']}x{r['height']}" if r["width"] else "?"
-        table.add_row(
-            str(r["id"]), str(r["name"]), "yes" if r["found"] else "[red]missing[/]",
-            f"{r['mpp']:.4g}" if r["mpp"] else "?", size, str(r["image"]),
-        )
-    out.print(table)
+        mpp_text = f"{r['mpp']:.4g}" if r["mpp"] else "?"
+        found = "yes" if r["found"] else "missing"
+        line = f"{r['id']!s:>5}  {found:7}  {mpp_text:>8}  {size:>13}  {r['name']!s:{width}}  "
+        typer.echo(line + str(r["image"]) + (f"  ({r['problem']})" if r["problem"] else ""))
     return 0

@@ -15,19 +15,20 @@ def validate(
 
     Exits non-zero when a file cannot be read or holds invalid objects.
     """
-    from qpseg.cli._common import console, print_json
+    from qpseg.cli._common import print_json
     from qpseg.validation import validate_paths
 
     reports = validate_paths(paths)
     if as_json:
         print_json([r.to_json() for r in reports])
     else:
-        out = console()
         for r in reports:
-            mark = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
-            out.print(f"{mark} {r.path} ({r.kind}): {r.summary}")
-            for p in r.problems[:50]:
-                out.print(f"    {p}")
-            if len(r.problems) > 50:
-                out.print(f"    ... and {len(r.problems) - 50} more problem(s)")
+            typer.echo(f"{'ok' if r.ok else 'FAILED'} {r.path} ({r.kind}): {r.summary}")
+            errors = [p for p in r.problems if not p.startswith("note:")]
+            notes = [p for p in r.problems if p.startswith("note:")]
+            for p in errors[:50] + notes[:3]:
+                typer.echo(f"    {p}")
+            hidden = max(0, len(errors) - 50) + max(0, len(notes) - 3)
+            if hidden:
+                typer.echo(f"    ... and {hidden} more (use --json for all)")
     return 0 if all(r.ok for r in reports) else 1
