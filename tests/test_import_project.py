@@ -133,3 +133,25 @@ def test_no_labels_at_all_is_an_error(tmp_path: Path) -> None:
         import_project(p.path)
     with pytest.raises(ProjectError):
         import_project(p.path, geojson_dir=tmp_path / "nope")
+
+
+def test_unreadable_slide_fails_its_entry_only(tmp_path: Path, image_fixtures: Path) -> None:
+    import shutil
+
+    from qpseg.qupath.images import add_slide
+
+    p = make_project(tmp_path / "p", n_slides=1, width=300, height=300, seed=2)
+    bad = p.folder / "slides" / "unreadable.svs"
+    shutil.copy(image_fixtures / "openslide" / "unreadable.svs", bad)
+    from qpseg.qupath.project import QuPathProject
+
+    qp = QuPathProject.load(p.path)
+    entry = add_slide(qp, bad)  # metadata is readable; pixel data is corrupt
+    qp.save()
+    write_geojson(p.folder / "qpseg" / "annotations" / f"{entry.entry_id}.geojson",
+                  [QuPathObject(box(0, 0, 8, 8), classification="Tumor")])
+    with pytest.warns(UserWarning, match="unreadable.svs"):
+        m = import_project(p.path)
+    assert [e.status for e in m.entries] == ["ok", "failed"]
+    problem = m.entries[1].problem or ""
+    assert "unreadable.svs" in problem and "\n" not in problem

@@ -344,6 +344,11 @@ def import_project(
             with open_slide(entry.image_path, mpp=mpp) as slide:
                 rec.mpp = float(slide.mpp)
                 rec.width, rec.height = (int(v) for v in slide.qupath_dimensions)
+                # Decode one small tile of the smallest level: a corrupt slide fails here, at
+                # import, rather than deep inside a training worker.
+                top = slide.level_count - 1
+                lw, lh = slide.level_dimensions[top]
+                slide.read_region((0, 0), top, (min(lw, 64), min(lh, 64)))
         except QpsegError as exc:
             rec.status, rec.problem = "failed", exc.one_line()
         stats, labelled, roles = _entry_geometry_stats(objs, class_map, rec.mpp)
