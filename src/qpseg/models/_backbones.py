@@ -1,0 +1,288 @@
+"""torchvision backbones as multi-scale encoders, with ImageNet weight loading by key name.
+
+Every encoder keeps the torchvision module (minus its classifier) under ``body`` so that a
+state dict saved from ``torchvision.models.<name>(weights=...)`` loads by its own key names
+(:meth:`Encoder.load_imagenet`). Nothing is downloaded: torchvision is always called with
+``weights=None``.
+
+Encoders return their feature maps from fine to coarse; ``channels[i]`` and ``strides[i]``
+describe ``features[i]`` and the last one is the bottom of the U-Net.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qpseg.models._weights import load_subset
+
+__all__ = [
+    "ENCODERS",
+    "VGG16_CFG",
+    "VGG19_CFG",
+    "Encoder",
+    "make_encoder",
+    "make_vgg_features",
+    "scaled",
+]
+
+# VGG configurations (Simonyan & Zisserman 2015): channels per 3×3 conv, "M" = 2×2 max-pool.
+VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                                    512, 512, 512, "M", 512, 512, 512, "M")
+VGG19_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+                                    512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+
+
+def scaled(channels: int, width_mult: float) -> int:
+    """``channels * width_mult`` rounded, at least 1."""
+    return max(1, round(channels * width_mult))
+
+
+def make_vgg_features(cfg: Sequence[int | str], *, width_mult: float = 1.0,
+                      in_channels: int = 3, ceil_mode: bool = False) -> nn.Sequential:
+    """VGG conv layers with torchvision's indices (``features.0`` is conv1_1, ...).
+
+    Each 3×3 convolution (stride 1, padding 1) is followed by ReLU; ``"M"`` is a 2×2 stride-2
+    max-pool (``ceil_mode`` as in the Caffe FCN). Initialised like torchvision's VGG.
+    """
+    layers: list[nn.Module] = []
+    prev = in_channels
+    for item in cfg:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=ceil_mode))
+        else:
+            out = scaled(int(item), width_mult)
+            conv = nn.Conv2d(prev, out, 3, padding=1)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU(inplace=True)]
+            prev = out
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """A backbone returning feature maps at increasing strides (the last is the bottom)."""
+
+    channels: list[int]
+    strides: list[int]
+    imagenet_ignore: tuple[str, ...] = ()
+    label: str = "backbone"
+
+    def load_imagenet(self, state: Mapping[str, torch.Tensor],
+                      path: str | os.PathLike[str] | None) -> None:
+        """Load a torchvision-named state dict into ``body`` (classifier keys ignored)."""
+        load_subset(self.body, state, path, ignore=self.imagenet_ignore, what=self.label)
+
+    body: nn.Module
+
+
+class _VGGBody(nn.Module):
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+
+
+class VGGEncoder(Encoder):
+    """VGG16/19 conv blocks; skips taken before every pool (strides 1-16), bottom after pool 5.
+
+    These are the skip layers ``segmentation_models`` uses for VGG (block1_conv2 ...
+    block5_conv3), the package lagree2021 built its U-Nets with.
+    """
+
+    imagenet_ignore = ("classifier.",)
+
+    def __init__(self, cfg: Sequence[int | str], width_mult: float = 1.0,
+                 label: str = "VGG") -> None:
+        super().__init__()
+        self.body = _VGGBody(make_vgg_features(cfg, width_mult=width_mult))
+        self.label = label
+        convs = [scaled(int(c), width_mult) for c in cfg if c != "M"]
+        last_before_pool = [scaled(int(cfg[i - 1]), width_mult)
+                            for i, c in enumerate(cfg) if c == "M"]
+        self.channels = [*last_before_pool, convs[-1]]
+        self.strides = [1, 2, 4, 8, 16, 32]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for layer in cast(nn.Sequential, self.body.features):
+            if isinstance(layer, nn.MaxPool2d):
+                feats.append(x)
+            x = layer(x)
+        feats.append(x)
+        return feats
+
+
+class ResNetEncoder(Encoder):
+    """torchvision ResNet: stem (stride 2), layer1-4 (strides 4-32)."""
+
+    imagenet_ignore = ("fc.",)
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        import torchvision
+
+        body = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        del body.fc
+        self.body = body
+        self.label = f"ResNet-{depth}"
+        expansion = 4 if depth >= 50 else 1
+        self.channels = [64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        self.strides = [2, 4, 8, 16, 32]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b: Any = self.body
+        x0 = b.relu(b.bn1(b.conv1(x)))
+        x1 = b.layer1(b.maxpool(x0))
+        x2 = b.layer2(x1)
+        x3 = b.layer3(x2)
+        x4 = b.layer4(x3)
+        return [x0, x1, x2, x3, x4]
+
+
+class DenseNetEncoder(Encoder):
+    """torchvision DenseNet: skips are the BN-ReLU outputs that open each transition."""
+
+    imagenet_ignore = ("classifier.",)
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        import torchvision
+
+        body = getattr(torchvision.models, f"densenet{depth}")(weights=None)
+        del body.classifier
+        self.body = body
+        self.label = f"DenseNet-{depth}"
+        f: Any = body.features
+        self.channels = [
+            f.conv0.out_channels,
+            f.transition1.norm.num_features,
+            f.transition2.norm.num_features,
+            f.transition3.norm.num_features,
+            f.norm5.num_features,
+        ]
+        self.strides = [2, 4, 8, 16, 32]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        f: Any = self.body.features
+        s2 = f.relu0(f.norm0(f.conv0(x)))
+        x = f.pool0(s2)
+        feats = [s2]
+        for block, trans in ((f.denseblock1, f.transition1), (f.denseblock2, f.transition2),
+                             (f.denseblock3, f.transition3)):
+            x = block(x)
+            skip = trans.relu(trans.norm(x))
+            feats.append(skip)
+            x = trans.pool(trans.conv(skip))
+        x = f.denseblock4(x)
+        feats.append(F.relu(f.norm5(x)))
+        return feats
+
+
+def _same_pad(conv_module: Any) -> None:
+    conv = conv_module.conv
+    kh, kw = conv.kernel_size
+    conv.padding = (kh // 2, kw // 2)
+
+
+class InceptionV3Encoder(Encoder):
+    """torchvision Inception-v3 with "same" padding, so feature maps halve exactly.
+
+    The valid (unpadded) 3×3 convolutions and pools of Inception-v3 are given padding, as the
+    ``segmentation_models`` Inception-v3 used by lagree2021 does; weight shapes are unchanged,
+    so ImageNet weights still load. Features: stride 2 (64), 4 (192), 8 (288), 16 (768),
+    32 (2048).
+    """
+
+    imagenet_ignore = ("fc.", "AuxLogits.")
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        body: Any = torchvision.models.inception_v3(weights=None, aux_logits=False,
+                                                     init_weights=True, transform_input=False)
+        del body.fc
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_4a_3x3"):
+            _same_pad(getattr(body, name))
+        _same_pad(body.Mixed_6a.branch3x3)
+        _same_pad(body.Mixed_6a.branch3x3dbl_3)
+        _same_pad(body.Mixed_7a.branch3x3_2)
+        _same_pad(body.Mixed_7a.branch7x7x3_4)
+        body.maxpool1.padding = 1
+        body.maxpool2.padding = 1
+        self.body = body
+        self.label = "Inception-v3"
+        self.channels = [64, 192, 288, 768, 2048]
+        self.strides = [2, 4, 8, 16, 32]
+
+    @staticmethod
+    def _mixed_6a(m: Any, x: torch.Tensor) -> torch.Tensor:
+        b3 = m.branch3x3(x)
+        bd = m.branch3x3dbl_3(m.branch3x3dbl_2(m.branch3x3dbl_1(x)))
+        pool = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        return torch.cat([b3, bd, pool], 1)
+
+    @staticmethod
+    def _mixed_7a(m: Any, x: torch.Tensor) -> torch.Tensor:
+        b3 = m.branch3x3_2(m.branch3x3_1(x))
+        b7 = m.branch7x7x3_4(m.branch7x7x3_3(m.branch7x7x3_2(m.branch7x7x3_1(x))))
+        pool = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        return torch.cat([b3, b7, pool], 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        b: Any = self.body
+        x = b.Conv2d_1a_3x3(x)
+        x = b.Conv2d_2a_3x3(x)
+        s2 = b.Conv2d_2b_3x3(x)
+        x = b.maxpool1(s2)
+        x = b.Conv2d_3b_1x1(x)
+        s4 = b.Conv2d_4a_3x3(x)
+        x = b.maxpool2(s4)
+        s8 = b.Mixed_5d(b.Mixed_5c(b.Mixed_5b(x)))
+        x = self._mixed_6a(b.Mixed_6a, s8)
+        s16 = b.Mixed_6e(b.Mixed_6d(b.Mixed_6c(b.Mixed_6b(x))))
+        x = self._mixed_7a(b.Mixed_7a, s16)
+        s32 = b.Mixed_7c(b.Mixed_7b(x))
+        return [s2, s4, s8, s16, s32]
+
+
+def _vgg(cfg: Sequence[int | str], label: str) -> Callable[..., Encoder]:
+    def build(width_mult: float = 1.0) -> Encoder:
+        return VGGEncoder(cfg, width_mult, label)
+
+    return build
+
+
+def _no_width(factory: Callable[[], Encoder], label: str) -> Callable[..., Encoder]:
+    def build(width_mult: float = 1.0) -> Encoder:
+        if width_mult != 1.0:
+            raise ValueError(f"the {label} encoder has no width option (torchvision's fixed "
+                             "architecture); use a smaller tile for quick runs")
+        return factory()
+
+    return build
+
+
+# Encoders of lagree2021 ("U-net": VGG-16, VGG-19, ResNet-50/101/152, DenseNet-121/201,
+# Inception-v3).
+ENCODERS: dict[str, Callable[..., Encoder]] = {
+    "vgg16": _vgg(VGG16_CFG, "VGG-16"),
+    "vgg19": _vgg(VGG19_CFG, "VGG-19"),
+    "resnet50": _no_width(lambda: ResNetEncoder(50), "ResNet-50"),
+    "resnet101": _no_width(lambda: ResNetEncoder(101), "ResNet-101"),
+    "resnet152": _no_width(lambda: ResNetEncoder(152), "ResNet-152"),
+    "densenet121": _no_width(lambda: DenseNetEncoder(121), "DenseNet-121"),
+    "densenet201": _no_width(lambda: DenseNetEncoder(201), "DenseNet-201"),
+    "inception_v3": _no_width(InceptionV3Encoder, "Inception-v3"),
+}
+
+
+def make_encoder(name: str, width_mult: float = 1.0) -> Encoder:
+    """Build one of :data:`ENCODERS` (random init)."""
+    return ENCODERS[name](width_mult)

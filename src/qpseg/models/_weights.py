@@ -1,0 +1,196 @@
+"""Reading, checking and writing state dicts safely (``weights_only`` pickles, safetensors).
+
+Torch is imported inside the functions; ``safetensors`` only when a ``.safetensors`` file is
+read or written (it is an optional dependency).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qpseg.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+__all__ = [
+    "WEIGHT_FILES",
+    "check_state_dict",
+    "expected_shapes",
+    "load_checked",
+    "load_subset",
+    "read_state_dict",
+    "sha256_file",
+    "write_state_dict",
+]
+
+# The weight file names a package may hold, in order of preference when reading.
+WEIGHT_FILES: tuple[str, ...] = ("weights.safetensors", "weights.pt")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else type(exc).__name__
+    return msg[:300]
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A plain ``{name: tensor}`` state dict from ``.pt``/``.pth`` or ``.safetensors``.
+
+    ``.pt`` files are read with ``torch.load(..., weights_only=True)``, so a pickle of anything
+    but tensors and containers is refused. A dict holding the state dict under ``state_dict``
+    or ``model`` (a common checkpoint layout) is unwrapped. Anything else is a ModelError.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError("weights file not found", path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ModelError("reading .safetensors needs the 'safetensors' package "
+                             "(pip install safetensors)", path) from exc
+        try:
+            data: Any = load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelError(f"not a readable safetensors file ({_first_line(exc)})",
+                             path) from exc
+    else:
+        try:
+            with warnings.catch_warnings():  # torch's notes on odd pickles: we judge the result
+                warnings.simplefilter("ignore")
+                data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
+            raise ModelError("not a plain state dict of tensors (torch.load with "
+                             f"weights_only=True failed: {_first_line(exc)})", path) from exc
+    if isinstance(data, Mapping):
+        for key in ("state_dict", "model"):
+            inner = data.get(key)
+            if isinstance(inner, Mapping) and len(data) <= 4:
+                data = inner
+                break
+    if not isinstance(data, Mapping):
+        raise ModelError(f"expected a state dict (name -> tensor), found {type(data).__name__}",
+                         path)
+    bad = [k for k, v in data.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelError(f"state dict entry {bad[0]!r} is not a named tensor", path)
+    return dict(data)
+
+
+def write_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """Write a state dict as ``.safetensors`` (if the suffix says so) or a torch ``.pt`` file.
+
+    Tensors are made contiguous CPU copies (safetensors refuses shared storage, and a package
+    must not depend on the device it was saved from). The write is atomic.
+    """
+    import torch
+
+    from qpseg._io import atomic_write
+
+    path = Path(path)
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save
+        except ImportError as exc:
+            raise ModelError("writing .safetensors needs the 'safetensors' package "
+                             "(pip install safetensors)", path) from exc
+        blob = save(plain)
+        with atomic_write(path, "wb", backup=False) as fh:
+            fh.write(blob)
+    else:
+        with atomic_write(path, "wb", backup=False) as fh:
+            torch.save(plain, fh)
+
+
+def _short(keys: Iterable[str], n: int = 3) -> str:
+    items = list(keys)
+    shown = ", ".join(repr(k) for k in items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def check_state_dict(expected: Mapping[str, tuple[int, ...]],
+                     state: Mapping[str, torch.Tensor], path: str | os.PathLike[str] | None, *,
+                     ignore_unexpected: tuple[str, ...] = (), what: str = "model",
+                     strict_counters: bool = False) -> None:
+    """Compare a state dict with the expected ``{name: shape}``; one-line ModelError if unfit.
+
+    Missing or surplus ``num_batches_tracked`` counters are tolerated unless
+    ``strict_counters`` (old torchvision checkpoints lack them, frozen batch norm has none);
+    unexpected keys starting with one of
+    ``ignore_unexpected`` are ignored (an ImageNet classifier head a segmentation backbone does
+    not have).
+    """
+    missing = [k for k in expected if k not in state
+               and (strict_counters or not k.endswith("num_batches_tracked"))]
+    unexpected = [k for k in state if k not in expected
+                  and not any(k.startswith(p) for p in ignore_unexpected)
+                  # frozen batch norm has no counter; it drops the checkpoint's on load
+                  and not (k.endswith("num_batches_tracked") and not strict_counters)]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    problems = []
+    if wrong:
+        k = wrong[0]
+        problems.append(f"shape mismatch for {k!r}: file {tuple(state[k].shape)} vs {what} "
+                        f"{tuple(expected[k])}" + (f" ({len(wrong) - 1} more)" if len(wrong) > 1
+                                                   else ""))
+    if missing:
+        problems.append(f"{len(missing)} {what} key(s) missing from the file: {_short(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_short(unexpected)}")
+    if problems:
+        raise ModelError(f"weights do not fit the {what}: " + "; ".join(problems), path)
+
+
+def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of a module's state dict (works for meta-device modules)."""
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor],
+                 path: str | os.PathLike[str] | None, *, ignore_unexpected: tuple[str, ...] = (),
+                 what: str = "model") -> None:
+    """Check ``state`` against ``module`` (see :func:`check_state_dict`) and load it."""
+    check_state_dict(expected_shapes(module), state, path, ignore_unexpected=ignore_unexpected,
+                     what=what)
+    wanted = {k: v for k, v in state.items()
+              if not any(k.startswith(p) for p in ignore_unexpected) or k in module.state_dict()}
+    try:
+        module.load_state_dict(wanted, strict=False)
+    except RuntimeError as exc:  # dtype that cannot be copied, ...
+        raise ModelError(f"cannot load weights into the {what}: {_first_line(exc)}",
+                         path) from exc
+
+
+def load_subset(module: nn.Module, state: Mapping[str, torch.Tensor],
+                path: str | os.PathLike[str] | None, *, prefix: str = "",
+                ignore: tuple[str, ...] = (), what: str = "backbone") -> None:
+    """Load the entries of ``state`` under ``prefix`` (prefix removed) into ``module``.
+
+    Keys outside ``prefix`` must start with one of ``ignore`` (e.g. ``"classifier."`` of an
+    ImageNet checkpoint); anything else, and any missing key or wrong shape, is a ModelError.
+    """
+    stray = [k for k in state if not k.startswith(prefix) and not k.startswith(ignore)]
+    if stray:
+        raise ModelError(f"weights do not fit the {what}: {len(stray)} unexpected key(s): "
+                         f"{_short(stray)}", path)
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    load_checked(module, sub, path, ignore_unexpected=ignore, what=what)
