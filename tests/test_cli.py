@@ -11,7 +11,7 @@ import pytest
 
 from qpseg.cli import main
 
-COMMANDS = ["info", "validate", "import-project", "demo"]
+COMMANDS = ["info", "validate", "import-project", "models", "model-info", "demo"]
 
 
 def test_import_cli_does_not_import_heavy_modules() -> None:

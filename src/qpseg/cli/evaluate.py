@@ -1,0 +1,171 @@
+"""``qpseg evaluate`` and ``qpseg evaluate-edits``: metrics CSVs, a report, and edit counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def evaluate(
+    truth: Path = typer.Option(
+        ..., "--truth",
+        help="Ground truth: a QuPath project (its exported annotations in qpseg/annotations), "
+             "a folder of GeoJSON files, or a folder of label masks.",
+    ),
+    pred: Path = typer.Option(
+        ..., "--pred",
+        help="Predictions: a QuPath project (qpseg/predictions/<entryID>.geojson, as written "
+             "by `qpseg infer`), a folder of GeoJSON files, or a folder of label masks.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for the CSVs and report.html."),
+    classes: str | None = typer.Option(
+        None, "--classes",
+        help="Comma-separated classes to evaluate, in index order (mask index 1 = the first). "
+             "Default: the truth's classes.",
+    ),
+    mpp: float | None = typer.Option(
+        None, "--mpp", help="µm per level-0 pixel of every slide (needed for GeoJSON folders)."
+    ),
+    eval_mpp: float = typer.Option(
+        2.0, "--eval-mpp", help="µm per pixel of the raster on which pixel and lesion metrics "
+                                "are computed."
+    ),
+    mask_mpp: float | None = typer.Option(
+        None, "--mask-mpp", help="µm per pixel of label masks (default: from the slide size)."
+    ),
+    lesion_class: str | None = typer.Option(
+        None, "--lesion-class",
+        help="Class of the lesion metrics (default: Tumor/Tumour/Metastasis if present; "
+             "'none' turns them off).",
+    ),
+    instances: bool | None = typer.Option(
+        None, "--instances/--no-instances",
+        help="Instance metrics (default: when the truth has detections, cells or instance "
+             "masks).",
+    ),
+    no_report: bool = typer.Option(False, "--no-report", help="Write the CSVs only."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap confidence intervals."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> int:
+    """Score predictions against ground truth per slide: pixels, lesions and instances.
+
+    Writes per_slide.csv, slides.csv, summary.csv (mean, std, 95 % bootstrap CI, pooled),
+    confusion.csv, lesions.csv, instances.csv, unmatched.csv, failed.csv and report.html.
+    Only the truth's labelled area is scored. Exits 1 when some slides failed.
+    """
+    from qpseg.cli._common import print_json
+    from qpseg.evaluate import evaluate as run_evaluate
+
+    class_list = [c for c in classes.split(",")] if classes else None
+    ev = run_evaluate(truth, pred, out, classes=class_list, mpp=mpp, eval_mpp=eval_mpp,
+                      mask_mpp=mask_mpp, lesion_class=lesion_class, instances=instances,
+                      report=not no_report, seed=seed)
+    code = 1 if ev.failed else 0
+    if as_json:
+        print_json(ev.summary())
+        return code
+    from rich.table import Table
+
+    from qpseg.cli._common import console
+
+    c = console()
+    if ev.pixel.per_slide:
+        pooled = ev.pixel.pooled()
+        table = Table(title=f"{len(ev.slides)} slide(s) scored at {ev.eval_mpp:g} µm/px "
+                            "(pooled over slides)")
+        for col in ("class", "Dice", "IoU", "precision", "recall", "Dice, slide mean"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        per = [m.f1 for m in ev.pixel.per_slide]
+        for i, name in enumerate(ev.class_names):
+            vals = [float(v[i]) for v in per if v[i] == v[i]]
+            mean = f"{sum(vals) / len(vals):.3f}" if vals else "–"
+            table.add_row(name, _f(pooled.f1[i]), _f(pooled.iou[i]), _f(pooled.precision[i]),
+                          _f(pooled.recall[i]), mean)
+        table.add_row("mean", _f(pooled.mf1), _f(pooled.miou), _f(pooled.mprecision),
+                      _f(pooled.mrecall), "")
+        c.print(table)
+    summary = ev.summary()
+    if "lesion" in summary:
+        les = summary["lesion"]
+        c.print(f"lesions ({ev.lesion_class}): {les['n_detected']}/{les['n_truth']} detected, "
+                f"{les['n_fp']} false positive(s), slide category agreement "
+                f"{_f(les['category_agreement'])}")
+    if "instance" in summary:
+        ins = summary["instance"]
+        c.print(f"instances: AJI {_f(ins['aji'])}, mAP {_f(ins['map'])}, PQ {_f(ins['pq'])}, "
+                f"F1@0.5 {_f(ins['f1_50'])}")
+    for note in ev.notes:
+        c.print(f"note: {note}")
+    for u in ev.unmatched:
+        c.print(f"unmatched ({u.side}): {u.slide}: {u.reason}")
+    for f in ev.failed:
+        c.print(f"[red]failed[/]: {f.slide}: {f.reason}")
+    c.print(f"results: {out}")
+    return code
+
+
+def _f(value: object) -> str:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    return "–" if v != v else f"{v:.3f}"
+
+
+def evaluate_edits(
+    project: Path = typer.Argument(..., help="project.qpproj (or the folder holding it)."),
+    out: Path = typer.Option(..., "--out", help="Folder for edits.csv and the other CSVs."),
+    predictions: Path | None = typer.Option(
+        None, "--predictions", help="AI objects (default: <project>/qpseg/predictions)."
+    ),
+    annotations: Path | None = typer.Option(
+        None, "--annotations",
+        help="Annotation export after the review (default: <project>/qpseg/annotations).",
+    ),
+    baseline: Path | None = typer.Option(
+        None, "--baseline",
+        help="Annotation export from before the review: its objects are not counted as added.",
+    ),
+    tolerance_px: float = typer.Option(
+        1.0, "--tolerance-px", help="Mean outline shift (level-0 px) still counted as kept."
+    ),
+    mpp: float | None = typer.Option(None, "--mpp", help="µm per pixel for the µm² columns."),
+    as_json: bool = typer.Option(False, "--json", help="Print the per-slide rows as JSON."),
+) -> int:
+    """Count what the pathologist kept, reshaped, reclassified, deleted and added of the AI
+    objects, and the Dice between the AI's and the final areas per class.
+
+    Exits 1 when some entries could not be read.
+    """
+    from qpseg.cli._common import print_json
+    from qpseg.edits import evaluate_edits as run_edits
+
+    res = run_edits(project, out, predictions_dir=predictions, annotations_dir=annotations,
+                    baseline_dir=baseline, tolerance_px=tolerance_px, mpp=mpp)
+    code = 1 if res.failed else 0
+    if as_json:
+        print_json({"slides": res.rows(), "summary": res.summary_rows(),
+                    "skipped": res.skipped, "failed": res.failed})
+        return code
+    from rich.table import Table
+
+    from qpseg.cli._common import console
+
+    c = console()
+    table = Table(title=f"{len(res.slides)} slide(s) compared")
+    cols = ("slide", "AI", "kept", "reshaped", "reclassified", "deleted", "added", "Dice")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "slide" else "right")
+    for r in res.rows():
+        table.add_row(str(r["slide"]), str(r["n_ai"]), str(r["n_kept"]), str(r["n_reshaped"]),
+                      str(r["n_reclassified"]), str(r["n_deleted"]), str(r["n_added"]),
+                      _f(r["dice"]))
+    c.print(table)
+    for s in res.slides:
+        for note in s.notes:
+            c.print(f"note: {s.slide}: {note}")
+    for name, reason in res.failed:
+        c.print(f"[red]failed[/]: {name}: {reason}")
+    c.print(f"results: {out}")
+    return code
