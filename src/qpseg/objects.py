@@ -882,7 +882,7 @@ def _hull_diameters(geoms: np.ndarray) -> np.ndarray:
     import numpy as np
     import shapely
 
-    from qpseg.metrics.lesion import _hull_diameter
+    from qpseg.metrics.lesion import hull_diameter
 
     n = len(geoms)
     out = np.zeros(n)
@@ -906,7 +906,7 @@ def _hull_diameters(geoms: np.ndarray) -> np.ndarray:
             d2 = (px[:, iu] - px[:, ju]) ** 2 + (py[:, iu] - py[:, ju]) ** 2
             out[part] = np.sqrt(d2.max(axis=1))
     for i in np.flatnonzero(counts > lower):
-        out[i] = _hull_diameter(xy[starts[i]:starts[i] + counts[i]])
+        out[i] = hull_diameter(xy[starts[i]:starts[i] + counts[i]])
     return out
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "Lesion",
     "LesionAccumulator",
     "LesionMetrics",
+    "hull_diameter",
     "label_lesions",
     "lesion_metrics",
     "max_feret_diameters",
@@ -95,7 +96,7 @@ def label_lesions(mask: Any, connectivity: int = 2) -> tuple[np.ndarray, int]:
     return labels, int(n)
 
 
-def _hull_diameter(points: np.ndarray) -> float:
+def hull_diameter(points: np.ndarray) -> float:
     """Largest distance between two of ``points`` (k x 2), via their convex hull."""
     from scipy.spatial import ConvexHull
 
@@ -136,7 +137,7 @@ def max_feret_diameters(labels: Any, mpp: float, n: int | None = None) -> np.nda
             np.stack([r, first], 1), np.stack([r + 1, first], 1),
             np.stack([r, last], 1), np.stack([r + 1, last], 1),
         ]).astype(np.float64)
-        out[i] = _hull_diameter(pts) * scale
+        out[i] = hull_diameter(pts) * scale
     return out
 
 
