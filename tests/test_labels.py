@@ -118,3 +118,27 @@ def test_bad_region_raises() -> None:
         rasterize_labels([], (0, 0, 0, 10), 1, CM, base_mpp=1)
     with pytest.raises(LabelError):
         rasterize_labels([], (0, 0, 10, 10), 0, CM, base_mpp=1)
+
+
+def test_fill_mask_matches_skimage_centre_sampling() -> None:
+    from shapely.geometry import Point
+    from skimage.draw import polygon as draw_polygon
+
+    from qpseg.labels import fill_mask
+
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        cx, cy = rng.uniform(-20, 120, 2)
+        blob = Point(cx, cy).buffer(rng.uniform(5, 60), quad_segs=int(rng.integers(2, 16)))
+        if i % 3 == 0:
+            blob = blob.difference(Point(cx, cy).buffer(rng.uniform(1, 5)))
+        x0, y0, ds = rng.uniform(-10, 10), rng.uniform(-10, 10), rng.uniform(0.3, 3)
+        got = fill_mask((97, 83), blob, x0, y0, ds)
+        ref = np.zeros((97, 83), bool)
+        for ring, value in [(blob.exterior, True), *[(h, False) for h in blob.interiors]]:
+            xy = np.asarray(ring.coords)
+            rr, cc = draw_polygon((xy[:, 1] - y0) / ds - 0.5, (xy[:, 0] - x0) / ds - 0.5,
+                                  (97, 83))
+            ref[rr, cc] = value
+        # Only pixels whose centre lies exactly on an edge may differ.
+        assert (got != ref).sum() <= 2, i

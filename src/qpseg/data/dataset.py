@@ -75,7 +75,7 @@ def rasterize_instances(
     import numpy as np
     from shapely.geometry import box
 
-    from qpseg.labels import _fill
+    from qpseg.labels import fill_mask
 
     x0, y0, width, height = region
     if width <= 0 or height <= 0:
@@ -94,7 +94,7 @@ def rasterize_instances(
             from shapely import make_valid
 
             geom = make_valid(geom)
-        m = _fill(shape, geom.intersection(window), x0, y0, ds)
+        m = fill_mask(shape, geom.intersection(window), x0, y0, ds)
         if not m.any():
             continue
         k += 1
