@@ -1,0 +1,1466 @@
+"""``qpseg evaluate``: match truth and prediction slides, score them, write CSVs and a report.
+
+Inputs (truth ``T`` and prediction ``P`` are each one of):
+
+* **a QuPath project** (``project.qpproj`` or its folder). As truth: the annotations exported
+  by ``groovy/export_annotations.groovy`` to ``<project>/qpseg/annotations/``; as prediction:
+  ``<project>/qpseg/predictions/`` (what ``qpseg infer`` writes). Files are found per entry as
+  ``<entryID>.geojson`` or ``<imageName>.geojson`` (:func:`qpseg.manifest.find_annotation_file`).
+  The pixel size and image size come from the project's image metadata (or the slide).
+* **a folder of GeoJSON files** (``*.geojson``, ``*.geojson.gz``, ``*.json``; names ending in
+  ``metadata.json`` and ``manifest.json``/``classes.json``/``config.json`` are skipped), one per
+  slide, named ``<slide>.geojson``. Coordinates are level-0 pixels; ``--mpp`` gives their size.
+* **a folder of label masks** (``*.png``, ``*.tif``, ``*.tiff``): ``<slide>.png`` or
+  ``<slide>_labels.png`` hold *class indices* (uint8/uint16; 0 = Background, ``i`` = the
+  ``i``-th name of ``--classes``, 255 = unlabelled); ``<slide>_instances.tif`` holds *instance
+  ids* (any integer type, 0 = no instance). A mask covers the whole slide on a grid of
+  ``--mask-mpp`` µm/px (default: deduced from the slide size when known, else level 0).
+* a single GeoJSON file or mask (two single files always match each other).
+
+Mask values: in a truth class mask 255 is unlabelled and 0 is labelled Background; in a
+prediction class mask 255 ("not predicted") counts as Background. Without ``--classes`` two mask
+inputs are compared on numbered classes ("class 1", ...); a mask against GeoJSON needs
+``--classes``. Label masks carry no pixel size: lesion diameters need ``--mask-mpp`` (or
+``--mpp``, or a project that gives the slide's size and pixel size).
+
+Matching: every slide has keys — a project entry its image name (with and without the image
+extension, e.g. ``a.svs`` and ``a``) and its entry id; a file its stem (``a.svs.geojson`` ->
+``a.svs`` and ``a``; an all-digit stem is also an entry id). Keys are compared case-insensitively,
+entry ids first, then names. Entry ids are only compared between a project and a folder, or
+within one project (two different projects are matched by image name only). Truth and
+prediction slides without a partner are listed in ``unmatched.csv`` (not an error); nothing
+matching at all is a :class:`~qpseg.errors.ConfigError`.
+
+What is scored (per slide):
+
+* **Pixels** — truth annotations are rasterised with :func:`qpseg.labels.rasterize_labels` (the
+  partial-label rules: ``Ignore*`` and unclassified annotations carry no label, ``Region*`` marks
+  exhaustively labelled area that is Background where no class is drawn, everything else is
+  unlabelled), predictions with the same function from their classified annotations (or, when a
+  prediction file holds no classified annotations, its classified detections — ``qpseg infer
+  --as detections``); unpredicted pixels are Background. Cells are never pixel data. Only the
+  truth's labelled area is scored. Both are drawn at ``--eval-mpp`` (default
+  :data:`DEFAULT_EVAL_MPP` = 2 µm/px) over the bounding box of the truth's labelled area (grown
+  to whole predicted objects touching it, so a lesion's size is not cut), on a grid aligned to
+  multiples of the eval pixel from the image origin. With a label-mask side, the mask's own
+  grid is used instead.
+* **Lesions** (CAMELYON-style, :mod:`qpseg.metrics.lesion`) of one class: ``--lesion-class``,
+  by default the first class (in class order) named Tumor, Tumour or Metastasis; predicted
+  lesions outside the labelled area are left out.
+* **Instances** (:mod:`qpseg.metrics.instance`) when the truth holds detections or cells (or an
+  instance mask): truth and predicted detections/cells (a cell's nucleus geometry when it has
+  one). Geometry against geometry is scored on the polygons themselves (exact areas, no raster);
+  a mask side on its grid. If the truth has ``Region*`` annotations, only instances whose
+  interior point lies inside them are scored. Instance metrics are class-agnostic.
+
+Classes: ``--classes`` fixes them (Background is index 0); objects of other classes are dropped
+with a warning (truth: unlabelled; prediction: Background). Otherwise the classes are those of
+the truth (in the truth project's ``classes.json`` order, then alphabetical), and a prediction
+class the truth never uses is an error (:class:`~qpseg.errors.LabelError`: the classes
+disagree). Class means (mIoU, ...) average over the classes present in the truth of at least one
+slide.
+
+A slide that cannot be scored (unreadable file, unknown pixel size, ...) is listed in
+``failed.csv`` with its reason and the others are still scored; a truth without labelled
+annotations or instances is listed as unmatched. Outputs (see :meth:`Evaluation.write`):
+``per_slide.csv``, ``slides.csv``, ``summary.csv``, ``confusion.csv``, ``lesions.csv`` and
+``lesion_slides.csv`` (lesion class present), ``instances.csv`` (instance data present),
+``unmatched.csv``, ``failed.csv`` and ``report.html``. In the CSVs an empty cell is an undefined
+value (``NaN``: a ratio with a zero denominator).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from qpseg.errors import (
+    ConfigError,
+    LabelError,
+    QpsegError,
+    QpsegWarning,
+    SlideError,
+)
+from qpseg.labels import BACKGROUND, IGNORE_INDEX, ClassMap, label_role
+
+if TYPE_CHECKING:
+    import numpy as np
+    from shapely.geometry.base import BaseGeometry
+
+    from qpseg.metrics.instance import InstanceAccumulator, InstanceMetrics, InstanceOverlap
+    from qpseg.metrics.lesion import LesionAccumulator, LesionMetrics
+    from qpseg.metrics.pixel import PixelAccumulator
+    from qpseg.qupath.geojson import QuPathObject
+
+__all__ = [
+    "DEFAULT_EVAL_MPP",
+    "LESION_CLASS_NAMES",
+    "PER_SLIDE_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "EvalInput",
+    "Evaluation",
+    "Failed",
+    "InputItem",
+    "SlideScore",
+    "Unmatched",
+    "bootstrap_ci",
+    "evaluate",
+    "load_input",
+    "match_inputs",
+    "read_label_mask",
+    "write_csv",
+]
+
+#: default pixel size (µm/px) at which pixel and lesion metrics are computed from GeoJSON
+DEFAULT_EVAL_MPP = 2.0
+#: default lesion classes, in order of preference (case-insensitive)
+LESION_CLASS_NAMES: tuple[str, ...] = ("Tumor", "Tumour", "Metastasis")
+#: columns of ``per_slide.csv`` (one row per slide x class; pixel counts at the eval mpp)
+PER_SLIDE_COLUMNS: tuple[str, ...] = (
+    "slide", "entry_id", "class_index", "class_name", "n_truth", "n_pred", "tp", "fp", "fn",
+    "tn", "precision", "recall", "f1", "dice", "iou",
+)
+#: columns of ``slides.csv`` (one row per scored slide)
+SLIDE_COLUMNS: tuple[str, ...] = (
+    "slide", "entry_id", "truth_file", "pred_file", "base_mpp", "eval_mpp", "width",
+    "height", "n_pixels", "accuracy", "miou", "mrecall", "mprecision", "mf1", "n_truth_instances",
+    "n_pred_instances", "notes",
+)
+#: columns of ``summary.csv``
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "level", "class_index", "class_name", "metric", "n_slides", "slide_mean", "slide_std",
+    "ci_low", "ci_high", "slide_min", "slide_max", "pooled",
+)
+CONFUSION_COLUMNS: tuple[str, ...] = ("slide", "truth_class", "pred_class", "count",
+                                      "row_fraction")
+UNMATCHED_COLUMNS: tuple[str, ...] = ("side", "slide", "path", "reason")
+FAILED_COLUMNS: tuple[str, ...] = ("slide", "entry_id", "truth_file", "pred_file", "reason")
+
+InputKind = Literal["project", "geojson", "masks"]
+
+GEOJSON_SUFFIXES: tuple[str, ...] = (".geojson.gz", ".geojson", ".json")
+MASK_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff")
+_NOT_GEOJSON = frozenset({"manifest.json", "classes.json", "config.json", "project.qpproj"})
+_INSTANCE_TAG = "_instances"
+_LABEL_TAG = "_labels"
+# image extensions stripped from names for matching ("a.svs" also matches "a")
+_IMAGE_EXTS = frozenset({
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".czi", ".png",
+    ".jpg", ".jpeg", ".dcm", ".qptiff", ".btf", ".isyntax", ".ome", ".svslide", ".ndpis",
+})
+#: evaluation rasters above this many pixels fail the slide (use a coarser --eval-mpp)
+MAX_RASTER_PIXELS = 400_000_000
+_TILE = 1024
+# Geometric instance areas are passed to the metric core as integers in 1/256 px² (its AJI sums
+# are integer): IoUs and AJI are ratios, so the unit does not change them.
+_AREA_SCALE = 256.0
+_THUMB_SIDE = 256
+_PIXEL_OBJECT_TYPES = ("annotation",)
+_INSTANCE_OBJECT_TYPES = ("detection", "cell")
+
+
+# ============================================================================== input model
+
+
+@dataclass
+class InputItem:
+    """One slide of an input: where its data is and how it can be matched."""
+
+    name: str                      # display name (image name or file stem)
+    keys: tuple[str, ...]          # lower-case match keys; "#<n>" is entry id n
+    path: Path | None = None       # GeoJSON file, or class mask
+    instance_path: Path | None = None  # instance mask (mask folders)
+    entry_id: int | None = None
+    mpp: float | None = None       # level-0 µm/px, when known
+    size: tuple[int, int] | None = None  # level-0 (QuPath) width, height, when known
+    image_path: Path | None = None  # the slide (project entries), to read mpp when needed
+    problem: str | None = None     # why there is no data (e.g. "no prediction file")
+
+    @property
+    def has_data(self) -> bool:
+        """True when a file for this slide exists."""
+        return self.path is not None or self.instance_path is not None
+
+    @property
+    def files(self) -> str:
+        """The data file(s) as text, for CSVs."""
+        return ";".join(str(p) for p in (self.path, self.instance_path) if p is not None)
+
+
+@dataclass
+class EvalInput:
+    """A truth or prediction input: its kind and its slides."""
+
+    kind: InputKind
+    path: Path
+    role: str                      # "truth" | "pred"
+    items: list[InputItem]
+    class_order: tuple[str, ...] = ()   # the project's classes.json order
+    single_file: bool = False
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A slide present on one side only (or without anything to score)."""
+
+    side: str     # "truth" | "pred"
+    slide: str
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A matched slide that could not be scored."""
+
+    slide: str
+    entry_id: int | None
+    truth_file: str
+    pred_file: str
+    reason: str
+
+
+def _dedupe(values: Iterable[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in values:
+        if v and v not in out:
+            out.append(v)
+    return tuple(out)
+
+
+def _name_keys(name: str) -> list[str]:
+    """``name`` and ``name`` without up to two image extensions, lower case."""
+    keys = [name.lower()]
+    stem = name
+    for _ in range(2):
+        suffix = Path(stem).suffix.lower()
+        if suffix not in _IMAGE_EXTS or len(suffix) == len(stem):
+            break
+        stem = stem[: -len(suffix)]
+        keys.append(stem.lower())
+    return keys
+
+
+def _file_keys(stem: str) -> tuple[str, ...]:
+    keys = _name_keys(stem)
+    if stem.isascii() and stem.isdigit():  # "²".isdigit() is True too
+        keys.append(f"#{int(stem)}")
+    return _dedupe(keys)
+
+
+def _strip_suffix(name: str, suffixes: Sequence[str]) -> str | None:
+    low = name.lower()
+    for s in suffixes:
+        if low.endswith(s) and len(name) > len(s):
+            return name[: -len(s)]
+    return None
+
+
+def _is_geojson_name(name: str) -> bool:
+    low = name.lower()
+    if low in _NOT_GEOJSON or low.endswith("metadata.json") or low.startswith("."):
+        return False
+    return _strip_suffix(name, GEOJSON_SUFFIXES) is not None
+
+
+def _mask_stem(name: str) -> tuple[str, str] | None:
+    """``(slide stem, "class" | "instance")`` of a mask file name, or None."""
+    if name.startswith("."):
+        return None
+    stem = _strip_suffix(name, MASK_SUFFIXES)
+    if stem is None:
+        return None
+    if stem.lower().endswith(_INSTANCE_TAG) and len(stem) > len(_INSTANCE_TAG):
+        return stem[: -len(_INSTANCE_TAG)], "instance"
+    if stem.lower().endswith(_LABEL_TAG) and len(stem) > len(_LABEL_TAG):
+        return stem[: -len(_LABEL_TAG)], "class"
+    return stem, "class"
+
+
+def _project_input(path: Path, role: str) -> EvalInput:
+    from qpseg.manifest import find_annotation_file
+    from qpseg.qupath.project import QuPathProject
+
+    project = QuPathProject.load(path)
+    sub = "annotations" if role == "truth" else "predictions"
+    folder = project.path.parent / "qpseg" / sub
+    items: list[InputItem] = []
+    names = [e.image_name for e in project.entries]
+    for entry in project.entries:
+        f = find_annotation_file(entry, [folder]) if folder.is_dir() else None
+        name = entry.image_name or f"entry {entry.entry_id}"
+        if names.count(entry.image_name) > 1:  # duplicate image names: keep slide names unique
+            name = f"{name} #{entry.entry_id}"
+        keys = _name_keys(entry.image_name) if entry.image_name else []
+        if entry.image_path is not None:
+            keys += _name_keys(entry.image_path.name)
+        keys.append(f"#{entry.entry_id}")
+        what = "annotation export" if role == "truth" else "prediction file"
+        items.append(InputItem(
+            name=name, keys=_dedupe(keys), path=f, entry_id=entry.entry_id, mpp=entry.mpp,
+            size=entry.dimensions, image_path=entry.image_path,
+            problem=None if f is not None else f"no {what} in {folder}",
+        ))
+    return EvalInput("project", project.path, role, items,
+                     tuple(pc.name for pc in project.classes))
+
+
+def load_input(path: str | os.PathLike[str], role: str = "truth") -> EvalInput:
+    """Describe a truth or prediction input (``role`` "truth" or "pred"; see the module doc).
+
+    Raises :class:`ConfigError` when the path does not exist or holds nothing usable, and
+    :class:`~qpseg.errors.ProjectError` for an unreadable project.
+    """
+    if role not in ("truth", "pred"):
+        raise ConfigError(f"role must be 'truth' or 'pred', not {role!r}")
+    p = Path(path)
+    what = "truth" if role == "truth" else "prediction"
+    if not p.exists():
+        raise ConfigError(f"{what} input not found", p)
+    if p.is_file():
+        name = p.name
+        if name.endswith(".qpproj") or name.endswith(".qpproj.backup"):
+            return _project_input(p, role)
+        stem = _strip_suffix(name, GEOJSON_SUFFIXES)
+        if stem is not None:
+            return EvalInput("geojson", p, role,
+                             [InputItem(stem, _file_keys(stem), path=p)], single_file=True)
+        mask = _mask_stem(name)
+        if mask is not None:
+            item = InputItem(mask[0], _file_keys(mask[0]))
+            if mask[1] == "instance":
+                item.instance_path = p
+            else:
+                item.path = p
+            return EvalInput("masks", p, role, [item], single_file=True)
+        raise ConfigError(f"{what} input is not a QuPath project, a GeoJSON file or a label "
+                          "mask (.png/.tif)", p)
+    if (p / "project.qpproj").is_file() or any(p.glob("*.qpproj")):
+        return _project_input(p, role)
+    try:
+        files = sorted(f for f in p.iterdir() if f.is_file())
+    except OSError as exc:
+        raise ConfigError(f"cannot list {what} folder ({exc.strerror or exc})", p) from None
+    geojson = [f for f in files if _is_geojson_name(f.name)]
+    masks = [(f, m) for f in files if (m := _mask_stem(f.name)) is not None]
+    if geojson and masks:
+        raise ConfigError(f"{what} folder holds both GeoJSON files and label masks; put them "
+                          "in separate folders", p)
+    if geojson:
+        items = []
+        for f in geojson:
+            stem = _strip_suffix(f.name, GEOJSON_SUFFIXES) or f.name
+            items.append(InputItem(stem, _file_keys(stem), path=f))
+        return EvalInput("geojson", p, role, items)
+    if masks:
+        by_stem: dict[str, InputItem] = {}
+        for f, (stem, kind) in masks:
+            item = by_stem.setdefault(stem.lower(), InputItem(stem, _file_keys(stem)))
+            if kind == "instance" and item.instance_path is None:
+                item.instance_path = f
+            elif kind == "class" and item.path is None:
+                item.path = f
+            else:
+                warnings.warn(f"{f}: a second {kind} mask for slide {stem!r}; ignored",
+                              QpsegWarning, stacklevel=2)
+        return EvalInput("masks", p, role, list(by_stem.values()))
+    raise ConfigError(f"{what} folder holds no GeoJSON files (.geojson) or label masks "
+                      "(.png/.tif) and no QuPath project", p)
+
+
+def match_inputs(
+    truth: EvalInput, pred: EvalInput
+) -> tuple[list[tuple[InputItem, InputItem]], list[Unmatched]]:
+    """Pair truth and prediction slides (see the module doc); returns the pairs (in truth
+    order, both sides with data) and the unmatched slides."""
+    if truth.single_file and pred.single_file:
+        t, p = truth.items[0], pred.items[0]
+        return [(t, p)], []
+    both_projects = truth.kind == pred.kind == "project"
+    use_ids = not both_projects or truth.path.resolve() == pred.path.resolve()
+
+    index: dict[str, list[int]] = {}
+    for j, item in enumerate(pred.items):
+        for key in item.keys:
+            index.setdefault(key, []).append(j)
+    partner: dict[int, int] = {}
+    taken: set[int] = set()
+    phases = ("id", "name") if use_ids else ("name",)
+    for phase in phases:
+        for i, item in enumerate(truth.items):
+            if i in partner:
+                continue
+            for key in item.keys:
+                if key.startswith("#") != (phase == "id"):
+                    continue
+                hit = next((j for j in index.get(key, []) if j not in taken), None)
+                if hit is not None:
+                    partner[i] = hit
+                    taken.add(hit)
+                    break
+
+    pairs: list[tuple[InputItem, InputItem]] = []
+    unmatched: list[Unmatched] = []
+    for i, t in enumerate(truth.items):
+        pj = partner.get(i)
+        if pj is None:
+            # (a project entry without an export and without a prediction is not listed)
+            if t.has_data:
+                unmatched.append(Unmatched("truth", t.name, t.files, "no matching prediction"))
+            continue
+        p = pred.items[pj]
+        if not t.has_data:
+            if p.has_data:
+                unmatched.append(Unmatched("pred", t.name, p.files, t.problem or "no truth"))
+            continue
+        if not p.has_data:
+            unmatched.append(Unmatched("truth", t.name, t.files, p.problem or "no prediction"))
+            continue
+        pairs.append((t, p))
+    for j, item in enumerate(pred.items):
+        if j not in taken and item.has_data:
+            unmatched.append(Unmatched("pred", item.name, item.files, "no matching truth"))
+    return pairs, unmatched
+
+
+# ============================================================================== reading data
+
+
+def read_label_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """A 2-D integer label mask from a PNG or TIFF file (first page; equal RGB channels are
+    accepted as one). Raises :class:`LabelError` when the file is not a readable label mask."""
+    import numpy as np
+
+    p = Path(path)
+    try:
+        if p.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(p) as tif:
+                if not tif.pages:
+                    raise LabelError("TIFF has no pages", p)
+                page = tif.pages[0]
+                shape = tuple(int(s) for s in page.shape)
+                if math.prod(shape) > 4 * MAX_RASTER_PIXELS:
+                    raise LabelError(f"mask of shape {shape} is too large", p)
+                arr = np.asarray(page.asarray())
+        else:
+            from PIL import Image
+
+            with Image.open(p) as im:
+                if im.mode in ("RGB", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
+                    arr = np.asarray(im.convert("RGB"))
+                elif im.mode == "F":
+                    raise LabelError("mask holds floating-point values, not labels", p)
+                else:
+                    arr = np.asarray(im)
+    except QpsegError:
+        raise
+    except MemoryError:
+        raise LabelError("mask too large to read", p) from None
+    except Exception as exc:  # PIL/tifffile raise many kinds for corrupt files
+        raise LabelError(f"cannot read label mask ({type(exc).__name__}: {exc})", p) from None
+    arr = np.squeeze(arr)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        if not ((rgb == rgb[..., :1]).all()):
+            raise LabelError("mask is a colour image; expected one channel of label values", p)
+        arr = np.ascontiguousarray(rgb[..., 0])
+    if arr.ndim != 2 or arr.size == 0:
+        raise LabelError(f"mask must be a 2-D image, not of shape {arr.shape}", p)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise LabelError(f"mask holds {arr.dtype} values, not integer labels", p)
+    return arr
+
+
+def _read_objects(path: Path) -> list[QuPathObject]:
+    from qpseg.qupath.geojson import read_geojson
+
+    return read_geojson(path)
+
+
+def _polygonal(geom: BaseGeometry) -> BaseGeometry | None:
+    """The valid polygonal part of a geometry, or None."""
+    try:
+        if geom.geom_type in ("Polygon", "MultiPolygon") and geom.is_valid:
+            g = geom
+        else:  # imported here only: this runs once per object
+            from qpseg.qupath.geojson import repair_polygonal
+
+            g = repair_polygonal(geom)
+    except Exception:  # GEOS refuses some degenerate input
+        return None
+    return None if g.is_empty or g.area <= 0 else g
+
+
+def _instance_geometries(objs: Iterable[QuPathObject]) -> list[BaseGeometry]:
+    out = []
+    for o in objs:
+        if o.object_type not in _INSTANCE_OBJECT_TYPES:
+            continue
+        g = o.nucleus_geometry if o.nucleus_geometry is not None else o.geometry
+        poly = _polygonal(g)
+        if poly is not None:
+            out.append(poly)
+    return out
+
+
+def _class_key(name: str | None) -> str:
+    return (name or "").strip().lower()
+
+
+def _class_names(objs: Iterable[QuPathObject]) -> list[str]:
+    """Label-class names (role "class") used by ``objs``, first spelling of each."""
+    seen: dict[str, str] = {}
+    for o in objs:
+        if label_role(o.classification) == "class" and o.classification:
+            seen.setdefault(_class_key(o.classification), o.classification.strip())
+    return list(seen.values())
+
+
+# ============================================================================== rasterising
+
+
+def _rasterize(
+    objects: Sequence[QuPathObject], region: tuple[float, float, int, int], mpp: float,
+    class_map: ClassMap, base_mpp: float,
+) -> np.ndarray:
+    """:func:`qpseg.labels.rasterize_labels` tile by tile (same result, bounded work).
+
+    Each tile gets only the objects whose bounds reach it, in their original order, so the
+    paint order (smaller on top, then file order) is the same as for the whole region.
+    """
+    import numpy as np
+    import shapely
+
+    from qpseg.labels import rasterize_labels
+
+    x0, y0, width, height = region
+    out = np.full((height, width), class_map.ignore_index, dtype=np.uint8)
+    if not objects:
+        return out
+    ds = mpp / base_mpp
+    tree = shapely.STRtree([o.geometry for o in objects])
+    for r in range(0, height, _TILE):
+        for c in range(0, width, _TILE):
+            th, tw = min(_TILE, height - r), min(_TILE, width - c)
+            tx, ty = x0 + c * ds, y0 + r * ds
+            window = shapely.box(tx - ds, ty - ds, tx + (tw + 1) * ds, ty + (th + 1) * ds)
+            hits = np.sort(tree.query(window))
+            if hits.size == 0:
+                continue
+            out[r:r + th, c:c + tw] = rasterize_labels(
+                [objects[i] for i in hits], (tx, ty, tw, th), mpp, class_map,
+                base_mpp=base_mpp)
+    return out
+
+
+def _paint_instances(geoms: Sequence[BaseGeometry], shape: tuple[int, int],
+                     ds: float) -> np.ndarray:
+    """Instance ids ``1..n`` drawn on a grid of ``ds`` level-0 px (pixel-centre rule of
+    :func:`qpseg.labels.rasterize_labels`, one object at a time; later ones on top)."""
+    import numpy as np
+
+    from qpseg.labels import rasterize_labels
+    from qpseg.qupath.geojson import QuPathObject
+
+    cm = ClassMap.from_names(["instance"])
+    out = np.zeros(shape, dtype=np.int32)
+    h, w = shape
+    for i, g in enumerate(geoms, start=1):
+        minx, miny, maxx, maxy = g.bounds
+        c0, r0 = max(math.floor(minx / ds) - 1, 0), max(math.floor(miny / ds) - 1, 0)
+        c1, r1 = min(math.ceil(maxx / ds) + 1, w), min(math.ceil(maxy / ds) + 1, h)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        lab = rasterize_labels([QuPathObject(geometry=g, classification="instance")],
+                               (c0 * ds, r0 * ds, c1 - c0, r1 - r0), ds, cm, base_mpp=1.0)
+        out[r0:r1, c0:c1][lab == 1] = i
+    return out
+
+
+def _geometric_overlap(truth: Sequence[BaseGeometry],
+                       pred: Sequence[BaseGeometry]) -> InstanceOverlap:
+    """The metric core's sparse overlap table computed from polygons (exact areas)."""
+    import numpy as np
+    import shapely
+
+    from qpseg.metrics.instance import InstanceOverlap
+
+    tg = np.array(truth, dtype=object)
+    pg = np.array(pred, dtype=object)
+    ta = np.rint(shapely.area(tg) * _AREA_SCALE).astype(np.int64) if tg.size else \
+        np.zeros(0, np.int64)
+    pa = np.rint(shapely.area(pg) * _AREA_SCALE).astype(np.int64) if pg.size else \
+        np.zeros(0, np.int64)
+    tg, ta = tg[ta > 0], ta[ta > 0]
+    pg, pa = pg[pa > 0], pa[pa > 0]
+    if tg.size and pg.size:
+        tree = shapely.STRtree(pg)
+        ti, pj = tree.query(tg, predicate="intersects")
+        inter = np.rint(shapely.area(shapely.intersection(tg[ti], pg[pj])) * _AREA_SCALE)
+        inter = np.minimum(inter.astype(np.int64), np.minimum(ta[ti], pa[pj]))
+        keep = inter > 0
+        order = np.lexsort((pj[keep], ti[keep]))
+        ti, pj, inter = ti[keep][order], pj[keep][order], inter[keep][order]
+    else:
+        ti = pj = np.zeros(0, np.intp)
+        inter = np.zeros(0, np.int64)
+    return InstanceOverlap(
+        truth_ids=np.arange(1, ta.size + 1), pred_ids=np.arange(1, pa.size + 1),
+        truth_area=ta, pred_area=pa, pair_truth=ti.astype(np.intp),
+        pair_pred=pj.astype(np.intp), pair_inter=inter.astype(np.int64),
+    )
+
+
+def _overlay_codes(truth: np.ndarray, pred: np.ndarray, max_side: int = _THUMB_SIDE
+                   ) -> np.ndarray:
+    """Thumbnail of outcome codes, the worst outcome of each block kept: 0 unlabelled,
+    1 correct Background, 2 TP (correct class), 3 FN (class missed: predicted Background),
+    4 FP (a class predicted where the truth is Background or another class)."""
+    import numpy as np
+
+    labelled = truth != IGNORE_INDEX
+    codes = np.zeros(truth.shape, dtype=np.uint8)
+    codes[labelled] = 1
+    codes[labelled & (truth == pred) & (truth != 0)] = 2
+    codes[labelled & (truth != 0) & (pred == 0)] = 3
+    codes[labelled & (pred != 0) & (pred != truth)] = 4
+    shape: tuple[int, ...] = codes.shape
+    h, w = shape[0], shape[1]
+    step = max(1, math.ceil(max(h, w) / max_side))
+    if step == 1:
+        return codes
+    ph, pw = -h % step, -w % step
+    padded = np.pad(codes, ((0, ph), (0, pw)))
+    return padded.reshape((h + ph) // step, step, (w + pw) // step, step).max(axis=(1, 3))
+
+
+# ============================================================================== scoring
+
+
+@dataclass
+class SlideScore:
+    """What was computed for one matched slide (class indices local to ``class_names``)."""
+
+    slide: str
+    entry_id: int | None
+    truth_file: str
+    pred_file: str
+    base_mpp: float | None
+    eval_mpp: float | None
+    size: tuple[int, int] | None              # raster width, height
+    class_names: tuple[str, ...]              # local class list (Background first)
+    confusion: np.ndarray | None              # local confusion matrix, None: no labelled area
+    truth_classes: tuple[str, ...] = ()       # class names the truth uses
+    pred_classes: tuple[str, ...] = ()        # class names the prediction uses
+    lesions: dict[str, LesionMetrics] = field(default_factory=dict)  # class key -> result
+    instance: InstanceMetrics | None = None
+    thumbnail: np.ndarray | None = None       # :func:`_overlay_codes`
+    notes: list[str] = field(default_factory=list)
+    origin: tuple[float, float] = (0.0, 0.0)  # level-0 position of raster pixel (0, 0)
+    downsample: float | None = None           # level-0 px per raster px
+
+
+@dataclass
+class _Options:
+    classes: tuple[str, ...] | None
+    mpp: float | None
+    eval_mpp: float
+    mask_mpp: float | None
+    lesion_class: str | None     # None: auto; "": off
+    instances: bool | None
+    thumbnails: bool
+
+
+def _positive(value: float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number, not {value!r}") from None
+    if not math.isfinite(v) or v <= 0 or v > 1e4:
+        raise ConfigError(f"{what} must be a positive number of µm per pixel, not {value}")
+    return v
+
+
+def _base_mpp(t: InputItem, p: InputItem, opts: _Options) -> float | None:
+    """Level-0 pixel size: --mpp, else the project metadata, else the slide itself."""
+    if opts.mpp is not None:
+        return opts.mpp
+    for item in (t, p):
+        if item.mpp is not None and math.isfinite(item.mpp) and item.mpp > 0:
+            return float(item.mpp)
+    for item in (t, p):
+        if item.image_path is not None:
+            from qpseg.slide import open_slide
+
+            with open_slide(item.image_path) as slide:
+                return float(slide.mpp)
+    return None
+
+
+def _local_class_map(names: Sequence[str], opts: _Options) -> ClassMap:
+    if opts.classes is not None:
+        return ClassMap.from_names(opts.classes)
+    uniq: dict[str, str] = {}
+    for n in names:
+        if _class_key(n) != _class_key(BACKGROUND):
+            uniq.setdefault(_class_key(n), n)
+    return ClassMap.from_names(sorted(uniq.values(), key=str.lower))
+
+
+def _lesion_candidates(cm: ClassMap, opts: _Options) -> list[int]:
+    if opts.lesion_class == "":
+        return []
+    if opts.lesion_class is not None:
+        idx = cm.index_of(opts.lesion_class)
+        return [] if idx is None else [idx]
+    wanted = {n.lower() for n in LESION_CLASS_NAMES}
+    return [c.index for c in cm.classes if c.name.lower() in wanted]
+
+
+def _bounds(geoms: Iterable[BaseGeometry]) -> tuple[float, float, float, float] | None:
+    import numpy as np
+    import shapely
+
+    arr = np.array(list(geoms), dtype=object)
+    if arr.size == 0:
+        return None
+    b = shapely.bounds(arr)
+    b = b[np.isfinite(b).all(axis=1)]
+    if b.size == 0:
+        return None
+    return float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())
+
+
+def _eval_region(
+    truth_geoms: Sequence[BaseGeometry], pred_geoms: Sequence[BaseGeometry], ds: float,
+    size: tuple[int, int] | None,
+) -> tuple[float, float, int, int] | None:
+    """Raster region (x, y, w, h at the eval pixel size) covering the truth's labelled area and
+    whole predicted objects touching it; None when the labelled area is empty."""
+    tb = _bounds(truth_geoms)
+    if tb is None:
+        return None
+    minx, miny, maxx, maxy = tb
+    for g in pred_geoms:
+        gx0, gy0, gx1, gy1 = g.bounds
+        if gx1 >= tb[0] and gx0 <= tb[2] and gy1 >= tb[1] and gy0 <= tb[3]:
+            minx, miny = min(minx, gx0), min(miny, gy0)
+            maxx, maxy = max(maxx, gx1), max(maxy, gy1)
+    if size is not None:
+        minx, miny = max(minx, 0.0), max(miny, 0.0)
+        maxx, maxy = min(maxx, float(size[0])), min(maxy, float(size[1]))
+    if not (maxx > minx and maxy > miny):
+        return None
+    x0 = math.floor(minx / ds) * ds
+    y0 = math.floor(miny / ds) * ds
+    w = max(1, math.ceil((maxx - x0) / ds - 1e-9))
+    h = max(1, math.ceil((maxy - y0) / ds - 1e-9))
+    if w * h > MAX_RASTER_PIXELS:
+        raise SlideError(f"evaluation raster would be {w} x {h} pixels; use a coarser "
+                         "--eval-mpp")
+    return x0, y0, w, h
+
+
+def _region_filter(truth_objs: Sequence[QuPathObject],
+                   geoms: list[BaseGeometry]) -> list[BaseGeometry]:
+    """Instances whose interior point lies in the truth's Region* annotations (if any)."""
+    import numpy as np
+    import shapely
+
+    regions = [g for o in truth_objs if o.object_type == "annotation"
+               and label_role(o.classification) == "region"
+               and (g := _polygonal(o.geometry)) is not None]
+    if not regions or not geoms:
+        return geoms
+    area = shapely.union_all(regions)
+    shapely.prepare(area)
+    pts = shapely.point_on_surface(np.array(geoms, dtype=object))
+    keep = shapely.intersects(area, pts)
+    return [g for g, k in zip(geoms, keep, strict=True) if k]
+
+
+def _score_pixels(
+    score: SlideScore, truth_map: np.ndarray, pred_map: np.ndarray, cm: ClassMap,
+    mpp: float | None, opts: _Options,
+) -> None:
+    from qpseg.metrics.lesion import lesion_metrics
+    from qpseg.metrics.pixel import confusion_matrix
+
+    score.confusion = confusion_matrix(truth_map, pred_map, len(cm), IGNORE_INDEX,
+                                       pred_ignore=0)
+    valid = truth_map != IGNORE_INDEX
+    cands = _lesion_candidates(cm, opts)
+    if cands and mpp is None:
+        score.notes.append("lesion metrics skipped: pixel size unknown (pass --mpp)")
+    elif mpp is not None:
+        for idx in cands:
+            score.lesions[_class_key(cm.classes[idx].name)] = lesion_metrics(
+                truth_map == idx, pred_map == idx, mpp, slide=score.slide, valid=valid)
+    if opts.thumbnails:
+        score.thumbnail = _overlay_codes(truth_map, pred_map)
+
+
+def _pred_pixel_objects(objs: Sequence[QuPathObject]) -> list[QuPathObject]:
+    """Classified prediction annotations, or classified detections when there are none."""
+    out = [o for o in objs if o.object_type in _PIXEL_OBJECT_TYPES
+           and label_role(o.classification) == "class"]
+    if not out:
+        out = [o for o in objs if o.object_type == "detection"
+               and label_role(o.classification) == "class"]
+    return out
+
+
+def _score_geometry_pair(t: InputItem, p: InputItem, opts: _Options, score: SlideScore,
+                         truth_objs: list[QuPathObject], pred_objs: list[QuPathObject]) -> None:
+    truth_ann = [o for o in truth_objs if o.object_type in _PIXEL_OBJECT_TYPES]
+    pred_pix = _pred_pixel_objects(pred_objs)
+    score.truth_classes = tuple(_class_names(truth_ann))
+    score.pred_classes = tuple(_class_names(pred_pix))
+    cm = _local_class_map([*score.truth_classes, *score.pred_classes], opts)
+    score.class_names = tuple(cm.names)
+
+    labelled = []
+    for o in truth_ann:
+        role = label_role(o.classification)
+        if role == "region" or (role == "class" and cm.index_of(o.classification) is not None):
+            labelled.append(o.geometry)
+    pred_known = [o for o in pred_pix if cm.index_of(o.classification) is not None]
+    if len(pred_known) < len(pred_pix):
+        score.notes.append(f"{len(pred_pix) - len(pred_known)} predicted object(s) of classes "
+                           "not evaluated were ignored")
+    if labelled:
+        base = _base_mpp(t, p, opts)
+        if base is None:
+            raise SlideError("pixel size unknown: pass --mpp (µm per level-0 pixel)")
+        score.base_mpp = base
+        score.eval_mpp = opts.eval_mpp
+        ds = opts.eval_mpp / base
+        region = _eval_region(labelled, [o.geometry for o in pred_known], ds, t.size or p.size)
+        if region is not None:
+            truth_map = _rasterize(truth_ann, region, opts.eval_mpp, cm, base)
+            pred_map = _rasterize(pred_known, region, opts.eval_mpp, cm, base)
+            pred_map[pred_map == IGNORE_INDEX] = 0
+            score.size = (region[2], region[3])
+            score.origin, score.downsample = (region[0], region[1]), ds
+            _score_pixels(score, truth_map, pred_map, cm, opts.eval_mpp, opts)
+
+    if opts.instances is not False:
+        truth_inst = _instance_geometries(truth_objs)
+        if truth_inst:
+            from qpseg.metrics.instance import instance_metrics
+
+            pred_inst = _instance_geometries(pred_objs)
+            truth_inst = _region_filter(truth_objs, truth_inst)
+            pred_inst = _region_filter(truth_objs, pred_inst)
+            score.instance = instance_metrics(
+                None, None, slide=score.slide, overlap=_geometric_overlap(truth_inst, pred_inst))
+
+
+def _mask_grid(t: InputItem, p: InputItem, shape: tuple[int, int], opts: _Options,
+               base: float | None) -> tuple[float, float | None]:
+    """(level-0 px per mask px, mask µm/px or None) for a mask of ``shape`` (rows, cols)."""
+    if opts.mask_mpp is not None:
+        if base is not None:
+            return opts.mask_mpp / base, opts.mask_mpp
+        return 1.0, opts.mask_mpp
+    size = t.size or p.size
+    if size is not None:
+        dsx, dsy = size[0] / shape[1], size[1] / shape[0]
+        if abs(dsx - dsy) > 0.02 * max(dsx, dsy) + 1.0 / min(shape):
+            raise LabelError(f"mask of {shape[1]} x {shape[0]} pixels does not have the "
+                             f"slide's aspect ratio ({size[0]} x {size[1]}); pass --mask-mpp")
+        ds = (dsx + dsy) / 2
+        return ds, None if base is None else base * ds
+    return 1.0, base
+
+
+def _score_mask_pair(t: InputItem, p: InputItem, t_kind: str, p_kind: str, opts: _Options,
+                     score: SlideScore, truth_objs: list[QuPathObject] | None,
+                     pred_objs: list[QuPathObject] | None) -> None:
+    """At least one side is a label mask: everything happens on the mask's grid."""
+    import numpy as np
+
+    t_cls = read_label_mask(t.path) if t_kind == "masks" and t.path else None
+    t_ins = read_label_mask(t.instance_path) if t_kind == "masks" and t.instance_path else None
+    p_cls = read_label_mask(p.path) if p_kind == "masks" and p.path else None
+    p_ins = read_label_mask(p.instance_path) if p_kind == "masks" and p.instance_path else None
+    shapes = {a.shape for a in (t_cls, t_ins, p_cls, p_ins) if a is not None}
+    if len(shapes) > 1:
+        raise LabelError("truth and prediction masks differ in size: "
+                         + ", ".join(f"{s[1]} x {s[0]}" for s in sorted(shapes)))
+    shape = next(iter(shapes))
+    geometry = truth_objs is not None or pred_objs is not None
+    base = None
+    if geometry or opts.mpp is not None:
+        try:
+            base = _base_mpp(t, p, opts)
+        except QpsegError:
+            base = None
+    ds, mask_mpp = _mask_grid(t, p, shape, opts, base)
+    score.base_mpp, score.eval_mpp = base, mask_mpp
+    score.size = (shape[1], shape[0])
+    score.downsample = ds
+    region = (0.0, 0.0, shape[1], shape[0])
+
+    if opts.classes is not None:
+        cm = ClassMap.from_names(opts.classes)
+    else:  # masks on both sides, no names: classes are numbered
+        top = max(int(a[a != IGNORE_INDEX].max(initial=0)) for a in (t_cls, p_cls)
+                  if a is not None) if (t_cls is not None or p_cls is not None) else 0
+        if top >= IGNORE_INDEX:
+            raise LabelError(f"class mask value {top} is not a class index (0..254)")
+        cm = ClassMap.from_names([f"class {i}" for i in range(1, top + 1)])
+    score.class_names = tuple(cm.names)
+
+    truth_map = pred_map = None
+    if t_cls is not None:
+        truth_map = t_cls
+        present = np.unique(t_cls)
+        score.truth_classes = tuple(cm.names[v] for v in present if 0 < v < len(cm))
+    elif truth_objs is not None:
+        ann = [o for o in truth_objs if o.object_type in _PIXEL_OBJECT_TYPES]
+        score.truth_classes = tuple(_class_names(ann))
+        if score.truth_classes or any(label_role(o.classification) == "region" for o in ann):
+            truth_map = _rasterize(ann, region, ds, cm, 1.0)
+    if p_cls is not None:
+        pred_map = p_cls
+        present = np.unique(p_cls)
+        score.pred_classes = tuple(cm.names[v] for v in present if 0 < v < len(cm))
+    elif pred_objs is not None:
+        pix = _pred_pixel_objects(pred_objs)
+        score.pred_classes = tuple(_class_names(pix))
+        pred_map = _rasterize([o for o in pix if cm.index_of(o.classification) is not None],
+                              region, ds, cm, 1.0)
+        pred_map[pred_map == IGNORE_INDEX] = 0
+    if truth_map is not None and (truth_map != IGNORE_INDEX).any():
+        if pred_map is None:
+            pred_map = np.zeros(shape, dtype=np.uint8)
+        _score_pixels(score, truth_map, pred_map, cm, mask_mpp, opts)
+
+    if opts.instances is not False:
+        from qpseg.metrics.instance import instance_metrics
+
+        truth_inst = t_ins
+        if truth_inst is None and truth_objs is not None:
+            geoms = _instance_geometries(truth_objs)
+            truth_inst = _paint_instances(geoms, shape, ds) if geoms else None
+        if truth_inst is not None:
+            pred_inst = p_ins
+            if pred_inst is None and pred_objs is not None:
+                pred_inst = _paint_instances(_instance_geometries(pred_objs), shape, ds)
+            if pred_inst is None:
+                pred_inst = np.zeros(shape, dtype=np.int32)
+            score.instance = instance_metrics(truth_inst, pred_inst, slide=score.slide)
+
+
+def _score_pair(t: InputItem, p: InputItem, t_kind: str, p_kind: str,
+                opts: _Options) -> SlideScore:
+    score = SlideScore(
+        slide=t.name, entry_id=t.entry_id if t.entry_id is not None else p.entry_id,
+        truth_file=t.files, pred_file=p.files, base_mpp=None, eval_mpp=None, size=None,
+        class_names=(), confusion=None,
+    )
+    truth_objs = _read_objects(t.path) if t_kind != "masks" and t.path else None
+    pred_objs = _read_objects(p.path) if p_kind != "masks" and p.path else None
+    if t_kind == "masks" or p_kind == "masks":
+        _score_mask_pair(t, p, t_kind, p_kind, opts, score, truth_objs, pred_objs)
+    else:
+        _score_geometry_pair(t, p, opts, score, truth_objs or [], pred_objs or [])
+    return score
+
+
+# ============================================================================== results
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean over slides (``NaN`` skipped).
+
+    ``n_boot`` resamples of the defined values with replacement, drawn from
+    ``numpy.random.default_rng(seed)`` (so the interval is reproducible); ``(NaN, NaN)`` with
+    fewer than two defined values.
+    """
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
+    n = int(v.size)
+    if n < 2 or n_boot < 1:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    chunk = max(1, 4_000_000 // n)
+    for start in range(0, n_boot, chunk):
+        k = min(chunk, n_boot - start)
+        means[start:start + k] = v[rng.integers(0, n, size=(k, n))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(lo), float(hi)
+
+
+def _with_ci(rows: list[dict[str, Any]], values_of: Callable[[dict[str, Any]], list[float]],
+             level: str, n_boot: int, seed: int) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        lo, hi = bootstrap_ci(values_of(r), n_boot=n_boot, seed=seed)
+        row = {"level": level, "class_index": r.get("class_index"),
+               "class_name": r.get("class_name", ""), **r, "ci_low": lo, "ci_high": hi}
+        out.append({k: row.get(k) for k in SUMMARY_COLUMNS})
+    return out
+
+
+@dataclass
+class Evaluation:
+    """The result of :func:`evaluate`: per-slide scores, accumulators and what was left out."""
+
+    truth: str
+    pred: str
+    class_names: tuple[str, ...]
+    eval_mpp: float
+    slides: list[SlideScore]
+    pixel: PixelAccumulator
+    lesion_class: str | None
+    lesion: LesionAccumulator | None
+    instance: InstanceAccumulator | None
+    unmatched: list[Unmatched]
+    failed: list[Failed]
+    notes: list[str] = field(default_factory=list)
+    seed: int = 0
+    n_bootstrap: int = 2000
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def pixel_slides(self) -> list[SlideScore]:
+        """Slides with a labelled area (in the order of ``pixel.per_slide``)."""
+        return [s for s in self.slides if s.confusion is not None]
+
+    # -- rows of the CSV files
+    def per_slide_rows(self) -> list[dict[str, Any]]:
+        """``per_slide.csv``: one row per slide x class (:data:`PER_SLIDE_COLUMNS`)."""
+        rows = []
+        for s, m in zip(self.pixel_slides, self.pixel.per_slide, strict=True):
+            for r in m.to_rows():
+                r["entry_id"] = s.entry_id
+                rows.append({k: r.get(k) for k in PER_SLIDE_COLUMNS})
+        return rows
+
+    def slide_rows(self) -> list[dict[str, Any]]:
+        """``slides.csv``: one row per scored slide (:data:`SLIDE_COLUMNS`)."""
+        pix = {s.slide: m for s, m in zip(self.pixel_slides, self.pixel.per_slide, strict=True)}
+        rows = []
+        for s in self.slides:
+            m = pix.get(s.slide)
+            row: dict[str, Any] = {
+                "slide": s.slide, "entry_id": s.entry_id, "truth_file": s.truth_file,
+                "pred_file": s.pred_file, "base_mpp": s.base_mpp, "eval_mpp": s.eval_mpp,
+                "width": s.size[0] if s.size else None, "height": s.size[1] if s.size else None,
+                "n_truth_instances": s.instance.n_true if s.instance else None,
+                "n_pred_instances": s.instance.n_pred if s.instance else None,
+                "notes": "; ".join(s.notes),
+            }
+            if m is not None:
+                row.update({k: v for k, v in m.summary_row().items() if k != "slide"})
+            rows.append({k: row.get(k) for k in SLIDE_COLUMNS})
+        return rows
+
+    def confusion_rows(self) -> list[dict[str, Any]]:
+        """``confusion.csv``: per slide and ``pooled``, long format (truth rows)."""
+        rows = []
+        for m in self.pixel.per_slide:
+            rows += m.confusion_rows()
+        if self.pixel.per_slide:
+            rows += self.pixel.pooled().confusion_rows()
+        return rows
+
+    def lesion_rows(self) -> list[dict[str, Any]]:
+        """``lesions.csv``: one row per truth or predicted lesion; ``row0..col1`` in raster
+        pixels, ``qupath_x0..qupath_y1`` the same box in level-0 (QuPath) pixels."""
+        if self.lesion is None:
+            return []
+        where = {s.slide: s for s in self.pixel_slides}
+        rows = []
+        for r in self.lesion.per_slide:
+            s = where.get(r.slide)
+            for row in r.to_rows():
+                row = {"lesion_class": self.lesion_class, **row}
+                if s is not None and s.downsample is not None:
+                    (ox, oy), ds = s.origin, s.downsample
+                    row.update(qupath_x0=ox + row["col0"] * ds, qupath_y0=oy + row["row0"] * ds,
+                               qupath_x1=ox + row["col1"] * ds, qupath_y1=oy + row["row1"] * ds)
+                rows.append(row)
+        return rows
+
+    def lesion_slide_rows(self) -> list[dict[str, Any]]:
+        """``lesion_slides.csv``: one row per slide plus ``pooled``."""
+        if self.lesion is None:
+            return []
+        rows = [{"lesion_class": self.lesion_class, **r.summary_row()}
+                for r in self.lesion.per_slide]
+        if rows:
+            rows.append({"lesion_class": self.lesion_class, **self.lesion.pooled_row()})
+        return rows
+
+    def instance_rows(self) -> list[dict[str, Any]]:
+        """``instances.csv``: one row per slide plus ``pooled``."""
+        if self.instance is None:
+            return []
+        rows = [r.summary_row() for r in self.instance.per_slide]
+        if rows:
+            rows.append(self.instance.pooled().summary_row())
+        return rows
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """``summary.csv`` (:data:`SUMMARY_COLUMNS`): per metric the mean, std, min and max over
+        slides, the 95 % percentile bootstrap CI of the mean, and the value pooled over slides.
+        ``level`` is ``pixel``, ``lesion`` or ``instance``."""
+        nb, seed = self.n_bootstrap, self.seed
+        rows: list[dict[str, Any]] = []
+        per = self.pixel.per_slide
+        if per:
+            class_rows = [m.to_rows() for m in per]
+            slide_rows = [m.summary_row() for m in per]
+
+            def pixel_values(r: dict[str, Any]) -> list[float]:
+                ci = r["class_index"]
+                if ci is None:
+                    return [float(s[r["metric"]]) for s in slide_rows]
+                return [float(c[ci][r["metric"]]) for c in class_rows]
+
+            rows += _with_ci(self.pixel.summary_rows(), pixel_values, "pixel", nb, seed)
+        if self.lesion is not None and len(self.lesion):
+            lrows = [r.summary_row() for r in self.lesion.per_slide]
+            for r in lrows:
+                r["category_agreement"] = float(r["category_agrees"])
+            rows += _with_ci(self.lesion.summary_rows(),
+                             lambda r: [float(x[r["metric"]]) for x in lrows], "lesion", nb,
+                             seed)
+        if self.instance is not None and len(self.instance):
+            irows = [r.summary_row() for r in self.instance.per_slide]
+            rows += _with_ci(self.instance.summary_rows(),
+                             lambda r: [float(x[r["metric"]]) for x in irows], "instance", nb,
+                             seed)
+        return rows
+
+    def unmatched_rows(self) -> list[dict[str, Any]]:
+        """``unmatched.csv``: side, slide, path, reason."""
+        return [{"side": u.side, "slide": u.slide, "path": u.path, "reason": u.reason}
+                for u in self.unmatched]
+
+    def failed_rows(self) -> list[dict[str, Any]]:
+        """``failed.csv``: slide, entry_id, truth_file, pred_file, reason."""
+        return [{"slide": f.slide, "entry_id": f.entry_id, "truth_file": f.truth_file,
+                 "pred_file": f.pred_file, "reason": f.reason} for f in self.failed]
+
+    def summary(self) -> dict[str, Any]:
+        """A small JSON-able overview (what the CLI prints)."""
+        out: dict[str, Any] = {
+            "truth": self.truth, "pred": self.pred, "classes": list(self.class_names),
+            "eval_mpp": self.eval_mpp, "n_scored": len(self.slides),
+            "n_failed": len(self.failed), "n_unmatched": len(self.unmatched),
+            "lesion_class": self.lesion_class, "notes": list(self.notes),
+            "files": {k: str(v) for k, v in self.files.items()},
+        }
+        if self.pixel.per_slide:
+            pooled = self.pixel.pooled()
+            out["pixel"] = {
+                "pooled_miou": pooled.miou, "pooled_mf1": pooled.mf1,
+                "slide_mean_mf1": _mean([m.mf1 for m in self.pixel.per_slide]),
+                "dice": {n: float(v) for n, v in zip(self.class_names, pooled.f1, strict=True)},
+            }
+        if self.lesion is not None and len(self.lesion):
+            row = self.lesion.pooled_row()
+            out["lesion"] = {k: row[k] for k in ("n_truth", "n_detected", "sensitivity", "n_fp",
+                                                 "category_agreement")}
+        if self.instance is not None and len(self.instance):
+            pooled_i = self.instance.pooled()
+            out["instance"] = {"aji": pooled_i.aji, "map": pooled_i.map, "pq": pooled_i.pq,
+                               "f1_50": float(pooled_i.at(0.5)["f1"])}
+        return out
+
+    def write(self, out_dir: str | os.PathLike[str], *, report: bool = True) -> dict[str, Path]:
+        """Write the CSVs (and ``report.html``) into ``out_dir`` atomically; returns the paths.
+
+        Always written: ``per_slide.csv``, ``slides.csv``, ``summary.csv``, ``confusion.csv``,
+        ``unmatched.csv``, ``failed.csv``; ``lesions.csv`` and ``lesion_slides.csv`` when a
+        lesion class was scored; ``instances.csv`` when instance data was present.
+        """
+        out = Path(out_dir)
+        files: dict[str, Path] = {}
+
+        def put(name: str, rows: list[dict[str, Any]], cols: Sequence[str] | None) -> None:
+            files[name] = write_csv(out / name, rows, cols)
+
+        put("per_slide.csv", self.per_slide_rows(), PER_SLIDE_COLUMNS)
+        put("slides.csv", self.slide_rows(), SLIDE_COLUMNS)
+        put("summary.csv", self.summary_rows(), SUMMARY_COLUMNS)
+        put("confusion.csv", self.confusion_rows(), CONFUSION_COLUMNS)
+        if self.lesion is not None:
+            put("lesions.csv", self.lesion_rows(), _LESION_COLUMNS)
+            put("lesion_slides.csv", self.lesion_slide_rows(), None)
+        if self.instance is not None:
+            put("instances.csv", self.instance_rows(), None)
+        put("unmatched.csv", self.unmatched_rows(), UNMATCHED_COLUMNS)
+        put("failed.csv", self.failed_rows(), FAILED_COLUMNS)
+        self.files = files
+        if report:
+            from qpseg.report import write_report
+
+            files["report.html"] = write_report(self, out / "report.html")
+        return files
+
+
+_LESION_COLUMNS: tuple[str, ...] = (
+    "lesion_class", "slide", "source", "label", "area_px", "area_um2", "diameter_um",
+    "category", "hit", "n_overlaps", "overlaps", "row0", "col0", "row1", "col1", "qupath_x0",
+    "qupath_y0", "qupath_x1", "qupath_y1",
+)
+
+
+def _mean(values: Sequence[float]) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None) -> Path:
+    """Write ``rows`` as CSV atomically (``columns`` fixes the header even with no rows)."""
+    import pandas as pd
+
+    from qpseg._io import atomic_write
+
+    df = pd.DataFrame(list(rows), columns=list(columns) if columns is not None else None)
+    for col in df.columns:
+        # integer columns with gaps (None) would print as floats ("3.0"): keep them integers
+        vals = [r[col] for r in rows if r.get(col) is not None]
+        if (vals and len(vals) < len(rows)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in vals)):
+            df[col] = df[col].astype("Int64")
+    with atomic_write(path, "w", backup=False) as fh:
+        df.to_csv(fh, index=False, lineterminator="\n")
+    return path
+
+
+# ============================================================================== entry point
+
+
+def _global_classes(scores: Sequence[SlideScore], truth: EvalInput,
+                    opts: _Options) -> tuple[str, ...]:
+    """The evaluated class list (Background first); LabelError when the classes disagree."""
+    if opts.classes is not None:
+        return tuple(ClassMap.from_names(opts.classes).names)
+    if truth.kind == "masks":  # masks on both sides without --classes: numbered classes
+        top = max((len(s.class_names) for s in scores), default=1)
+        return tuple(ClassMap.from_names([f"class {i}" for i in range(1, top)]).names)
+    found: dict[str, str] = {}
+    for s in scores:
+        for n in s.truth_classes:
+            found.setdefault(_class_key(n), n)
+    order = {_class_key(n): i for i, n in enumerate(truth.class_order)}
+    names = sorted(found.values(), key=lambda n: (order.get(_class_key(n), len(order)),
+                                                  n.lower()))
+    extra: dict[str, list[str]] = {}
+    for s in scores:
+        for n in s.pred_classes:
+            if _class_key(n) not in found and _class_key(n) != _class_key(BACKGROUND):
+                extra.setdefault(n, []).append(s.slide)
+    if extra:
+        shown = ", ".join(f"{n!r} (e.g. slide {v[0]!r})" for n, v in list(extra.items())[:5])
+        raise LabelError(
+            f"classes disagree: the prediction uses {shown}, which the truth never uses "
+            f"(truth classes: {', '.join(names) or 'none'}); pass --classes to choose the "
+            "classes to evaluate")
+    return tuple(ClassMap.from_names(names).names)
+
+
+def _embed(score: SlideScore, names: Sequence[str]) -> np.ndarray:
+    """The slide's confusion matrix in the global class order."""
+    import numpy as np
+
+    assert score.confusion is not None
+    pos = {_class_key(n): i for i, n in enumerate(names)}
+    k = len(names)
+    out = np.zeros((k, k), dtype=np.int64)
+    idx = [pos.get(_class_key(n), -1) for n in score.class_names]
+    for i, gi in enumerate(idx):
+        for j, gj in enumerate(idx):
+            if gi >= 0 and gj >= 0:
+                out[gi, gj] += score.confusion[i, j]
+            elif gi >= 0 and score.confusion[i, j]:
+                # a prediction class outside the evaluated classes: counted as Background
+                out[gi, 0] += score.confusion[i, j]
+    return out
+
+
+def evaluate(
+    truth: str | os.PathLike[str],
+    pred: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+    mpp: float | None = None,
+    eval_mpp: float = DEFAULT_EVAL_MPP,
+    mask_mpp: float | None = None,
+    lesion_class: str | None = None,
+    instances: bool | None = None,
+    report: bool = True,
+    seed: int = 0,
+    n_bootstrap: int = 2000,
+) -> Evaluation:
+    """Score predictions ``pred`` against ``truth`` slide by slide (see the module doc).
+
+    ``classes``: class names to evaluate (default: the truth's). ``mpp``: level-0 µm/px of
+    every slide (needed for GeoJSON folders; overrides project metadata). ``eval_mpp``: pixel
+    size of the evaluation raster. ``mask_mpp``: pixel size of label masks. ``lesion_class``:
+    class of the lesion metrics (default Tumor/Tumour/Metastasis when present; ``"none"`` or
+    ``""`` turns them off). ``instances``: False skips instance metrics. ``seed`` and
+    ``n_bootstrap`` set the bootstrap CIs. With ``out_dir`` the CSVs (and ``report.html``
+    unless ``report`` is False) are written there.
+
+    Raises :class:`ConfigError` when nothing matches or an option is invalid,
+    :class:`LabelError` when the classes disagree, and a :class:`QpsegError` when no slide could
+    be scored. Slides that fail are listed in ``Evaluation.failed``.
+    """
+    cls_list: tuple[str, ...] | None = None
+    if classes is not None:
+        cls_list = tuple(c.strip() for c in classes if c and c.strip())
+        if not cls_list:
+            raise ConfigError("--classes names no class")
+        ClassMap.from_names(cls_list)  # raises LabelError for Ignore*/Region*/duplicates
+    les: str | None = lesion_class
+    if les is not None:
+        les = les.strip()
+        if les.lower() in ("none", "off", ""):
+            les = ""
+    opts = _Options(
+        classes=cls_list, mpp=_positive(mpp, "--mpp"),
+        eval_mpp=_positive(eval_mpp, "--eval-mpp") or DEFAULT_EVAL_MPP,
+        mask_mpp=_positive(mask_mpp, "--mask-mpp"), lesion_class=les, instances=instances,
+        thumbnails=report,
+    )
+    if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
+        raise ConfigError(f"number of bootstrap resamples must be >= 0, not {n_bootstrap}")
+    if les and cls_list is not None and ClassMap.from_names(cls_list).index_of(les) is None:
+        raise ConfigError(f"lesion class {les!r} is not among --classes ({', '.join(cls_list)})")
+
+    t_in = load_input(truth, "truth")
+    p_in = load_input(pred, "pred")
+    if "masks" in (t_in.kind, p_in.kind) and t_in.kind != p_in.kind and cls_list is None:
+        raise ConfigError("label masks hold class indices: pass --classes to name them "
+                          "(index 1 = the first class)")
+    if opts.mpp is None and t_in.kind == p_in.kind == "geojson":
+        raise ConfigError("GeoJSON inputs need the pixel size: pass --mpp (µm per level-0 "
+                          "pixel)")
+    pairs, unmatched = match_inputs(t_in, p_in)
+    if not pairs:
+        t_keys = ", ".join([i.name for i in t_in.items if i.has_data][:3]) or "none"
+        p_keys = ", ".join([i.name for i in p_in.items if i.has_data][:3]) or "none"
+        raise ConfigError(f"nothing matches: no prediction matches a truth slide by entry id or "
+                          f"image name (truth: {t_keys}; prediction: {p_keys})", t_in.path)
+
+    import shapely
+
+    scores: list[SlideScore] = []
+    failed: list[Failed] = []
+    for t, p in pairs:
+        try:
+            score = _score_pair(t, p, t_in.kind, p_in.kind, opts)
+        except QpsegError as exc:
+            failed.append(Failed(t.name, t.entry_id, t.files, p.files, exc.one_line()))
+            continue
+        except (ValueError, TypeError, shapely.errors.GEOSException, MemoryError) as exc:
+            failed.append(Failed(t.name, t.entry_id, t.files, p.files,
+                                 f"{type(exc).__name__}: {exc}"))
+            continue
+        if score.confusion is None and score.instance is None:
+            unmatched.append(Unmatched("truth", t.name, t.files,
+                                       "truth has no labelled annotations or instances"))
+            continue
+        scores.append(score)
+    if not scores:
+        if failed:
+            raise QpsegError(f"no slide could be scored ({len(failed)} failed); first: "
+                             f"{failed[0].slide}: {failed[0].reason}")
+        raise LabelError("no matched slide has labelled annotations or instances in the truth",
+                         t_in.path)
+
+    names = _global_classes(scores, t_in, opts)
+    notes: list[str] = []
+    if opts.classes is not None:
+        dropped = sorted({n for s in scores for n in s.pred_classes
+                          if _class_key(n) not in {_class_key(c) for c in names}})
+        if dropped:
+            msg = (f"predicted classes not among --classes counted as Background: "
+                   f"{', '.join(dropped)}")
+            notes.append(msg)
+            warnings.warn(msg, QpsegWarning, stacklevel=2)
+        t_dropped = sorted({n for s in scores for n in s.truth_classes
+                            if _class_key(n) not in {_class_key(c) for c in names}})
+        if t_dropped:
+            msg = f"truth classes not among --classes left unlabelled: {', '.join(t_dropped)}"
+            notes.append(msg)
+            warnings.warn(msg, QpsegWarning, stacklevel=2)
+
+    from qpseg.metrics.instance import InstanceAccumulator
+    from qpseg.metrics.lesion import LesionAccumulator, LesionMetrics
+    from qpseg.metrics.pixel import PixelAccumulator
+
+    pix_scores = [s for s in scores if s.confusion is not None]
+    confusions = [_embed(s, names) for s in pix_scores]
+    present = sorted({i for cm in confusions for i in range(len(names)) if cm[i].sum() > 0})
+    pixel = PixelAccumulator(classes=names, mean_classes=present or None, pred_ignore=0)
+    for s, cm in zip(pix_scores, confusions, strict=True):
+        pixel.add_confusion(cm, slide=s.slide)
+
+    chosen: str | None = None
+    if opts.lesion_class:
+        chosen = next((n for n in names if _class_key(n) == _class_key(opts.lesion_class)), None)
+        if chosen is None:
+            raise ConfigError(f"lesion class {opts.lesion_class!r} is not an evaluated class "
+                              f"({', '.join(names)})")
+    elif opts.lesion_class is None:
+        wanted = {n.lower() for n in LESION_CLASS_NAMES}
+        chosen = next((n for n in names if n.lower() in wanted), None)
+    lesion = None
+    if chosen is not None:
+        lesion = LesionAccumulator()
+        for s in pix_scores:
+            res = s.lesions.get(_class_key(chosen))
+            if res is None:
+                if s.eval_mpp is None:
+                    continue
+                res = LesionMetrics(slide=s.slide, mpp=s.eval_mpp, truth=(), pred=())
+            lesion.add(res)
+        if not len(lesion):
+            msg = f"lesion metrics ({chosen}) skipped: the pixel size is unknown"
+            notes.append(msg)
+            warnings.warn(msg, QpsegWarning, stacklevel=2)
+            lesion, chosen = None, None
+
+    instance = None
+    inst_scores = [s for s in scores if s.instance is not None]
+    if inst_scores:
+        instance = InstanceAccumulator()
+        instance.per_slide.extend(s.instance for s in inst_scores if s.instance is not None)
+    elif instances:
+        msg = "instance metrics requested but no truth holds detections, cells or instance masks"
+        notes.append(msg)
+        warnings.warn(msg, QpsegWarning, stacklevel=2)
+
+    result = Evaluation(
+        truth=str(t_in.path), pred=str(p_in.path), class_names=names, eval_mpp=opts.eval_mpp,
+        slides=scores, pixel=pixel, lesion_class=chosen, lesion=lesion, instance=instance,
+        unmatched=unmatched, failed=failed, notes=notes, seed=seed, n_bootstrap=n_bootstrap,
+    )
+    if out_dir is not None:
+        result.write(out_dir, report=report)
+    return result

@@ -1,0 +1,204 @@
+"""qpseg evaluate-edits: a crafted before/after pair with known kept/reshaped/deleted/added."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import typer
+from shapely.geometry import Polygon, box
+from shapely.geometry.base import BaseGeometry
+from typer.testing import CliRunner
+
+from qpseg.cli.evaluate import evaluate_edits as edits_cmd
+from qpseg.edits import QPSEG_MARKER, compare_edits, evaluate_edits
+from qpseg.errors import ConfigError
+from qpseg.qupath.geojson import QuPathObject, write_geojson
+from qpseg.testing.projects import SyntheticProject, make_project
+
+MARK = {QPSEG_MARKER: "tiny_unet", "qpseg_run": "2025-01-01T00:00:00"}
+
+
+def uid() -> str:
+    return str(uuid.uuid4())
+
+
+def ai(geom: BaseGeometry, cls: str, oid: str | None = None) -> QuPathObject:
+    return QuPathObject(geometry=geom, classification=cls, id=oid or uid(),
+                        metadata=dict(MARK))
+
+
+def user(geom: BaseGeometry, cls: str | None, oid: str | None = None) -> QuPathObject:
+    return QuPathObject(geometry=geom, classification=cls, id=oid or uid())
+
+
+def edited(o: QuPathObject, geom: BaseGeometry | None = None,
+           cls: str | None = None) -> QuPathObject:
+    """The object as QuPath exports it after an edit: same id and metadata."""
+    return QuPathObject(geometry=geom if geom is not None else o.geometry,
+                        classification=cls if cls is not None else o.classification,
+                        id=o.id, metadata=dict(o.metadata))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> SyntheticProject:
+    return make_project(tmp_path_factory.mktemp("proj"), n_slides=2, width=256, height=256,
+                        mpp=0.5, seed=1, annotations=False)
+
+
+def crafted() -> tuple[list[QuPathObject], list[QuPathObject], set[str]]:
+    a1 = ai(box(0, 0, 100, 100), "Tumor")
+    a2 = ai(box(200, 0, 300, 100), "Tumor")
+    a3 = ai(box(0, 200, 100, 300), "Stroma")
+    a4 = ai(box(200, 200, 300, 300), "Stroma")
+    a5 = ai(box(400, 0, 450, 50), "Tumor")
+    # a1 kept: an extra vertex on an edge and sub-pixel jitter
+    kept = Polygon([(0, 0), (50, 0), (100.2, 0), (100, 100), (0, 100.1)])
+    existing = user(box(700, 700, 750, 750), "Tumor")
+    final = [
+        edited(a1, kept),
+        edited(a2, box(200, 0, 350, 100)),                 # reshaped, +5000 px²
+        edited(a3, cls="Tumor"),                           # reclassified
+        edited(a5, box(400, 0, 480, 50), cls="Stroma"),    # both
+        user(box(500, 500, 600, 600), "Tumor"),            # added: a model class
+        user(box(0, 0, 50, 50), "Immune cells"),           # added: over an AI object
+        user(box(900, 900, 950, 950), "Immune cells"),     # neither: the user's own
+        user(box(0, 0, 1000, 1000), "Region*"),            # not a label class
+        existing,                                          # in the baseline
+        ai(box(800, 0, 850, 50), "Tumor"),                 # qpseg object of another run
+    ]
+    return [a1, a2, a3, a4, a5], final, {existing.id or ""}
+
+
+def test_compare_edits_counts_and_dice() -> None:
+    before, after, baseline = crafted()
+    res = compare_edits(before, after, slide="s", baseline_ids=baseline, mpp=0.5)
+    row = res.row()
+    counts = {k: row[k] for k in ("n_ai", "n_kept", "n_reshaped", "n_reclassified", "n_changed",
+                                  "n_deleted", "n_added", "n_other_ai", "n_existing",
+                                  "n_user_other")}
+    assert counts == {"n_ai": 5, "n_kept": 1, "n_reshaped": 2, "n_reclassified": 2,
+                      "n_changed": 3, "n_deleted": 1, "n_added": 2, "n_other_ai": 1,
+                      "n_existing": 1, "n_user_other": 2}
+    assert [o.status for o in res.objects[:5]] == [
+        "kept", "reshaped", "reclassified", "deleted", "reshaped+reclassified"]
+    assert res.objects[1].area_change_px == pytest.approx(5000)
+    assert res.objects[1].iou == pytest.approx(10000 / 15000)
+    assert row["reshaped_abs_area_change_px"] == pytest.approx(5000 + 1500)
+    # per class, by hand: AI Tumor = a1 + a2 + a5 = 22500; final Tumor = a1 + a2' + a3' + the
+    # added tumour = 45000 (+ the jitter); common 20000
+    by = {c.class_name: c for c in res.classes}
+    assert by["Tumor"].ai_area_px == pytest.approx(22500)
+    assert by["Tumor"].final_area_px == pytest.approx(45000, abs=30)
+    assert by["Tumor"].intersection_px == pytest.approx(20000)
+    assert by["Tumor"].dice == pytest.approx(40000 / 67500, abs=1e-3)
+    assert by["Stroma"].dice == 0 and by["Stroma"].ai_area_px == 20000
+    assert by["Immune cells"].final_area_px == 2500 and by["Immune cells"].n_ai == 0
+    assert res.dice == pytest.approx(40000 / (67500 + 24000 + 2500), abs=1e-3)
+    assert row["area_removed_px"] == pytest.approx(10000)           # a4 deleted
+    assert row["area_added_px"] == pytest.approx(16500, abs=30)     # a2 +5000, a5 +1500, new
+    assert row["ai_area_um2"] == pytest.approx(42500 * 0.25)
+    assert row["kept_fraction"] == pytest.approx(0.2)
+    # no tolerance: the jittered outline counts as reshaped
+    strict = compare_edits(before, after, tolerance_px=0.0, baseline_ids=baseline)
+    assert strict.row()["n_kept"] == 0 and strict.row()["n_reshaped"] == 3
+    # without the baseline, the user's earlier tumour is "added"
+    assert compare_edits(before, after).row()["n_added"] == 3
+
+
+def test_ids_lost_match_by_geometry() -> None:
+    a = [ai(box(0, 0, 100, 100), "Tumor"), ai(box(200, 0, 300, 100), "Tumor"),
+         ai(box(400, 0, 500, 100), "Tumor")]
+    # QuPath gave new ids, kept the metadata; the second moved by 10 px, the third is gone
+    b = [ai(box(0, 0, 100, 100), "Tumor"), ai(box(210, 0, 310, 100), "Tumor")]
+    res = compare_edits(a, b)
+    assert [(o.status, o.matched_by) for o in res.objects] == [
+        ("kept", "geometry"), ("reshaped", "geometry"), ("deleted", "")]
+    assert res.row()["n_added"] == 0
+
+
+def write_pair(project: SyntheticProject, folder: Path) -> Path:
+    proj = folder / "proj"
+    shutil.copytree(project.folder, proj)
+    before, after, baseline = crafted()
+    pdir, adir, bdir = (proj / "qpseg" / d for d in ("predictions", "annotations", "before"))
+    e1, e2 = project.entry_ids
+    write_geojson(pdir / f"{e1}.geojson", before)
+    write_geojson(bdir / f"{e1}.geojson", [o for o in after if o.id in baseline])
+    write_geojson(adir / f"{e1}.geojson", after)
+    # second entry: nothing changed
+    same = [ai(box(10, 10, 60, 60), "Tumor")]
+    write_geojson(pdir / f"{e2}.geojson", same)
+    write_geojson(adir / f"{e2}.geojson", same)
+    for f in (adir / f"{e1}.geojson", adir / f"{e2}.geojson"):
+        os.utime(f, (os.path.getmtime(f) + 10, os.path.getmtime(f) + 10))
+    return proj / "project.qpproj"
+
+
+def run_cli(args: list[str]) -> tuple[int | None, str, BaseException | None]:
+    a = typer.Typer()
+    a.command("evaluate-edits")(edits_cmd)
+    a.command("noop")(lambda: None)
+    res = CliRunner().invoke(a, ["evaluate-edits", *args], standalone_mode=False)
+    exc = res.exception if not isinstance(res.exception, SystemExit) else None
+    return res.return_value, res.output, exc
+
+
+def test_project_edits_through_cli(project: SyntheticProject, tmp_path: Path) -> None:
+    path = write_pair(project, tmp_path)
+    out = tmp_path / "out"
+    code, output, exc = run_cli([str(path), "--out", str(out), "--baseline",
+                                 str(path.parent / "qpseg" / "before")])
+    assert exc is None and code == 0, output
+    df = pd.read_csv(out / "edits.csv")
+    assert list(df.entry_id) == list(project.entry_ids)
+    first, second = df.iloc[0], df.iloc[1]
+    assert (first.n_ai, first.n_kept, first.n_deleted, first.n_added) == (5, 1, 1, 2)
+    assert (second.n_ai, second.n_kept, second.dice) == (1, 1, 1.0)
+    assert first.mpp == 0.5 and first.ai_area_um2 == pytest.approx(42500 * 0.25)
+    objs = pd.read_csv(out / "edit_objects.csv")
+    assert (objs.status == "deleted").sum() == 1
+    assert set(pd.read_csv(out / "edits_per_class.csv").class_name) == {
+        "Tumor", "Stroma", "Immune cells"}
+    summary = pd.read_csv(out / "edits_summary.csv").set_index("metric")
+    assert summary.loc["n_ai", "pooled"] == 6
+    assert summary.loc["kept_fraction", "pooled"] == pytest.approx(2 / 6)
+    assert summary.loc["n_deleted", "slide_mean"] == pytest.approx(0.5)
+    assert pd.read_csv(out / "edits_skipped.csv").empty
+    assert "kept" in output
+
+
+def test_edits_errors_and_notes(project: SyntheticProject, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(project.folder, bare)
+    with pytest.raises(ConfigError, match="no predictions folder"):
+        evaluate_edits(bare)
+    path = write_pair(project, tmp_path)
+    adir = path.parent / "qpseg" / "annotations"
+    e1, e2 = project.entry_ids
+    (adir / f"{e2}.geojson").write_text("{broken", encoding="utf-8")
+    code, _, exc = run_cli([str(path), "--out", str(tmp_path / "o")])
+    assert exc is None and code == 1
+    skipped = pd.read_csv(tmp_path / "o" / "edits_skipped.csv")
+    assert list(skipped.status) == ["failed"] and "not valid JSON" in skipped.reason[0]
+    # an export older than the predictions is flagged
+    pf = path.parent / "qpseg" / "predictions" / f"{e1}.geojson"
+    os.utime(adir / f"{e1}.geojson", (os.path.getmtime(pf) - 100,) * 2)
+    res = evaluate_edits(path)
+    assert any("older than the predictions" in n for n in res.slides[0].notes)
+    shutil.rmtree(adir)
+    adir.mkdir()
+    with pytest.raises(ConfigError, match="no entry with predictions has an annotation export"):
+        evaluate_edits(path)
+
+
+def test_detections_missing_from_annotation_export() -> None:
+    a = [QuPathObject(geometry=box(0, 0, 10, 10), object_type="detection",
+                      classification="Tumor", id=uid(), metadata=dict(MARK))]
+    res = compare_edits(a, [user(box(100, 100, 200, 200), "Other")])
+    assert res.row()["n_deleted"] == 1
+    assert "annotations only" in res.notes[0]
