@@ -43,3 +43,14 @@ def test_error_messages_are_one_line_and_mapped() -> None:
     assert QpsegError("plain").one_line() == "plain"
     codes = {EXIT_CODES[c] for c in (ProjectError, GeoJSONError, SlideError)}
     assert len(codes) == 3 and 0 not in codes
+
+
+def test_written_files_get_umask_permissions(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

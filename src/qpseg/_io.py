@@ -37,6 +37,11 @@ def atomic_write(
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would, so
+        # predictions in a shared project folder stay readable by the group.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         if backup and path.exists():
             shutil.copy2(path, backup_path(path))
         os.replace(tmp, path)
