@@ -1,0 +1,219 @@
+"""``qpseg infer``: run a model package over a QuPath project's slides (or loose slides)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def _progress_display(quiet: bool) -> Any:
+    """A context manager + callback showing slides done/total and tiles/s with ETA (rich)."""
+    if quiet or os.environ.get("RANK", "0") not in ("", "0"):
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            unit = task.fields.get("unit", "")
+            return Text(f"{speed:.1f} {unit}/s" if speed and unit else "")
+
+    class Display:
+        def __init__(self) -> None:
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False)
+            self.slides: Any = None
+            self.tiles: Any = None
+
+        def __enter__(self) -> Display:
+            self.progress.__enter__()
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+        def __call__(self, ev: Any) -> None:
+            p = self.progress
+            if ev.kind == "run_start":
+                self.slides = p.add_task("slides", total=ev.total, unit="")
+            elif ev.kind == "slide_start":
+                if self.tiles is not None:
+                    p.remove_task(self.tiles)
+                label = ev.name if len(ev.name) <= 40 else ev.name[:37] + "..."
+                self.tiles = p.add_task(f"  {label}", total=None, unit="tiles")
+            elif ev.kind == "tiles" and self.tiles is not None:
+                p.update(self.tiles, total=ev.tiles_total, completed=ev.tiles_done)
+            elif ev.kind == "slide_end" and self.slides is not None:
+                p.advance(self.slides)
+                if self.tiles is not None:
+                    p.remove_task(self.tiles)
+                    self.tiles = None
+                if ev.status == "failed":
+                    p.console.print(f"[red]failed[/]: {ev.name}: {ev.message}",
+                                    markup=True, highlight=False)
+
+    return Display()
+
+
+def infer(
+    inputs: list[Path] = typer.Argument(
+        ..., metavar="PROJECT_OR_SLIDES",
+        help="A QuPath project (.qpproj or its folder), or slide files / folders of slides."),
+    model: Path = typer.Option(..., "--model", "-m",
+                               help="Model package folder (config.json + weights)."),
+    entries: str | None = typer.Option(
+        None, "--entries", help="Comma-separated entry IDs or image names (projects only; "
+                                "default: every entry)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder (default for a project: "
+                            "<project>/qpseg/predictions; required for loose slides)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Redo finished slides (the previous GeoJSON is kept as "
+                                   ".bak)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Tiles per forward pass."),
+    shard: str | None = typer.Option(
+        None, "--shard", help="i/n: run only share i (0-based) of n, e.g. a Slurm array task."),
+    min_area_um2: float = typer.Option(0.0, "--min-area-um2",
+                                       help="Drop objects smaller than this (µm²)."),
+    simplify_um: float | None = typer.Option(
+        None, "--simplify-um", help="Outline simplification tolerance in µm (default: one "
+                                    "output pixel)."),
+    fill_holes_um2: float = typer.Option(0.0, "--fill-holes-um2",
+                                         help="Fill holes smaller than this (µm²)."),
+    as_type: str = typer.Option("annotations", "--as",
+                                help="annotations (lesions) or detections (many small "
+                                     "objects); instance models always write cells."),
+    tissue: str | None = typer.Option(
+        None, "--tissue", help="Tissue detection: otsu, otsu_od, hsv or none (default: the "
+                               "model's, else otsu_od)."),
+    mpp: float | None = typer.Option(
+        None, "--mpp", help="Pixel size (µm/px at full resolution) for every slide, replacing "
+                            "the slides' own."),
+    stitch: str = typer.Option("center", "--stitch",
+                               help="center (centre crop) or blend (50 % overlap, Hann "
+                                    "window)."),
+    lesion_classes: str | None = typer.Option(
+        None, "--lesion-classes",
+        help="Comma-separated classes that get the khalil2022 size category (ITC / micro / "
+             "macro) and lesion summary; 'none' for no lesions (default: the model's, else "
+             "classes named like tumour/metastasis)."),
+    heatmap: bool = typer.Option(False, "--heatmap",
+                                 help="Also write <key>.heatmap.ome.tif (pyramidal probability "
+                                      "map QuPath opens)."),
+    heatmap_class: str | None = typer.Option(
+        None, "--heatmap-class", help="Class of the heatmap (default: the lesion class)."),
+    overlay: bool = typer.Option(False, "--overlay",
+                                 help="Also write <key>.overlay.png (thumbnail + classes)."),
+    tile_px: int | None = typer.Option(
+        None, "--tile-px", help="Tile side at the model's resolution (models that are not "
+                                "fixed-size; default: the package's, enlarged when its "
+                                "margins would waste more than half)."),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Tile-reading processes (default: 0 = a reader thread on CPU, "
+                                "up to 8 on CUDA)."),
+    keep_maps: bool = typer.Option(False, "--keep-maps",
+                                   help="Keep the class/probability maps (.npy) in OUT/maps."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    run_id: str | None = typer.Option(
+        None, "--run-id", help="Run tag stored in every object (default: the UTC start time; "
+                               "give all shards of one job the same tag)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or table."),
+    as_json: bool = typer.Option(False, "--json", help="Print the per-slide results as JSON."),
+) -> int:
+    """Predict every selected slide and write QuPath objects to OUT/<entryID>.geojson.
+
+    Also writes <entryID>.metadata.json (summary for groovy/import_predictions.groovy),
+    summary.csv and run_metadata.json. Finished slides are skipped unless --overwrite; a run
+    killed mid-slide redoes only that slide. Multi-GPU: torchrun --nproc-per-node N -m qpseg
+    infer ... . Exits 1 when some slides failed.
+    """
+    from qpseg.engine import (
+        InferenceParams,
+        is_project_path,
+        jobs_from_paths,
+        jobs_from_project,
+        run_inference,
+    )
+    from qpseg.errors import ConfigError
+
+    projects = [p for p in inputs if is_project_path(p)]
+    if projects and len(inputs) > 1:
+        raise ConfigError("give either one QuPath project or slides, not both")
+    entry_list = [e for e in entries.split(",")] if entries else None
+    if projects:
+        jobs, out_dir = jobs_from_project(projects[0], out, entry_list)
+    else:
+        if entry_list:
+            raise ConfigError("--entries selects entries of a QuPath project; no project given")
+        if out is None:
+            raise ConfigError("--out is required for slides outside a QuPath project")
+        jobs, out_dir = jobs_from_paths(inputs, out), out
+    lesions: tuple[str, ...] | None = None
+    if lesion_classes is not None:
+        lesions = () if lesion_classes.strip().lower() == "none" else tuple(
+            c.strip() for c in lesion_classes.split(",") if c.strip())
+    params = InferenceParams(
+        device=device, batch_size=batch_size, workers=workers, tissue=tissue,
+        stitch=stitch, min_area_um2=min_area_um2, fill_holes_um2=fill_holes_um2,
+        simplify_um=simplify_um, as_type=as_type, heatmap=heatmap, heatmap_class=heatmap_class,
+        overlay=overlay, overwrite=overwrite, keep_maps=keep_maps, mpp=mpp,
+        compile=compile_model, run_id=run_id, shard=shard, tile_px=tile_px,
+        lesion_classes=lesions)
+    display = _progress_display(quiet or as_json)
+    if display is None:
+        result = run_inference(jobs, model, out_dir, params)
+    else:
+        with display:
+            result = run_inference(jobs, model, out_dir, params, progress=display)
+    code = 1 if result.failed else 0
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return code
+    if as_json:
+        from qpseg.cli._common import print_json
+
+        print_json({"out": str(result.out_dir), "counts": result.counts(),
+                    "summary_csv": str(result.summary_csv),
+                    "run_metadata": str(result.run_metadata),
+                    "slides": [r.to_json() for r in result.results]})
+        return code
+    if quiet:
+        for r in result.failed:
+            print(f"failed: {r.key} ({r.name}): {r.reason}", file=sys.stderr)
+        return code
+    from rich.table import Table
+
+    from qpseg.cli._common import console
+
+    counts = result.counts()
+    table = Table(title=f"{counts['done']} done, {counts['skipped']} skipped, "
+                        f"{counts['failed']} failed")
+    for col in ("key", "image", "status", "objects", "tissue", "tiles", "s", "reason"):
+        table.add_column(col, justify="right" if col in ("objects", "tissue", "tiles", "s")
+                         else "left")
+    for r in result.results:
+        status = {"failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}.get(r.status,
+                                                                                 r.status)
+        tissue_txt = "" if r.tissue_fraction is None else f"{100 * r.tissue_fraction:.0f} %"
+        table.add_row(r.key, r.name, status, str(r.n_objects), tissue_txt, str(r.tiles),
+                      f"{r.seconds:.1f}", r.reason)
+    c = console()
+    c.print(table)
+    c.print(f"outputs: {result.out_dir}  (summary: {result.summary_csv})")
+    return code

@@ -1,0 +1,1140 @@
+"""Whole-slide inference runs: model package + slides -> QuPath objects, summaries, metadata.
+
+One pipeline for every model, driven by its :class:`~qpseg.models.ModelContract`:
+
+* ``pixel`` models (FCN-32s, U-Nets, ensembles, DMMN with its 20x/10x/5x inputs) and ``patch``
+  classifiers: tissue detection, a :func:`~qpseg.engine.tiling.plan_tiles` grid at the model's
+  mpp, batched forward passes, stitching (centre crop or Hann blending) into on-disk class and
+  probability maps at the model's output resolution, then :func:`qpseg.objects.polygonise`.
+* two-stage models (H2G-Net, ``contract.stages``): the stage-0 patch classifier runs over the
+  tissue grid; its class-``heatmap_class`` probabilities form the heatmap; the slide read at
+  low resolution (longer side = the refinement input) and the heatmap, both resized to the
+  refinement input (bilinear, pedersen2022 §2.5), go through the refinement U-Net; its output,
+  resized back to the slide's aspect ratio, is the class map.
+* ``instance`` models (Mask R-CNN, Otsu/watershed): tiles with a margin, objects kept by the
+  tile owning their centroid, painted into an instance map, then
+  :func:`qpseg.objects.polygonise_instances` (cells with nucleus geometry).
+
+Files per slide (``key`` = QuPath entry ID, or the slide's file stem outside a project), all in
+the output folder: ``<key>.geojson`` and ``<key>.metadata.json`` (the import script's inputs),
+optionally ``<key>.heatmap.ome.tif`` and ``<key>.overlay.png``; per run ``summary.csv`` and
+``run_metadata.json`` (with ``--shard i/n``: ``summary.shard-i-of-n.csv`` and
+``run_metadata.shard-i-of-n.json``).
+
+Finished, skipped, resumed. Each slide has a state file ``.qpseg_state/<key>.json`` that says
+``running`` from the moment its outputs start to change and ``done`` (with the outputs'
+SHA-256) once the GeoJSON, written last and atomically, is in place: the done-marker. A slide is
+finished when its GeoJSON exists and its state is not ``running`` (a GeoJSON from elsewhere,
+without state, counts as finished too); finished slides are skipped unless ``overwrite`` (the
+old GeoJSON is then kept as ``.bak``). A run killed mid-slide leaves that slide ``running``, so
+the next run redoes exactly it. Every file is written to a temporary name and renamed.
+
+Failures. A slide that cannot be opened or read, has no pixel size (and none was given), or
+cannot be read at the model's pixel size fails with a one-line reason in the summary; the run
+goes on with the other slides and :attr:`RunResult.failed` says which failed.
+
+The library never prints: pass ``progress`` (a callable taking a :class:`ProgressEvent`) to
+follow a run. An exception raised by ``progress`` aborts the run (the current slide stays
+unfinished), which is how tests interrupt a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qpseg.engine.tiling import InferenceWarning
+from qpseg.errors import ConfigError, ModelError, QpsegError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from qpseg.engine.distributed import DistContext
+    from qpseg.engine.loader import Opener
+    from qpseg.engine.stitch import MapSet
+    from qpseg.engine.tiling import TilePlan
+    from qpseg.labels import ClassMap
+    from qpseg.models.contract import ModelContract
+    from qpseg.models.package import ModelPackage
+    from qpseg.objects import MapGeometry
+    from qpseg.qupath.geojson import QuPathObject
+    from qpseg.slide import Slide
+    from qpseg.tissue import TissueMask
+
+__all__ = [
+    "SLIDE_SUFFIXES",
+    "InferenceParams",
+    "InferenceWarning",
+    "ProgressEvent",
+    "RunResult",
+    "SlideJob",
+    "SlideResult",
+    "jobs_from_paths",
+    "jobs_from_project",
+    "run_inference",
+]
+
+#: File suffixes ``jobs_from_paths`` takes from a folder (single files of any type are tried).
+SLIDE_SUFFIXES: tuple[str, ...] = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+    ".dcm", ".png", ".jpg", ".jpeg", ".bmp")
+TISSUE_CHOICES: tuple[str, ...] = ("otsu", "otsu_od", "hsv", "none")
+STATE_DIR = ".qpseg_state"
+WORK_DIR = ".qpseg_work"
+_LESION_RE = re.compile(r"^(tumou?r|metasta|carcinoma|cancer|malignan)", re.IGNORECASE)
+_ID_NAMESPACE = uuid.UUID("5b0b3c6e-4f0e-4c55-9a52-2d1f6a4c9e11")  # qpseg object IDs
+# A stage-0 heatmap is read whole for the refinement stage; refuse absurd grids.
+_MAX_HEATMAP_PIXELS = 1 << 26
+
+
+class _Abort(Exception):
+    """Carries an exception raised by the progress callback through the per-slide handler."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+# ==================================================================================== inputs
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to run: ``key`` names its outputs (``<out>/<key>.geojson``).
+
+    ``error`` marks a job that fails before running (e.g. the project's image was not found);
+    ``mpp`` is a pixel size to use when the slide itself has none (a QuPath entry's calibration).
+    """
+
+    key: str
+    slide: Path | None
+    name: str
+    output: Path
+    entry_id: int | None = None
+    error: str | None = None
+    mpp: float | None = None
+
+
+@dataclass(frozen=True)
+class InferenceParams:
+    """Options of a run (the ``qpseg infer`` flags). ``None`` means "the model's / machine's
+    default": ``workers`` 0 on CPU (a reader thread), up to 8 processes on CUDA; ``tissue``
+    the package's ``training.tissue_method`` or ``otsu_od``; ``precision`` bf16 on CUDA, fp32
+    elsewhere; ``lesion_classes`` the package's ``training.lesion_classes`` or the classes
+    named like tumour/metastasis; ``heatmap_class`` the first lesion class or class 1."""
+
+    device: str = "auto"
+    batch_size: int = 8
+    workers: int | None = None
+    tissue: str | None = None
+    min_tissue: float = 0.0
+    stitch: str = "center"
+    min_area_um2: float = 0.0
+    fill_holes_um2: float = 0.0
+    simplify_um: float | None = None
+    as_type: str = "annotation"
+    lesion_classes: tuple[str, ...] | None = None
+    heatmap: bool = False
+    heatmap_class: str | None = None
+    overlay: bool = False
+    overwrite: bool = False
+    keep_maps: bool = False
+    mpp: float | None = None
+    precision: str | None = None
+    channels_last: bool | None = None
+    compile: bool = False
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    instance_margin: int = 16
+    cell_expansion_um: float = 0.0
+    max_upsample: float = 1.25
+    tile_px: int | None = None
+    run_id: str | None = None
+    shard: str | None = None
+
+    def validate(self) -> InferenceParams:
+        """ConfigError for out-of-range values; returns self."""
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, not {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, not {self.workers}")
+        if self.tissue is not None and self.tissue not in TISSUE_CHOICES:
+            raise ConfigError(f"--tissue must be one of {', '.join(TISSUE_CHOICES)}, not "
+                              f"{self.tissue!r}")
+        if self.stitch not in ("center", "blend"):
+            raise ConfigError(f"--stitch must be 'center' or 'blend', not {self.stitch!r}")
+        kind = self.as_type.strip().lower().rstrip("s")
+        if kind not in ("annotation", "detection"):
+            raise ConfigError(f"--as must be 'annotations' or 'detections', not "
+                              f"{self.as_type!r}")
+        if self.precision not in (None, "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, not {self.precision!r}")
+        for name in ("min_area_um2", "fill_holes_um2", "cell_expansion_um", "min_tissue"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, not {v!r}")
+        if self.simplify_um is not None and not (math.isfinite(self.simplify_um)
+                                                 and self.simplify_um >= 0):
+            raise ConfigError(f"--simplify-um must be >= 0, not {self.simplify_um!r}")
+        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise ConfigError(f"--mpp must be > 0, not {self.mpp!r}")
+        if not 0 <= self.score_threshold <= 1 or not 0 <= self.mask_threshold <= 1:
+            raise ConfigError("score and mask thresholds must be between 0 and 1")
+        if not self.max_upsample >= 1:
+            raise ConfigError("max_upsample must be >= 1")
+        return replace(self, as_type=kind)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready copy (for run_metadata.json)."""
+        data = asdict(self)
+        data["lesion_classes"] = None if self.lesion_classes is None else list(
+            self.lesion_classes)
+        return data
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A step of a run, for progress displays.
+
+    ``kind``: ``run_start``, ``slide_start``, ``tiles`` (after each batch), ``slide_end``
+    (with ``status`` done/skipped/failed and ``message``) and ``run_end``. ``index`` and
+    ``total`` count this process's slides.
+    """
+
+    kind: str
+    index: int = 0
+    total: int = 0
+    key: str = ""
+    name: str = ""
+    tiles_done: int = 0
+    tiles_total: int = 0
+    status: str = ""
+    message: str = ""
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class SlideResult:
+    """What happened to one slide."""
+
+    key: str
+    name: str
+    slide: str
+    output: str
+    status: str
+    reason: str = ""
+    entry_id: int | None = None
+    seconds: float = 0.0
+    tiles: int = 0
+    tissue_fraction: float | None = None
+    tissue_mpx: float = 0.0
+    n_objects: int = 0
+    map_mpp: float | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    maps: str | None = None
+    rank: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (run_metadata.json)."""
+        return asdict(self)
+
+    def row(self) -> dict[str, Any]:
+        """One summary-CSV row: identity, status, and the per-slide summary measurements."""
+        row: dict[str, Any] = {
+            "key": self.key, "entry_id": "" if self.entry_id is None else self.entry_id,
+            "image": self.name, "slide": self.slide, "status": self.status,
+            "reason": self.reason, "seconds": round(self.seconds, 3), "tiles": self.tiles,
+            "tissue_fraction": "" if self.tissue_fraction is None else
+            round(self.tissue_fraction, 6),
+            "n_objects": self.n_objects,
+        }
+        for k, v in self.summary.items():
+            if k.startswith(("qpseg_count_", "qpseg_area_um2_")) or k in (
+                    "qpseg_n_lesions", "qpseg_lesion_area_um2", "qpseg_largest_lesion_um",
+                    "qpseg_slide_category"):
+                row[k[len("qpseg_"):]] = v
+        return row
+
+
+@dataclass
+class RunResult:
+    """The slides of a run (all of them on rank 0; this rank's elsewhere) and its files."""
+
+    results: list[SlideResult]
+    out_dir: Path
+    summary_csv: Path | None = None
+    run_metadata: Path | None = None
+
+    @property
+    def failed(self) -> list[SlideResult]:
+        """Slides that failed."""
+        return [r for r in self.results if r.status == "failed"]
+
+    def counts(self) -> dict[str, int]:
+        """Number of slides per status."""
+        out = {"done": 0, "skipped": 0, "failed": 0}
+        for r in self.results:
+            out[r.status] = out.get(r.status, 0) + 1
+        return out
+
+
+# ================================================================================ job lists
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def jobs_from_paths(paths: Sequence[str | os.PathLike[str]],
+                    out_dir: str | os.PathLike[str]) -> list[SlideJob]:
+    """Jobs for slide files and folders of slides (not recursive), output ``<out>/<stem>``.
+
+    Raises ConfigError for a missing path, an empty folder, or two slides with the same stem.
+    """
+    out = Path(out_dir)
+    files: list[Path] = []
+    for p in (Path(os.fsdecode(x)) for x in paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file()
+                           and f.suffix.lower() in SLIDE_SUFFIXES and not f.name.startswith("."))
+            if not found:
+                raise ConfigError(f"no slides ({', '.join(SLIDE_SUFFIXES)}) in folder", p)
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise ConfigError("no such slide or folder", p)
+    seen: dict[str, Path] = {}
+    jobs = []
+    for f in files:
+        key = _stem(f)
+        if key in seen:
+            raise ConfigError(f"two slides would write {key}.geojson ({seen[key].name} and "
+                              f"{f.name}); run them into different --out folders", f)
+        seen[key] = f
+        jobs.append(SlideJob(key=key, slide=f, name=f.name, output=out / f"{key}.geojson"))
+    return jobs
+
+
+def is_project_path(path: str | os.PathLike[str]) -> bool:
+    """True for a ``.qpproj`` file (or backup) or a folder holding ``project.qpproj``."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "project.qpproj").is_file()
+    return p.name.endswith((".qpproj", ".qpproj.backup"))
+
+
+def project_output_dir(project: str | os.PathLike[str]) -> Path:
+    """``<project folder>/qpseg/predictions``."""
+    p = Path(project)
+    folder = p if p.is_dir() else p.parent
+    return folder / "qpseg" / "predictions"
+
+
+def jobs_from_project(project: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None
+                      = None, entries: Sequence[str] | None = None) -> tuple[list[SlideJob],
+                                                                            Path]:
+    """Jobs for a QuPath project's entries (``entries``: IDs or image names; default all).
+
+    Output: ``<out>/<entryID>.geojson`` with ``out`` defaulting to
+    ``<project>/qpseg/predictions``. Entries whose image is missing become failing jobs.
+    Returns ``(jobs, out_dir)``.
+    """
+    from qpseg.qupath.project import QuPathProject
+
+    proj = QuPathProject.load(project)
+    out = Path(out_dir) if out_dir is not None else project_output_dir(proj.path)
+    selected = list(proj.entries)
+    if entries:
+        wanted = [e.strip() for e in entries if e.strip()]
+        by_id = {str(e.entry_id): e for e in proj.entries}
+        by_name = {e.image_name: e for e in proj.entries}
+        picked, unknown = [], []
+        for w in wanted:
+            e = by_id.get(w) or by_name.get(w)
+            if e is None:
+                unknown.append(w)
+            elif e not in picked:
+                picked.append(e)
+        if unknown:
+            raise ConfigError(f"--entries: no entry with ID or image name "
+                              f"{', '.join(repr(u) for u in unknown[:5])}", proj.path)
+        selected = picked
+    jobs = []
+    for e in selected:
+        err = None
+        if e.image_path is None:
+            err = (f"image not found ({e.uri})" if not e.is_remote
+                   else f"remote image cannot be read ({e.uri})")
+        jobs.append(SlideJob(key=str(e.entry_id), slide=e.image_path, name=e.image_name,
+                             output=out / f"{e.entry_id}.geojson", entry_id=e.entry_id,
+                             error=err, mpp=e.mpp))
+    return jobs, out
+
+
+# ============================================================================ model helpers
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
+    import torch
+
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps but MPS is not available")
+    return dev
+
+
+def package_class_map(pkg: ModelPackage) -> ClassMap:
+    """The package's classes as a :class:`~qpseg.labels.ClassMap` (index 0 = Background)."""
+    from qpseg.errors import LabelError
+    from qpseg.labels import BACKGROUND, ClassInfo, ClassMap
+
+    infos = [ClassInfo(i, BACKGROUND if i == 0 else name, tuple(color))  # type: ignore[arg-type]
+             for i, (name, color) in enumerate(zip(pkg.class_names, pkg.class_colors,
+                                                   strict=True))]
+    try:
+        return ClassMap(tuple(infos), ignore_index=255)
+    except LabelError as exc:
+        raise ModelError(f"class names cannot label objects: {exc.message}",
+                         pkg.path / "config.json") from exc
+
+
+def _lesion_classes(pkg: ModelPackage, params: InferenceParams) -> tuple[str, ...]:
+    if params.lesion_classes is not None:
+        known = {n.lower() for n in pkg.class_names[1:]}
+        unknown = [c for c in params.lesion_classes if c.lower() not in known]
+        if unknown:
+            raise ConfigError(f"--lesion-classes: {', '.join(unknown)} not among the model's "
+                              f"classes ({', '.join(pkg.class_names[1:])})")
+        return tuple(params.lesion_classes)
+    configured = pkg.config.training.get("lesion_classes")
+    if isinstance(configured, list) and all(isinstance(c, str) for c in configured):
+        return tuple(configured)
+    return tuple(n for n in pkg.class_names[1:] if _LESION_RE.match(n.strip()))
+
+
+def _heatmap_channel(pkg: ModelPackage, params: InferenceParams,
+                     lesions: Sequence[str]) -> int:
+    names = [n.lower() for n in pkg.class_names]
+    if params.heatmap_class is not None:
+        key = params.heatmap_class.strip()
+        if key.isdigit() and int(key) < len(names):
+            return int(key)
+        if key.lower() in names:
+            return names.index(key.lower())
+        raise ConfigError(f"--heatmap-class {key!r} is not a class of the model "
+                          f"({', '.join(pkg.class_names)})")
+    if lesions and lesions[0].lower() in names:
+        return names.index(lesions[0].lower())
+    return 1 if len(names) > 1 else 0
+
+
+def _tissue_method(pkg: ModelPackage, params: InferenceParams) -> str:
+    if params.tissue is not None:
+        return params.tissue
+    configured = pkg.config.training.get("tissue_method")
+    if isinstance(configured, str) and configured in TISSUE_CHOICES:
+        return configured
+    return "otsu_od"
+
+
+class _Runner:
+    """Forward passes of one model (stage) on batches of uint8 NHWC tiles."""
+
+    def __init__(self, module: torch.nn.Module, pkg: ModelPackage, stage: int | None,
+                 device: torch.device, precision: str, channels_last: bool,
+                 compile_model: bool) -> None:
+        import torch
+
+        from qpseg.models.contract import get_contract
+
+        self.contract = get_contract(module)
+        self.pkg = pkg
+        self.stage = stage
+        self.device = device
+        self.channels_last = channels_last
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        module = module.to(device).eval()
+        if channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        self.module = module
+        self.forward: Any = module
+        if compile_model:
+            self.forward = torch.compile(module)
+            self.forward.contract = self.contract  # predict() reads the contract
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, C) -> normalised float (N, C, H, W) on the device."""
+        import torch
+
+        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        x = self.pkg.normalize(x, self.stage)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last
+                            else torch.contiguous_format)
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        import torch
+
+        from qpseg.models.contract import predict
+
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32,
+                            enabled=self.dtype is not None):
+            return predict(self.forward, *inputs)
+
+
+def _check_supported(contract: ModelContract) -> str:
+    """``"tiles"``, ``"instance"`` or ``"two_stage"``; ModelError for other contracts."""
+    if contract.stages:
+        if len(contract.stages) != 2:
+            raise ModelError(f"{contract.architecture}: only two-stage (heatmap + refinement) "
+                             "pipelines are supported")
+        first, second = contract.stages
+        if first.output not in ("patch", "pixel") or any(s.scale is None
+                                                          for s in first.inputs):
+            raise ModelError(f"{contract.architecture}: stage 0 must tile the slide")
+        kinds = [s.kind for s in second.inputs]
+        if kinds != ["image", "heatmap"] or any(s.scale is not None for s in second.inputs):
+            raise ModelError(f"{contract.architecture}: stage 1 must read the whole slide "
+                             "and the stage-0 heatmap")
+        return "two_stage"
+    if any(s.scale is None or s.kind != "image" for s in contract.inputs):
+        raise ModelError(f"{contract.architecture} is one stage of a pipeline (it reads the "
+                         "whole slide and a heatmap); package the full pipeline (h2g_net)")
+    return "instance" if contract.output == "instance" else "tiles"
+
+
+# ============================================================================== the pipeline
+
+@dataclass
+class _Context:
+    pkg: ModelPackage
+    params: InferenceParams
+    out_dir: Path
+    device: torch.device
+    precision: str
+    channels_last: bool
+    workers: int
+    classes: ClassMap
+    lesions: tuple[str, ...]
+    heat_channel: int
+    tissue_method: str
+    run_id: str
+    run_date: str
+    opener: Opener | None
+    progress: ProgressFn | None
+    runners: dict[int, _Runner] = field(default_factory=dict)
+
+    def runner(self, stage: int | None) -> _Runner:
+        key = -1 if stage is None else stage
+        if key not in self.runners:
+            module: Any = self.pkg.model if stage is None else \
+                self.pkg.model.stages[stage]  # type: ignore[index]
+            self.runners[key] = _Runner(module, self.pkg, stage, self.device, self.precision,
+                                        self.channels_last, self.params.compile)
+        return self.runners[key]
+
+    def emit(self, event: ProgressEvent) -> None:
+        if self.progress is None:
+            return
+        try:
+            self.progress(event)
+        except BaseException as exc:
+            raise _Abort(exc) from exc
+
+
+class _State:
+    """The per-slide state files (``running`` / ``done``) in ``<out>/.qpseg_state``."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.dir = out_dir / STATE_DIR
+
+    def path(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    def read(self, key: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write(self, key: str, data: Mapping[str, Any]) -> None:
+        from qpseg._io import write_json_atomic
+
+        write_json_atomic(self.path(key), dict(data), backup=False)
+
+
+def slide_status(job: SlideJob, out_dir: str | os.PathLike[str]) -> str:
+    """``finished``, ``interrupted`` (a run was killed while writing it) or ``todo``."""
+    state = _State(Path(out_dir)).read(job.key)
+    running = state is not None and state.get("status") == "running"
+    if running:
+        return "interrupted"
+    return "finished" if job.output.is_file() else "todo"
+
+
+def _read_existing_summary(job: SlideJob) -> dict[str, Any]:
+    from qpseg.objects import metadata_path
+
+    try:
+        data = json.loads(metadata_path(job.output).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return dict(data) if isinstance(data, dict) else {}
+
+
+def _open(ctx: _Context, job: SlideJob) -> tuple[Slide, float | None]:
+    """Open the slide; returns it and the mpp override the readers must use."""
+    assert job.slide is not None
+    opener = ctx.opener
+    mpp = ctx.params.mpp
+
+    def do_open(m: float | None) -> Slide:
+        if opener is not None:
+            return opener(job.slide, m)  # type: ignore[arg-type]
+        from qpseg.slide import open_slide
+
+        return open_slide(job.slide, mpp=m)  # type: ignore[arg-type]
+
+    slide = do_open(mpp)
+    if mpp is None and not slide.has_mpp and job.mpp is not None:
+        slide.close()
+        mpp = job.mpp
+        slide = do_open(mpp)
+    _ = slide.mpp  # SlideError: unknown or implausible pixel size
+    return slide, mpp
+
+
+def _run_tiles(ctx: _Context, job: SlideJob, slide_mpp_override: float | None, plan: TilePlan,
+               maps: MapSet, runner: _Runner, num_classes: int, index: int, total: int,
+               tiles_before: int = 0, tiles_total: int | None = None) -> int:
+    """Run every tile of ``plan`` and stitch the outputs into ``maps``; returns objects kept
+    (instance plans) or 0."""
+    import torch
+
+    from qpseg.engine.loader import TileDataset, iterate_batches
+    from qpseg.engine.stitch import Stitcher
+
+    assert job.slide is not None
+    stitcher = Stitcher(plan, maps, num_classes)
+    dataset = TileDataset(job.slide, plan, mpp=slide_mpp_override, opener=ctx.opener)
+    c = runner.contract
+    mode = plan.mode
+    params = ctx.params
+    total_tiles = plan.n_tiles if tiles_total is None else tiles_total
+    kept = [0]
+
+    def stitch(idx: Any, out: Any) -> None:
+        if mode == "instance":
+            for n, k in enumerate(idx):
+                i, j = (int(v) for v in plan.tiles[k])
+                det = out[n]
+                kept[0] += stitcher.add_instances(i, j, det["masks"], det["labels"],
+                                                  det["scores"])
+            return
+        probs, cls = out
+        for n, k in enumerate(idx):
+            i, j = (int(v) for v in plan.tiles[k])
+            stitcher.add(i, j, probs[n], None if cls is None else cls[n])
+
+    def postprocess(out: Any) -> Any:
+        if mode == "instance":
+            dets = []
+            for d in out:
+                keep = d["scores"] >= params.score_threshold
+                dets.append({"masks": (d["masks"][keep] > params.mask_threshold).cpu().numpy(),
+                             "labels": d["labels"][keep].cpu().numpy(),
+                             "scores": d["scores"][keep].float().cpu().numpy()})
+            return dets
+        probs = out.float()
+        if c.output == "patch":
+            probs = probs[:, :, None, None]
+        if mode == "blend":
+            return probs.cpu().numpy(), None
+        q = torch.floor(probs * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
+        cls = probs.argmax(dim=1).to(torch.uint8 if num_classes <= 255 else torch.int32)
+        return q.cpu().numpy(), cls.cpu().numpy()
+
+    done = tiles_before
+    ctx.emit(ProgressEvent("tiles", index, total, job.key, job.name, done, total_tiles))
+    pending: Future[None] | None = None
+    batches = iterate_batches(dataset, batch_size=params.batch_size, workers=ctx.workers,
+                              pin_memory=ctx.device.type == "cuda")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qpseg-stitch") as pool, \
+            contextlib.closing(batches):  # stops the readers at once on any error
+        try:
+            for idx, inputs in batches:
+                xs = [runner.prepare(x) for x in inputs]
+                result = postprocess(runner(*xs))
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(stitch, idx.numpy(), result)
+                done += len(idx)
+                ctx.emit(ProgressEvent("tiles", index, total, job.key, job.name, done,
+                                       total_tiles))
+            if pending is not None:
+                pending.result()
+                pending = None
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(Exception):  # the original error is propagating
+                    pending.result()
+    stitcher.finish()
+    return kept[0]
+
+
+def _resample(arr: np.ndarray, src_ds: float, dst_shape: tuple[int, int],
+              dst_ds: float) -> np.ndarray:
+    """Bilinear resampling of a ``(C, h, w)`` map whose pixel (c, r) covers level-0
+    ``[c·src_ds, (c+1)·src_ds)`` onto a ``dst_shape`` grid of ``dst_ds`` pixels (edges
+    clamped)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+    h, w = arr.shape[-2:]
+    dh, dw = dst_shape
+    xs = ((torch.arange(dw, dtype=torch.float64) + 0.5) * dst_ds / src_ds) / w * 2 - 1
+    ys = ((torch.arange(dh, dtype=torch.float64) + 0.5) * dst_ds / src_ds) / h * 2 - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1)[None].float()
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0].numpy()
+
+
+def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: float | None,
+                   tissue: TissueMask | None, work: Path, index: int, total: int
+                   ) -> tuple[MapSet, MapGeometry, int, float, float]:
+    """H2G-Net: patch heatmap over the tissue, then refinement of slide + heatmap."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from qpseg.engine.stitch import MapSet
+    from qpseg.engine.tiling import plan_for_slide
+    from qpseg.objects import MapGeometry
+
+    pkg = ctx.pkg
+    c = pkg.contract
+    first, second = c.stages
+    plan = plan_for_slide(first, slide, pkg.mpp, tissue=tissue, mode=ctx.params.stitch,
+                          min_tissue=ctx.params.min_tissue,
+                          max_upsample=ctx.params.max_upsample)
+    if plan.map_width * plan.map_height > _MAX_HEATMAP_PIXELS:
+        raise ModelError(f"stage-0 heatmap of {plan.map_width}x{plan.map_height} is too large "
+                         "for the refinement stage", pkg.path)
+    maps0 = MapSet.create(work / "stage0", (plan.map_height, plan.map_width), c.num_classes,
+                          "pixel")
+    try:
+        _run_tiles(ctx, job, mpp_override, plan, maps0, ctx.runner(0), c.num_classes, index,
+                   total, tiles_total=plan.n_tiles + 1)
+        hc = second.inputs[1].heatmap_class
+        hc = ctx.heat_channel if hc is None else hc
+        assert maps0.probs is not None
+        heat = np.asarray(maps0.probs[hc], dtype=np.float32) / 255.0
+    finally:
+        maps0.close()
+    size = second.inputs[0].size_px
+    w_q, h_q = slide.qupath_dimensions
+    ds_r = max(w_q, h_q) / size
+    wr, hr = max(1, math.ceil(w_q / ds_r - 1e-9)), max(1, math.ceil(h_q / ds_r - 1e-9))
+    img = slide.read_region_mpp(0.0, 0.0, wr, hr, slide.mpp * ds_r)
+    heat_r = _resample(heat[None], plan.map_downsample, (hr, wr), ds_r)
+    runner = ctx.runner(1)
+    dev = ctx.device
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div_(255.0)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = pkg.normalize(x, 1).to(dev)
+    hm = F.interpolate(torch.from_numpy(heat_r)[None], size=(size, size), mode="bilinear",
+                       align_corners=False).to(dev)
+    probs = runner(x, hm).float()
+    probs = F.interpolate(probs, size=(hr, wr), mode="bilinear", align_corners=False)[0].cpu()
+    maps = MapSet.create(work / "final", (hr, wr), c.num_classes, "pixel")
+    assert maps.probs is not None
+    q = torch.floor(probs * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
+    maps.classes.write_rows(0, probs.argmax(dim=0).to(torch.uint8).numpy())
+    for k in range(c.num_classes):
+        maps.probs.write_rows(0, q[k], channel=k)
+    ctx.emit(ProgressEvent("tiles", index, total, job.key, job.name, plan.n_tiles + 1,
+                           plan.n_tiles + 1))
+    geometry = MapGeometry(0.0, 0.0, ds_r, slide.mpp)
+    tissue_mpx = plan.tissue_pixels() * (plan.map_mpp / slide.mpp) ** 2 / 1e6
+    return maps, geometry, plan.n_tiles + 1, plan.tissue_fraction, tissue_mpx
+
+
+def _provenance(ctx: _Context, map_mpp: float) -> dict[str, str]:
+    from qpseg.objects import provenance
+
+    pkg = ctx.pkg
+    return provenance(
+        pkg.path.name, pkg.sha256, mpp=map_mpp, run=ctx.run_id,
+        thresholds={"tissue": ctx.tissue_method, "stitch": ctx.params.stitch},
+        extra={"qpseg_date": ctx.run_date, "qpseg_architecture": pkg.architecture})
+
+
+def _objects(ctx: _Context, maps: MapSet, geometry: MapGeometry,
+             prov: Mapping[str, str]) -> list[QuPathObject]:
+    from qpseg.objects import polygonise, polygonise_instances
+
+    p = ctx.params
+    if maps.kind == "instance":
+        default = ctx.classes.names[1] if len(ctx.classes) > 1 else None
+        return polygonise_instances(
+            maps.instances, geometry, ctx.classes, provenance=prov, class_map=maps.classes,
+            default_class=default, probabilities=maps.scores, min_area_um2=p.min_area_um2,
+            fill_holes_um2=p.fill_holes_um2, simplify_um=p.simplify_um,
+            cell_expansion_um=p.cell_expansion_um)
+    return polygonise(
+        maps.classes, geometry, ctx.classes, provenance=prov, probabilities=maps.probs,
+        min_area_um2=p.min_area_um2, fill_holes_um2=p.fill_holes_um2,
+        simplify_um=p.simplify_um, as_type=p.as_type, lesion_classes=ctx.lesions)
+
+
+def _process(ctx: _Context, job: SlideJob, index: int, total: int,
+             state: _State) -> SlideResult:
+    """Run one slide (the caller turns errors into a failed result)."""
+    t0 = time.perf_counter()
+    p = ctx.params
+    result = SlideResult(job.key, job.name, str(job.slide or ""), str(job.output), "failed",
+                         entry_id=job.entry_id)
+    if job.error:
+        result.reason = job.error
+        return result
+    status = slide_status(job, ctx.out_dir)
+    if status == "finished" and not p.overwrite:
+        result.status = "skipped"
+        result.reason = "finished earlier (--overwrite replaces it)"
+        result.summary = _read_existing_summary(job)
+        result.n_objects = int(float(result.summary.get("qpseg_n_objects", 0) or 0))
+        return result
+    state.write(job.key, {"status": "running", "slide": str(job.slide),
+                          "run": ctx.run_id, "started": _now()})
+    work = ctx.out_dir / WORK_DIR / job.key
+    shutil.rmtree(work, ignore_errors=True)
+    maps: MapSet | None = None
+    try:
+        slide, mpp_override = _open(ctx, job)
+        try:
+            maps, geometry = _predict(ctx, job, slide, mpp_override, work, index, total,
+                                      result)
+            _write_outputs(ctx, job, slide, maps, geometry, result)
+        finally:
+            slide.close()
+            if maps is not None:
+                maps.close()
+        if p.keep_maps and maps is not None:
+            dest = ctx.out_dir / "maps" / job.key
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(maps.folder), str(dest))
+            result.maps = str(dest)
+    except BaseException as exc:
+        if not isinstance(exc, _Abort | KeyboardInterrupt | SystemExit):
+            # A failure leaves any earlier GeoJSON untouched (it is written last, atomically).
+            state.write(job.key, {"status": "failed", "slide": str(job.slide),
+                                  "run": ctx.run_id, "finished": _now(), "reason": str(exc)})
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result.seconds = time.perf_counter() - t0
+    state.write(job.key, {"status": "done", "slide": str(job.slide), "run": ctx.run_id,
+                          "finished": _now(), "outputs": result.outputs,
+                          "model_sha256": ctx.pkg.sha256})
+    return result
+
+
+def _predict(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: float | None,
+             work: Path, index: int, total: int,
+             result: SlideResult) -> tuple[MapSet, MapGeometry]:
+    """Tissue, tiles, model, stitching: the slide's maps and where they lie (the work done
+    goes into ``result``)."""
+    from qpseg.engine.stitch import MapSet
+    from qpseg.engine.tiling import plan_for_slide
+    from qpseg.tissue import detect_tissue
+
+    p = ctx.params
+    method = ctx.tissue_method
+    tissue = None if method == "none" else detect_tissue(slide, method)
+    kind = _check_supported(ctx.pkg.contract)
+    c = ctx.pkg.contract
+    if kind == "two_stage":
+        maps, geometry, tiles, fraction, tissue_mpx = _run_two_stage(
+            ctx, job, slide, mpp_override, tissue, work, index, total)
+    else:
+        plan = plan_for_slide(c, slide, ctx.pkg.mpp, tissue=tissue, mode=p.stitch,
+                              min_tissue=p.min_tissue, instance_margin=p.instance_margin,
+                              max_upsample=p.max_upsample, tile_px=p.tile_px)
+        maps = MapSet.create(work / "maps", (plan.map_height, plan.map_width),
+                             c.num_classes, "instance" if kind == "instance" else "pixel")
+        try:
+            _run_tiles(ctx, job, mpp_override, plan, maps, ctx.runner(None), c.num_classes,
+                       index, total)
+        except BaseException:
+            maps.close()
+            raise
+        geometry = plan.geometry()
+        tiles, fraction = plan.n_tiles, plan.tissue_fraction
+        tissue_mpx = plan.tissue_pixels() * (plan.map_mpp / slide.mpp) ** 2 / 1e6
+    result.tiles = tiles
+    result.tissue_fraction = None if tissue is None else fraction
+    result.tissue_mpx = tissue_mpx
+    result.map_mpp = geometry.map_mpp
+    return maps, geometry
+
+
+def _write_outputs(ctx: _Context, job: SlideJob, slide: Slide, maps: MapSet,
+                   geometry: MapGeometry, result: SlideResult) -> None:
+    """Objects, summary, optional images, then the GeoJSON (last: it marks the slide done)."""
+    from qpseg.engine.writers import sha256_file, write_heatmap_ome_tiff, write_overlay_png
+    from qpseg.objects import metadata_path, slide_summary, write_predictions
+
+    p = ctx.params
+    prov = _provenance(ctx, geometry.map_mpp)
+    objects = _objects(ctx, maps, geometry, prov)
+    # Object IDs from the run, slide and position: a rerun with the same --run-id (or another
+    # rank of the same torchrun job) writes byte-identical files.
+    for n, obj in enumerate(objects):
+        obj.id = str(uuid.uuid5(_ID_NAMESPACE, f"{ctx.run_id}/{job.key}/{n}"))
+    summary = slide_summary(objects, lesion_classes=ctx.lesions, classes=ctx.classes,
+                            provenance=prov)
+    summary["qpseg_image"] = job.name
+    summary["qpseg_tissue_method"] = ctx.tissue_method
+    summary["qpseg_tissue_fraction"] = ("" if result.tissue_fraction is None
+                                        else round(result.tissue_fraction, 6))
+    summary["qpseg_tiles"] = result.tiles
+    outputs: dict[str, Path] = {}
+    if p.heatmap:
+        hp = job.output.with_name(f"{job.key}.heatmap.ome.tif")
+        src: Any = maps.scores if maps.kind == "instance" else maps.probs
+        if src is not None and maps.kind != "instance":
+            src = src.channel(ctx.heat_channel)
+        if src is not None:
+            outputs["heatmap"] = write_heatmap_ome_tiff(hp, src, mpp=geometry.map_mpp)
+    if p.overlay:
+        op = job.output.with_name(f"{job.key}.overlay.png")
+        outputs["overlay"] = write_overlay_png(op, slide, maps.classes, geometry.downsample,
+                                               [c.color for c in ctx.classes.classes])
+    write_predictions(job.output, objects, overwrite=job.output.exists(), summary=summary)
+    outputs["geojson"] = job.output
+    outputs["metadata"] = metadata_path(job.output)
+    result.outputs = {k: {"path": str(v), "sha256": sha256_file(v)} for k, v in outputs.items()}
+    result.n_objects = len(objects)
+    result.summary = summary
+    result.status = "done"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for dist in ("qpseg", "torch", "torchvision", "numpy", "shapely", "scikit-image",
+                 "tifffile", "pillow", "openslide-python", "openslide-bin"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        import openslide
+
+        out["openslide"] = str(openslide.__library_version__)
+    except (ImportError, OSError, AttributeError):
+        pass
+    return out
+
+
+def _csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
+    rows = list(rows)
+    columns: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in columns:
+                columns.append(k)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k, "") for k in columns})
+    return buf.getvalue()
+
+
+def _write_run_files(ctx: _Context, dist: DistContext, results: list[SlideResult],
+                     started: str, n_jobs: int) -> tuple[Path, Path]:
+    from qpseg._io import atomic_write, write_json_atomic
+
+    suffix = "" if dist.shard == (0, 1) else f".shard-{dist.shard[0]}-of-{dist.shard[1]}"
+    csv_path = ctx.out_dir / f"summary{suffix}.csv"
+    meta_path = ctx.out_dir / f"run_metadata{suffix}.json"
+    with atomic_write(csv_path, "w", backup=False) as fh:
+        fh.write(_csv_text(r.row() for r in results))
+    pkg = ctx.pkg
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    meta = {
+        "format": "qpseg-inference-run", "format_version": 1,
+        "run_id": ctx.run_id, "started": started, "finished": _now(),
+        "versions": _versions(),
+        "device": str(ctx.device), "precision": ctx.precision, "world_size": dist.world,
+        "shard": list(dist.shard), "slides_in_run": n_jobs,
+        "model": {"name": pkg.path.name, "path": str(pkg.path), "architecture": pkg.architecture,
+                  "sha256": pkg.sha256, "class_names": list(pkg.class_names),
+                  "mpp": pkg.mpp, "input_mpp": list(pkg.input_mpp),
+                  "contract": pkg.contract.to_dict()},
+        "params": ctx.params.to_json(),
+        "resolved": {"tissue": ctx.tissue_method, "lesion_classes": list(ctx.lesions),
+                     "heatmap_class": pkg.class_names[ctx.heat_channel],
+                     "workers": ctx.workers},
+        "counts": counts,
+        "slides": [r.to_json() for r in results],
+    }
+    write_json_atomic(meta_path, json.loads(json.dumps(meta, default=str)), backup=True)
+    return csv_path, meta_path
+
+
+def run_inference(
+    jobs: Sequence[SlideJob],
+    model: str | os.PathLike[str] | ModelPackage,
+    out_dir: str | os.PathLike[str],
+    params: InferenceParams | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    opener: Opener | None = None,
+) -> RunResult:
+    """Run a model package over slides; see the module docstring for files and rules.
+
+    ``model`` is a package directory or a loaded :class:`~qpseg.models.ModelPackage`.
+    ``opener(path, mpp)`` replaces :func:`qpseg.slide.open_slide` (tests use it to stub
+    OpenSlide handles; with ``workers > 0`` it must survive a fork). Under torchrun each rank
+    runs its share and rank 0 returns (and writes) the results of all slides.
+    Raises ModelError/ConfigError for problems of the run as a whole; slide problems become
+    failed :class:`SlideResult` s.
+    """
+    import torch
+
+    from qpseg.engine.distributed import setup_distributed
+    from qpseg.models.package import ModelPackage, load_package
+
+    params = (params or InferenceParams()).validate()
+    out = Path(out_dir)
+    dist = setup_distributed(params.shard)
+    try:
+        device = resolve_device(params.device, dist.local_rank)
+        pkg = model if isinstance(model, ModelPackage) else load_package(model)
+        precision = params.precision or ("bf16" if device.type == "cuda" else "fp32")
+        channels_last = (device.type == "cuda") if params.channels_last is None \
+            else params.channels_last
+        if params.workers is not None:
+            workers = params.workers
+        elif device.type == "cuda":
+            workers = max(1, min(8, (os.cpu_count() or 2) // max(1, dist.world) - 1))
+        else:
+            workers = 0
+        started = _now()
+        run_id = params.run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        run_id, run_date = dist.broadcast((run_id, started))
+        lesions = _lesion_classes(pkg, params)
+        ctx = _Context(pkg=pkg, params=params, out_dir=out, device=device, precision=precision,
+                       channels_last=channels_last, workers=workers,
+                       classes=package_class_map(pkg), lesions=lesions,
+                       heat_channel=_heatmap_channel(pkg, params, lesions),
+                       tissue_method=_tissue_method(pkg, params), run_id=run_id,
+                       run_date=run_date, opener=opener, progress=progress)
+        if _check_supported(pkg.contract) != "two_stage":
+            from qpseg.engine.tiling import inference_contract
+
+            try:  # a bad --tile-px fails the run, not every slide
+                inference_contract(pkg.contract, params.tile_px)
+            except ModelError as exc:
+                raise ConfigError(exc.message) from exc
+        out.mkdir(parents=True, exist_ok=True)
+        sizes = []
+        for j in jobs:
+            try:
+                sizes.append(float(j.slide.stat().st_size) if j.slide is not None else 0.0)
+            except OSError:
+                sizes.append(0.0)
+        mine = dist.my_indices(sizes)
+        state = _State(out)
+        results: dict[int, SlideResult] = {}
+        ctx.emit(ProgressEvent("run_start", 0, len(mine)))
+        try:
+            for n, k in enumerate(mine):
+                job = jobs[k]
+                ctx.emit(ProgressEvent("slide_start", n, len(mine), job.key, job.name))
+                t0 = time.perf_counter()
+                try:
+                    with torch.inference_mode():
+                        res = _process(ctx, job, n, len(mine), state)
+                except _Abort:
+                    raise
+                except QpsegError as exc:
+                    res = _failed(job, exc.message if exc.path in (None, job.slide)
+                                  else exc.one_line())
+                except Exception as exc:  # any other slide problem: report it, go on
+                    res = _failed(job, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+                if res.status == "failed":
+                    res.seconds = time.perf_counter() - t0
+                res.rank = dist.rank
+                results[k] = res
+                ctx.emit(ProgressEvent("slide_end", n, len(mine), job.key, job.name,
+                                       status=res.status, message=res.reason))
+        except _Abort as abort:
+            raise abort.original from None
+        with contextlib.suppress(OSError):  # only when empty (another run may be using it)
+            (out / WORK_DIR).rmdir()
+        merged: dict[int, SlideResult] = {}
+        for part in dist.all_gather(results):
+            merged.update(part)
+        final = [merged[k] for k in sorted(merged)]
+        csv_path = meta_path = None
+        if dist.is_main:
+            csv_path, meta_path = _write_run_files(ctx, dist, final, started, len(jobs))
+        dist.barrier()
+        ctx.emit(ProgressEvent("run_end", len(mine), len(mine)))
+        return RunResult(final, out, csv_path, meta_path)
+    finally:
+        dist.close()
+
+
+def _failed(job: SlideJob, reason: str) -> SlideResult:
+    return SlideResult(job.key, job.name, str(job.slide or ""), str(job.output), "failed",
+                       reason=" ".join(reason.split()), entry_id=job.entry_id)

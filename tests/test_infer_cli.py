@@ -1,0 +1,138 @@
+"""``qpseg infer`` through a local Typer app (the lead registers it in qpseg.cli)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from qpseg.cli.infer import infer
+from qpseg.errors import ConfigError
+from qpseg.testing.projects import make_project
+from qpseg.testing.synthetic import make_plain_image, make_slide
+from test_engine_support import colour_package
+
+app = typer.Typer()
+app.command("infer")(infer)
+
+
+@app.callback()
+def _root() -> None:
+    """Test app."""
+
+
+def _run(*args: str) -> Any:
+    runner = CliRunner()
+    return runner.invoke(app, ["infer", *args], standalone_mode=False)
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    proj = make_project(root / "proj", n_slides=2, width=700, height=500, seed=11)
+    return {"root": root, "project": proj.path, "pkg": colour_package(root / "pkg"),
+            "ids": [str(i) for i in proj.entry_ids]}  # type: ignore[dict-item]
+
+
+def test_project_run_then_skip(env: dict[str, Any]) -> None:
+    res = _run(str(env["project"]), "--model", str(env["pkg"]), "--min-area-um2", "50",
+               "--overlay")
+    assert res.exception is None, res.output
+    assert res.return_value == 0
+    assert "2 done, 0 skipped, 0 failed" in res.output
+    pred = env["project"].parent / "qpseg" / "predictions"
+    for eid in env["ids"]:
+        assert (pred / f"{eid}.geojson").is_file()
+        assert (pred / f"{eid}.metadata.json").is_file()
+        assert (pred / f"{eid}.overlay.png").is_file()
+    res = _run(str(env["project"].parent), "--model", str(env["pkg"]), "--json")
+    assert res.return_value == 0
+    data = json.loads(res.stdout)
+    assert data["counts"] == {"done": 0, "skipped": 2, "failed": 0}
+    with open(pred / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["status"] for r in rows] == ["skipped", "skipped"]
+    assert all(int(r["count_Tumor"]) >= 1 for r in rows)
+
+
+def test_entries_and_detections(env: dict[str, Any], tmp_path: Path) -> None:
+    eid = env["ids"][0]
+    res = _run(str(env["project"]), "--model", str(env["pkg"]), "--entries", eid, "--out",
+               str(tmp_path), "--as", "detections", "--lesion-classes", "none", "--quiet")
+    assert res.return_value == 0 and res.output == ""
+    text = (tmp_path / f"{eid}.geojson").read_text()
+    assert '"objectType":"detection"' in text.replace(" ", "")
+    assert "Size category" not in text and "Tumor" in text
+    assert not (tmp_path / f"{env['ids'][1]}.geojson").exists()
+
+
+def test_failures_give_exit_code_1_and_one_line_each(env: dict[str, Any],
+                                                     tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    make_slide(slides / "good.tif", width=400, height=300, mpp=0.5, seed=4)
+    make_plain_image(slides / "nompp.png", width=120, height=90)
+    (slides / "junk.svs").write_bytes(b"not a slide at all")
+    res = _run(str(slides), "--model", str(env["pkg"]), "--out", str(tmp_path / "out"),
+               "--quiet")
+    assert res.return_value == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("failed:")]
+    assert len(lines) == 2 and any("pixel size unknown" in ln for ln in lines)
+    assert (tmp_path / "out" / "good.geojson").is_file()
+
+
+def test_shards_split_the_work(env: dict[str, Any], tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    for k in range(3):
+        make_slide(slides / f"s{k}.tif", width=300, height=200, mpp=0.5, seed=k)
+    done: list[str] = []
+    for i in range(2):
+        res = _run(str(slides), "--model", str(env["pkg"]), "--out", str(tmp_path / "out"),
+                   "--shard", f"{i}/2", "--json")
+        assert res.return_value == 0
+        done += [s["key"] for s in json.loads(res.stdout)["slides"]]
+        assert (tmp_path / "out" / f"summary.shard-{i}-of-2.csv").is_file()
+    assert sorted(done) == ["s0", "s1", "s2"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--as", "polygons"], "--as"),
+    (["--shard", "2/2"], "--shard"),
+    (["--tissue", "magic"], "--tissue"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--entries", "1"], "--entries"),
+    (["--lesion-classes", "Stroma"], "--lesion-classes"),
+    (["--tile-px", "100"], "--tile-px"),
+])
+def test_bad_options_are_config_errors(env: dict[str, Any], tmp_path: Path, args: list[str],
+                                       message: str) -> None:
+    slide = make_slide(tmp_path / "x.tif", width=64, height=64, mpp=0.5).path
+    res = _run(str(slide), "--model", str(env["pkg"]), "--out", str(tmp_path / "o"), *args)
+    assert isinstance(res.exception, ConfigError)
+    assert message in str(res.exception)
+
+
+def test_slides_need_out_and_projects_stand_alone(env: dict[str, Any], tmp_path: Path) -> None:
+    slide = make_slide(tmp_path / "x.tif", width=64, height=64, mpp=0.5).path
+    res = _run(str(slide), "--model", str(env["pkg"]))
+    assert isinstance(res.exception, ConfigError) and "--out" in str(res.exception)
+    res = _run(str(env["project"]), str(slide), "--model", str(env["pkg"]))
+    assert isinstance(res.exception, ConfigError)
+
+
+def test_command_module_imports_no_heavy_library() -> None:
+    code = ("import sys, qpseg.cli.infer; "
+            "sys.exit(any(m in sys.modules for m in ('torch', 'numpy', 'openslide')))")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
