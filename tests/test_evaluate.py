@@ -528,3 +528,11 @@ def test_cli_flags_json_and_switches(tmp_path: Path) -> None:
     assert isinstance(exc, ConfigError) and "Stroma" in str(exc)
     _, _, exc = run_cli([*base, "--out", str(tmp_path / "c"), "--eval-mpp", "-1"])
     assert isinstance(exc, ConfigError) and "--eval-mpp" in str(exc)
+
+
+def test_infer_side_outputs_are_not_masks() -> None:
+    from qpseg.evaluate import _mask_stem
+
+    assert _mask_stem("4.heatmap.ome.tif") is None
+    assert _mask_stem("4.overlay.png") is None
+    assert _mask_stem("4.png") == ("4", "class")

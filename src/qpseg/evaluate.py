@@ -268,6 +268,10 @@ def _is_geojson_name(name: str) -> bool:
     return _strip_suffix(name, GEOJSON_SUFFIXES) is not None
 
 
+#: name endings (before the image suffix) of the images `qpseg infer` writes next to its GeoJSON
+_INFER_SIDE_OUTPUTS = (".heatmap", ".heatmap.ome", ".overlay")
+
+
 def _mask_stem(name: str) -> tuple[str, str] | None:
     """``(slide stem, "class" | "instance")`` of a mask file name, or None."""
     if name.startswith("."):
@@ -275,6 +279,8 @@ def _mask_stem(name: str) -> tuple[str, str] | None:
     stem = _strip_suffix(name, MASK_SUFFIXES)
     if stem is None:
         return None
+    if stem.lower().endswith(_INFER_SIDE_OUTPUTS):
+        return None  # `qpseg infer`'s heatmaps and overlays sit beside its GeoJSON: not labels
     if stem.lower().endswith(_INSTANCE_TAG) and len(stem) > len(_INSTANCE_TAG):
         return stem[: -len(_INSTANCE_TAG)], "instance"
     if stem.lower().endswith(_LABEL_TAG) and len(stem) > len(_LABEL_TAG):
