@@ -11,7 +11,7 @@ import pytest
 
 from qpseg.cli import main
 
-COMMANDS = ["info", "validate", "import-project", "models", "model-info", "infer", "evaluate",
+COMMANDS = ["info", "validate", "import-project", "models", "model-info", "train", "infer", "evaluate",
             "evaluate-edits", "demo"]
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import typer
 
 from qpseg import __version__
-from qpseg.cli import demo, evaluate, import_project, infer, info, models, validate
+from qpseg.cli import demo, evaluate, import_project, infer, info, models, train, validate
 from qpseg.errors import EXIT_CODES, QpsegError
 
 __all__ = ["app", "main"]
@@ -55,6 +55,7 @@ app.command("validate")(validate.validate)
 app.command("import-project")(import_project.import_project)
 app.command("models")(models.models)
 app.command("model-info")(models.model_info)
+app.command("train")(train.train)
 app.command("infer")(infer.infer)
 app.command("evaluate")(evaluate.evaluate)
 app.command("evaluate-edits")(evaluate.evaluate_edits)

@@ -59,6 +59,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qpseg.devices import resolve_device
 from qpseg.engine.tiling import InferenceWarning
 from qpseg.errors import ConfigError, ModelError, QpsegError
 
@@ -395,27 +396,6 @@ def jobs_from_project(project: str | os.PathLike[str], out_dir: str | os.PathLik
 
 
 # ============================================================================ model helpers
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
-    import torch
-
-    d = (device or "auto").strip().lower()
-    if d == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(d)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(f"--device {device!r} is not a torch device") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda but CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank % max(1, torch.cuda.device_count())}")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps but MPS is not available")
-    return dev
-
 
 def package_class_map(pkg: ModelPackage) -> ClassMap:
     """The package's classes as a :class:`~qpseg.labels.ClassMap` (index 0 = Background)."""

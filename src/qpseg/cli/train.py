@@ -1,0 +1,202 @@
+"""``qpseg train``: a QuPath project (or its manifest) -> a trained model package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+
+def _overrides(epochs: int | None, steps: int | None, batch_size: int | None, seed: int | None,
+               workers: int | None) -> dict[str, Any]:
+    train: dict[str, Any] = {}
+    if epochs is not None:
+        train["epochs"] = epochs
+    if steps is not None:
+        train["steps"] = steps
+    if batch_size is not None:
+        train["batch_size"] = batch_size
+    if seed is not None:
+        train["seed"] = seed
+    out: dict[str, Any] = {"train": train} if train else {}
+    if workers is not None:
+        out["data"] = {"workers": workers}
+    return out
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from qpseg.cli._common import console
+
+    c = console()
+    stages = {k: v for k, v in summary.items() if isinstance(v, dict) and "split" in v}
+    if not stages:
+        stages = {"": summary}
+    model = summary.get("model", {})
+    c.print(f"model: {model.get('architecture', '?')} ({model.get('output', '?')} output)")
+    for name, s in stages.items():
+        title = f"{name + ': ' if name else ''}{s['tile_px']} px tiles at {s['mpp']:g} µm/px"
+        if s.get("scales") and len(s["scales"]) > 1:
+            title += f", views at {', '.join(f'{v:g}' for v in s['scales'])}x"
+        table = Table(title=title)
+        table.add_column("subset")
+        table.add_column("slides", justify="right")
+        table.add_column("tiles", justify="right")
+        for cls in s["classes"]:
+            table.add_column(f"{cls} tiles / px", justify="right")
+        table.add_column("ignored", justify="right")
+        for subset in ("train", "val"):
+            sub = s.get(subset)
+            if not sub:
+                table.add_row(subset, "0", "0", *[""] * len(s["classes"]), "")
+                continue
+            cells = [f"{sub['classes'][cls]['tiles']:,} / {sub['classes'][cls]['pixels']:,}"
+                     for cls in s["classes"]]
+            items = f"{sub['items']:,}" + (f" ({sub['tiles']:,} tiles)"
+                                           if sub["items"] != sub["tiles"] else "")
+            table.add_row(subset, str(sub["slides"]), items, *cells,
+                          f"{sub['ignored_fraction']:.1%}")
+        c.print(table)
+        for subset in ("train", "val"):
+            patches = s.get(f"{subset}_patches")
+            if patches:
+                c.print(f"{subset} patch labels: " + ", ".join(f"{k} {v:,}"
+                                                               for k, v in patches.items()))
+        split = s["split"]
+        c.print(f"split (seed {split['seed']}): {len(split['train'])} train, "
+                f"{len(split['val'])} val, {len(split['test'])} test slide(s)")
+    refine = summary.get("refine")
+    if refine:
+        c.print(f"refine: {len(refine['train_slides'])} train / {len(refine['val_slides'])} val "
+                f"slide(s), {refine['tile_px']} px whole-slide inputs")
+
+
+class _Progress:
+    """Renders :class:`~qpseg.training.loop.TrainEvent` objects with rich."""
+
+    def __init__(self, quiet: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        from qpseg.cli._common import console
+
+        self.quiet = quiet
+        self.console = console()
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tiles/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+            disable=quiet, transient=False)
+        self.task: Any = None
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        self.progress.__exit__(*args)
+
+    def __call__(self, ev: Any) -> None:
+        if ev.kind in ("start", "resumed"):
+            desc = f"{ev.stage}"
+            if self.task is None or self.progress.tasks[self.task].description != desc:
+                self.task = self.progress.add_task(desc, total=ev.total_steps, loss="-",
+                                                   rate="-")
+            self.progress.update(self.task, completed=ev.step, total=ev.total_steps)
+            if ev.kind == "resumed" and not self.quiet:
+                self.progress.console.print(f"resumed {ev.stage} at step {ev.step} from "
+                                            f"{ev.message}")
+        elif ev.kind == "step" and self.task is not None:
+            self.progress.update(self.task, completed=ev.step, loss=f"{ev.loss:.4g}",
+                                 rate=f"{ev.tiles_per_s:.1f}")
+        elif ev.kind == "epoch" and not self.quiet:
+            parts = [f"{ev.stage} epoch {ev.epoch + 1}/{ev.epochs}", f"step {ev.step}",
+                     f"train loss {ev.loss:.4g}"]
+            m = ev.metrics
+            if m.get("val_loss") is not None and m.get("val_loss") == m.get("val_loss"):
+                parts.append(f"val loss {m['val_loss']:.4g}")
+            if "val_mdice" in m:
+                parts.append(f"val mDice {m['val_mdice']:.3f}")
+            dice = {k[9:]: v for k, v in m.items() if k.startswith("val_dice_")}
+            if dice:
+                parts.append("Dice " + " ".join(f"{k} {v:.3f}" for k, v in dice.items()
+                                                if v == v))
+            self.progress.console.print(" | ".join(parts))
+        elif ev.kind in ("stage", "stopped") and not self.quiet:
+            self.progress.console.print(ev.message)
+
+
+def train(
+    source: Path = typer.Argument(..., help="manifest.json (or its folder) or a QuPath project "
+                                  "(.qpproj, imported into OUT first)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the model package, checkpoints "
+                             "and logs."),
+    model: str | None = typer.Option(None, "--model", help="Architecture ('qpseg models' "
+                                     "lists them); default: the config's model."),
+    config: Path | None = typer.Option(None, "--config", help="Training config (YAML or JSON); "
+                                       "the paper's settings of the model are the defaults."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its "
+                                "newest checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the dataset summary (slides, "
+                                 "tiles per class, ignored fraction) and exit."),
+    device: str | None = typer.Option(None, "--device", help="auto (default), cpu or cuda."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Number of epochs."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Stop after N optimizer "
+                                     "steps (overrides --epochs)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Tiles per "
+                                          "batch (per process)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the split, sampling, "
+                                    "augmentation and initialisation."),
+    workers: int | None = typer.Option(None, "--workers", min=0, help="DataLoader worker "
+                                       "processes."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the summary as "
+                                 "JSON."),
+) -> int:
+    """Train a model on the labelled annotations of a QuPath project.
+
+    Works unchanged on one CPU, one GPU or several with torchrun
+    (torchrun --nproc-per-node 4 -m qpseg train ...). Unlabelled pixels are ignored by the loss.
+    """
+    import os
+
+    from qpseg.training import train as run_train
+
+    quiet = quiet or os.environ.get("RANK", "0") not in ("", "0")  # torchrun: rank 0 reports
+
+    params = {"source": str(source), "out": str(out), "model": model,
+              "config": None if config is None else str(config), "resume": resume,
+              "dry_run": dry_run, "device": device, "epochs": epochs, "steps": steps,
+              "batch_size": batch_size, "seed": seed, "workers": workers}
+    overrides = _overrides(epochs, steps, batch_size, seed, workers)
+    if dry_run:
+        result = run_train(source, out, model=model, config=config, overrides=overrides,
+                           resume=resume, dry_run=True, device=device, params=params)
+        if result.rank == 0:
+            if as_json:
+                from qpseg.cli._common import print_json
+
+                print_json(result.summary)
+            else:
+                _print_summary(result.summary)
+        return 0
+    with _Progress(quiet) as progress:
+        result = run_train(source, out, model=model, config=config, overrides=overrides,
+                           resume=resume, device=device, callback=progress, params=params)
+    if result.rank == 0 and not quiet:
+        m = result.metrics
+        from qpseg.cli._common import console
+
+        line = f"model package: {result.package}"
+        if m.get("val_mdice") is not None:
+            line += f" (val mDice {m['val_mdice']:.3f})"
+        console().print(line)
+    return 0

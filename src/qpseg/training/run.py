@@ -1,0 +1,472 @@
+"""``train()``: a manifest or QuPath project + an architecture -> a trained model package.
+
+What ``OUT`` holds afterwards::
+
+    config.json, weights.pt   the model package (qpseg.models.save_package); its "training"
+                              summary records the split, classes, mpp, best metric, config
+    manifest.json             when the input was a QuPath project (imported first)
+    split.json                the slide split (qpseg.data.splits)
+    train_config.json         the resolved configuration (what --resume reuses)
+    train_log.jsonl           one record per logged step and per epoch (loss, lr, tiles/s,
+                              validation loss, Dice and IoU per class)
+    train_log.csv             one row per epoch
+    run_metadata.json         versions, parameters, config, data checksums, split, result
+    checkpoints/              step-XXXXXXXX.pt (+ best.pt), per stage for two-stage models
+
+Runs under ``torchrun`` unchanged (see :mod:`qpseg.training.distributed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qpseg.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from qpseg.manifest import Manifest
+    from qpseg.training.data import StageData
+    from qpseg.training.distributed import Dist
+    from qpseg.training.loop import Callback, StageResult
+
+__all__ = ["TrainResult", "train"]
+
+_RUN_FILES = ("train_config.json", "run_metadata.json", "train_log.jsonl", "train_log.csv",
+              "split.json")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did. ``summary`` is the dataset summary (all that a dry run
+    returns); ``model`` the trained module (None for a dry run)."""
+
+    out_dir: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    dry_run: bool = False
+    model: Any = None
+    stages: list[StageResult] = field(default_factory=list)
+    package: Path | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+
+# ------------------------------------------------------------------------------ metadata
+def _sha256(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if limit is None:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            h.update(fh.read(limit))
+            size = path.stat().st_size
+            if size > 2 * limit:
+                fh.seek(size - limit)
+                h.update(fh.read(limit))
+    return h.hexdigest()
+
+
+def _slide_fingerprint(path: str) -> dict[str, Any]:
+    """Size and SHA-256 of the first and last MiB of a slide (hashing whole multi-GB slides
+    at every run would cost minutes; this catches a swapped or re-scanned file)."""
+    p = Path(path)
+    try:
+        return {"size": p.stat().st_size, "sha256_head_tail": _sha256(p, 1 << 20)}
+    except OSError as exc:
+        return {"error": str(exc)}
+
+
+def _versions() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from qpseg import __version__
+
+    out: dict[str, Any] = {"qpseg": __version__, "python": sys.version.split()[0],
+                           "platform": platform.platform(), "torch": torch.__version__,
+                           "numpy": np.__version__,
+                           "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+    try:
+        import torchvision
+
+        out["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        out["torchvision"] = None
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["cudnn"] = torch.backends.cudnn.version()
+    return out
+
+
+def _data_record(manifest: Manifest, data: StageData) -> dict[str, Any]:
+    slides = []
+    for subset, recs in (("train", data.train_slides), ("val", data.val_slides)):
+        for rec in recs:
+            ann = rec.annotation_file
+            slides.append({
+                "key": rec.key, "subset": subset, "path": rec.path, "mpp": rec.mpp,
+                "size": [rec.width, rec.height], **_slide_fingerprint(rec.path),
+                "annotation_file": ann,
+                "annotation_sha256": _sha256(Path(ann)) if ann and Path(ann).is_file() else None,
+            })
+    mpath = manifest.path
+    return {
+        "manifest": str(mpath) if mpath else None,
+        "manifest_sha256": _sha256(mpath) if mpath and mpath.is_file() else None,
+        "project": manifest.project,
+        "classes": data.class_map.to_json(),
+        "slides": slides,
+    }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------- the command
+def _load_layers(config: str | os.PathLike[str] | Mapping[str, Any] | None
+                 ) -> tuple[dict[str, Any], Path | None]:
+    from qpseg.training.config import load_config_file
+
+    if config is None:
+        return {}, None
+    if isinstance(config, Mapping):
+        return dict(config), None
+    return load_config_file(config), Path(config)
+
+
+def _check_out(out: Path, resume: bool, dry_run: bool) -> None:
+    if dry_run:
+        return
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out must be a folder", out)
+    if resume:
+        if not (out / "train_config.json").is_file():
+            raise ConfigError("nothing to resume here (no train_config.json from an earlier "
+                              "run)", out)
+        return
+    leftovers = [n for n in ("config.json", *_RUN_FILES) if (out / n).exists()]
+    if leftovers or (out / "checkpoints").is_dir():
+        raise ConfigError("holds an earlier training run; pass --resume to continue it or "
+                          "choose another --out", out)
+
+
+def train(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    device: str | None = None,
+    callback: Callback | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` (a registry name; else the config's ``model``) on a manifest or QuPath
+    project and write the package and run files into ``out_dir``.
+
+    ``config``: a YAML/JSON file or a mapping; ``overrides``: config layered on top (what the
+    CLI's ``--epochs``, ``--batch-size``, ... set). ``resume`` continues the run in
+    ``out_dir`` from its newest checkpoint with the configuration it was started with (plus
+    ``overrides``). ``dry_run`` builds the datasets, writes nothing and returns their summary.
+    ``callback`` receives :class:`~qpseg.training.loop.TrainEvent` objects on rank 0; an
+    exception it raises aborts the run. ``params`` is recorded in run_metadata.json.
+    """
+    from qpseg.training.config import resolve_config
+    from qpseg.training.distributed import setup
+
+    out = Path(out_dir)
+    file_cfg, cfg_path = _load_layers(config)
+    _check_out(out, resume, dry_run)
+    saved: dict[str, Any] = {}
+    if resume:
+        try:
+            saved = json.loads((out / "train_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the saved configuration: {exc}",
+                              out / "train_config.json") from None
+    arch = model or file_cfg.get("model") or saved.get("model")
+    if not arch or not isinstance(arch, str):
+        raise ConfigError("no model: pass --model NAME or set model: in the config")
+    if saved and saved.get("model") != arch:
+        raise ConfigError(f"the run in {out} trains {saved.get('model')}, not {arch}")
+    base_layers: list[Mapping[str, Any]] = []
+    if saved:
+        base_layers.append({k: v for k, v in saved.items() if k != "model"})
+    cfg = resolve_config(arch, *base_layers, {k: v for k, v in file_cfg.items() if k != "model"},
+                         overrides or {}, path=cfg_path)
+    if device is not None:
+        cfg["train"]["device"] = device
+    dist = setup(cfg["train"]["device"])
+    try:
+        return _train(source, out, cfg, arch, dist, resume=resume, dry_run=dry_run,
+                      callback=callback, params=params or {})
+    finally:
+        dist.close()
+
+
+def _open(source: str | os.PathLike[str], out: Path, cfg: Mapping[str, Any], dist: Dist,
+          *, resume: bool, dry_run: bool) -> Manifest:
+    from qpseg.manifest import read_manifest
+    from qpseg.training.data import open_manifest
+
+    p = Path(source)
+    is_project = p.suffix.lower() == ".qpproj" or (p.is_dir() and not (
+        p / "manifest.json").is_file() and any(p.glob("*.qpproj")))
+    if is_project and resume and (out / "manifest.json").is_file():
+        return read_manifest(out / "manifest.json")
+    d = cfg["data"]
+    if not is_project or dry_run:
+        return open_manifest(source, None, classes=cfg.get("classes"),
+                             slide_mpp=d["slide_mpp"], write=False)
+    manifest: Manifest | None = None
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = open_manifest(source, out, classes=cfg.get("classes"),
+                                 slide_mpp=d["slide_mpp"], write=True)
+    dist.barrier()
+    return manifest if manifest is not None else read_manifest(out / "manifest.json")
+
+
+def _build_model(arch: str, num_classes: int, cfg: Mapping[str, Any], seed: int, *,
+                 meta: bool = False) -> Any:
+    """The model of ``cfg``; ``meta``: on the meta device (a dry run needs the contract only,
+    so no weights are allocated or read)."""
+    from qpseg.models import create_model, get_entry
+    from qpseg.training.checkpoint import seed_everything
+
+    seed_everything(seed)
+    kwargs = dict(cfg.get("model_kwargs") or {})
+    pretrained = kwargs.pop("pretrained", None)
+    if meta:
+        for key in get_entry(arch).init_only:
+            kwargs.pop(key, None)
+        model = create_model(arch, num_classes, meta=True, **kwargs)
+    else:
+        model = create_model(arch, num_classes, pretrained=pretrained, **kwargs)
+    if not model.contract.trainable:
+        raise ModelError(f"{arch} is a classical (non-learned) baseline; there is nothing to "
+                         "train")
+    return model
+
+
+def _task_and_spec(name: str, cfg: Mapping[str, Any], module: Any, data: StageData,
+                   out: Path, dist: Dist, seed: int, ckpt_dir: Path) -> Any:
+    """The Task and StageSpec of a tile-based stage."""
+    import numpy as np
+
+    from qpseg.data.weights import class_pixel_counts
+    from qpseg.losses import build_loss
+    from qpseg.training.data import tiles_with_hist, weights_for_classes
+    from qpseg.training.loop import StageSpec, Task
+
+    contract = module.contract
+    n = data.num_classes
+    item_tiles = data.train.item_tiles
+    if data.train_patch_labels is not None:
+        counts = np.bincount(np.asarray(data.train_patch_labels), minlength=n).astype(float)
+    else:
+        counts = class_pixel_counts(item_tiles, n)
+    lo = dict(cfg["loss"])
+    if lo.get("dice_mode") is None:
+        lo.pop("dice_mode")
+    weights = weights_for_classes(lo.get("class_weights"), data.class_map, counts)
+    spec_loss = build_loss(lo, output=contract.output, num_classes=n, class_weights=weights,
+                           ignore_index=data.class_map.ignore_index)
+    task = Task(output=contract.output, contract=contract, class_map=data.class_map,
+                loss=spec_loss, mean=data.mean, std=data.std, device=dist.device,
+                augment=cfg["augment"], seed=seed * 101 + dist.rank,
+                patch_labels=data.train_patch_labels, val_patch_labels=data.val_patch_labels,
+                extents=data.train.view_extents,
+                border=(float(lo["border_w0"]), float(lo["border_sigma"])),
+                channels_last=bool(cfg["train"]["channels_last"]))
+    if spec_loss.name == "cwce":
+        from qpseg.training.clusters import fit_cluster_guide
+
+        task.cluster_model, task.cluster_features = fit_cluster_guide(
+            data, cfg["loss"].get("clusters") or {}, dist, seed)
+    sampler_tiles = item_tiles
+    if data.train_patch_labels is not None:
+        # The hierarchical sampler's class level follows the patch labels.
+        items = data.train.items
+        labels = [data.train_patch_labels[t] for t, _ in items]
+        sampler_tiles = tiles_with_hist(item_tiles, labels, n)
+    groups = [s.group for s in data.train_slides]
+    spec = StageSpec(name=name, cfg=cfg, model=module, task=task, train_ds=data.train,
+                     val_ds=data.val, sampler_tiles=sampler_tiles, slide_groups=groups,
+                     ckpt_dir=ckpt_dir, class_map=data.class_map,
+                     log_path=out / "train_log.jsonl", csv_path=out / "train_log.csv")
+    return spec, weights
+
+
+def _clean(value: Any) -> Any:
+    """JSON-ready: NaN/inf -> None (undefined metrics), tuples -> lists, others -> str."""
+    import math
+
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return _clean(value.item())
+    return str(value)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    from qpseg._io import write_json_atomic
+
+    write_json_atomic(path, _clean(data), backup=False)
+
+
+def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch: str,
+           dist: Dist, *, resume: bool, dry_run: bool, callback: Callback | None,
+           params: Mapping[str, Any]) -> TrainResult:
+    from qpseg.training.data import class_map_for, data_summary, prepare_data
+    from qpseg.training.loop import TrainEvent, run_stage
+
+    seed = int(cfg["train"]["seed"])
+    started = time.time()
+    if resume and (out / "split.json").is_file() and not cfg["split"]["file"]:
+        cfg["split"]["file"] = str(out / "split.json")  # the slides a resumed run trained on
+    manifest = _open(source, out, cfg, dist, resume=resume, dry_run=dry_run)
+    class_map = class_map_for(manifest, cfg.get("classes"))
+    model = _build_model(arch, len(class_map), cfg, seed, meta=dry_run)
+    contract = model.contract
+    if contract.stages:
+        from qpseg.training.h2g import train_two_stage
+
+        return train_two_stage(manifest, out, cfg, arch, model, dist, resume=resume,
+                               dry_run=dry_run, callback=callback, params=params)
+    data = prepare_data(manifest, cfg, contract, seed=seed)
+    summary = data_summary(data)
+    summary["model"] = {"architecture": arch, "kwargs": cfg.get("model_kwargs") or {},
+                        "output": contract.output}
+    if dry_run:
+        return TrainResult(out, cfg, summary, dry_run=True, rank=dist.rank,
+                           world_size=dist.world_size)
+    spec, weights = _task_and_spec("train", cfg, model, data, out, dist, seed,
+                                   out / "checkpoints")
+    meta = _start_metadata(out, cfg, arch, manifest, data, dist, params, summary, source,
+                           resume)
+    if callback is not None and dist.is_main:
+        callback(TrainEvent("stage", "train", message=f"{arch}: {len(data.train)} training "
+                            f"items from {len(data.train_slides)} slide(s)"))
+    result = run_stage(spec, dist, resume=resume, callback=callback, seed=seed)
+    training = _training_summary(cfg, data, [result], weights)
+    package = None
+    if dist.is_main:
+        package = _save(out, result.model, data, training)
+        _finish_metadata(out, meta, [result], started)
+        if callback is not None:
+            callback(TrainEvent("done", "train", result.epochs, result.epochs, result.steps,
+                                result.steps, metrics=result.best.get("last_metrics", {}),
+                                message=str(out)))
+    dist.barrier()
+    return TrainResult(out, cfg, summary, model=result.model, stages=[result], package=package,
+                       metrics=result.best.get("last_metrics", {}), rank=dist.rank,
+                       world_size=dist.world_size)
+
+
+def _start_metadata(out: Path, cfg: Mapping[str, Any], arch: str, manifest: Manifest,
+                    data: StageData, dist: Dist, params: Mapping[str, Any],
+                    summary: Mapping[str, Any], source: Any, resume: bool) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        previous: dict[str, Any] = {}
+        if resume and (out / "run_metadata.json").is_file():
+            try:
+                previous = json.loads((out / "run_metadata.json").read_text(encoding="utf-8"))
+            except ValueError:
+                previous = {}
+        meta = {
+            "qpseg_run": "train",
+            "created": previous.get("created") or _now(),
+            "resumed": [*previous.get("resumed", []), _now()] if resume else [],
+            "status": "running",
+            "command": list(sys.argv),
+            "params": dict(params),
+            "source": str(source),
+            "model": arch,
+            "config": cfg,
+            "versions": _versions(),
+            "device": str(dist.device),
+            "world_size": dist.world_size,
+            "data": _data_record(manifest, data),
+            "split": data.split.to_json(),
+            "summary": summary,
+        }
+        data.split.save(out / "split.json")
+        _write_json(out / "train_config.json", cfg)
+        _write_json(out / "run_metadata.json", meta)
+    if dist.is_main and dist.distributed:
+        from qpseg.data.samplers import slide_shards
+
+        shards = slide_shards(data.train.item_tiles, dist.world_size)
+        meta["ranks"] = [{"rank": r, "train_slides": [data.train.slides[i].key for i in s]}
+                         for r, s in enumerate(shards)]
+        _write_json(out / "run_metadata.json", meta)
+    return meta
+
+
+def _finish_metadata(out: Path, meta: dict[str, Any], results: list[StageResult],
+                     started: float) -> None:
+    meta["status"] = "done"
+    meta["finished"] = _now()
+    meta["seconds"] = round(time.time() - started, 1)
+    meta["result"] = {r.name: {"steps": r.steps, "epochs": r.epochs,
+                               "stopped_early": r.stopped_early, "best": r.best}
+                      for r in results}
+    _write_json(out / "run_metadata.json", meta)
+
+
+def _training_summary(cfg: Mapping[str, Any], data: StageData, results: list[StageResult],
+                      weights: Any) -> dict[str, Any]:
+    return {
+        "split": data.split.to_json(),
+        "classes": data.class_map.names,
+        "mpp": data.mpp,
+        "tile_px": data.tile_px,
+        "tissue_method": data.tissue_method,
+        "target": data.target,
+        "class_weights": weights,
+        "slides": {"train": [s.key for s in data.train_slides],
+                   "val": [s.key for s in data.val_slides]},
+        "stages": {r.name: {"steps": r.steps, "epochs": r.epochs, "best": r.best,
+                            "stopped_early": r.stopped_early} for r in results},
+        "config": cfg,
+        "run_metadata": "run_metadata.json",
+    }
+
+
+def _save(out: Path, module: Any, data: StageData, training: Mapping[str, Any],
+          stage_normalization: Any = None, mean: Any = None, std: Any = None) -> Path:
+    from qpseg.models import save_package
+
+    names = data.class_map.names
+    colors = [c.color for c in data.class_map.classes]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return save_package(out, module.cpu(), class_names=names, class_colors=colors,
+                            mpp=data.mpp, mean=mean if mean is not None else data.mean,
+                            std=std if std is not None else data.std,
+                            ignore_index=data.class_map.ignore_index, training=_clean(training),
+                            stage_normalization=stage_normalization, overwrite=True)

@@ -1,0 +1,253 @@
+"""Training configuration: the papers' defaults, files, merging, validation; optimisers,
+schedules and checkpoint helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qpseg.errors import ConfigError, QpsegError
+from qpseg.training.checkpoint import (
+    find_checkpoint,
+    get_rng_state,
+    prune_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
+from qpseg.training.config import (
+    GENERIC_DEFAULTS,
+    deep_merge,
+    load_config_file,
+    paper_defaults,
+    paper_of,
+    resolve_config,
+    stage_config,
+)
+from qpseg.training.optim import build_optimizer, build_scheduler, current_lr
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
+
+
+def test_papers_numbers_are_the_defaults() -> None:
+    k = paper_defaults("fcn32s_vgg16")  # khalil2022 §3.5
+    assert k["optimizer"] == {**k["optimizer"], "name": "sgd", "lr": 1e-10, "weight_decay": 5e-4}
+    assert k["sampler"]["name"] == "boosting" and k["sampler"]["gamma"] == 0.05
+    assert k["augment"]["preset"] == "khalil2022" and k["data"]["tissue_method"] == "otsu"
+    h = paper_defaults("dmmn_m3")  # ho2021 §2.5
+    assert (h["optimizer"]["lr"], h["optimizer"]["momentum"], h["optimizer"]["weight_decay"]) \
+        == (5e-5, 0.99, 1e-4)
+    assert h["train"]["epochs"] == 20 and h["loss"]["class_weights"] == "ho2021"
+    assert h["train"]["select"]["metric"] == "val_miou"
+    lg = paper_defaults("unet_resnet101")  # lagree2021
+    assert lg["loss"]["name"] == "lagree2021" and lg["optimizer"] == {
+        **lg["optimizer"], "name": "adam", "lr": 1e-4}
+    assert lg["loss"]["border_w0"] == 10.0 and lg["loss"]["border_sigma"] == 5.0
+    mr = paper_defaults("maskrcnn_resnet101")
+    assert (mr["optimizer"]["name"], mr["optimizer"]["lr"], mr["optimizer"]["momentum"],
+            mr["optimizer"]["weight_decay"]) == ("sgd", 1e-3, 0.9, 1e-4)
+    p = paper_defaults("h2g_net")  # pedersen2022 §3.4
+    patch, refine = stage_config(p, "patch"), stage_config(p, "refine")
+    assert (patch["optimizer"]["lr"], patch["train"]["batch_size"], patch["train"]["epochs"]) \
+        == (1e-4, 64, 100)
+    assert patch["sampler"]["samples_per_epoch"] == 500 * 64
+    assert (refine["optimizer"]["lr"], refine["train"]["batch_size"],
+            refine["train"]["accumulate"], refine["train"]["epochs"]) == (1e-3, 4, 6, 1000)
+    assert refine["train"]["early_stopping"]["patience"] == 100
+    assert patch["data"]["tissue_method"] == refine["data"]["tissue_method"] == "hsv"
+    assert paper_of("tiny_unet") == "qpseg"
+
+
+def test_unknown_keys_are_named_with_a_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'optimiser'"):
+        resolve_config("tiny_unet", {"optimiser": {"lr": 1}})
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        resolve_config("tiny_unet", {"train": {"batch_sise": 4}})
+    with pytest.raises(ConfigError, match="section 'augment'"):
+        resolve_config("tiny_unet", {"augment": {"rotate": True}})
+    with pytest.raises(ConfigError, match=r"stages\.patch"):
+        resolve_config("h2g_net", {"stages": {"patch": {"trian": {}}}})
+
+
+@pytest.mark.parametrize("bad", [
+    {"train": {"batch_size": 0}}, {"train": {"epochs": 1.5}}, {"optimizer": {"lr": -1}},
+    {"optimizer": {"name": "lbfgs"}}, {"data": {"select": "some"}},
+    {"split": {"val": 0.6, "test": 0.5}}, {"loss": {"class_weights": "inverse"}},
+    {"data": {"normalization": {"mean": [0.5], "std": [0.0]}}}, {"classes": "Tumor"},
+    {"train": {"early_stopping": {"metric": "val_loss", "mode": "up"}}},
+    {"train": {"precision": "fp8"}}, {"augment": {"preset": "mine"}}, {"data": "x"},
+])
+def test_invalid_values(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        resolve_config("tiny_unet", bad)
+
+
+def test_merge_order_and_augment_presets() -> None:
+    cfg = resolve_config("tiny_unet", {"augment": {"preset": "khalil2022"},
+                                       "train": {"epochs": 3}}, {"train": {"epochs": 5}})
+    assert cfg["train"]["epochs"] == 5
+    # A preset replaces the previous augment section (no rot90 override leaks from qpseg's).
+    assert cfg["augment"] == {"preset": "khalil2022"}
+    cfg2 = resolve_config("tiny_unet", {"augment": {"brightness": 0.1}})
+    assert cfg2["augment"]["preset"] == "none" and cfg2["augment"]["brightness"] == 0.1
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+    assert set(GENERIC_DEFAULTS) == {"data", "split", "sampler", "augment", "loss", "optimizer",
+                                     "scheduler", "train"}
+
+
+def test_config_files(tmp_path: Path) -> None:
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  epochs: 4\n", encoding="utf-8")
+    assert load_config_file(y) == {"train": {"epochs": 4}}
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"optimizer": {"lr": 0.5}}), encoding="utf-8")
+    assert load_config_file(j)["optimizer"]["lr"] == 0.5
+    (tmp_path / "empty.yaml").write_text("", encoding="utf-8")
+    assert load_config_file(tmp_path / "empty.yaml") == {}
+    for text, suffix in (("[1, 2]", ".yaml"), ("train: [", ".yaml"), ("{", ".json")):
+        bad = tmp_path / f"bad{suffix}"
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=str(bad.name)):
+            load_config_file(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config_file(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_example_configs_resolve(path: Path) -> None:
+    data = load_config_file(path)
+    cfg = resolve_config(data["model"], {k: v for k, v in data.items() if k != "model"},
+                         path=path)
+    assert cfg["model"] == data["model"]
+
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6),
+                  st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+                  st.lists(st.integers(-3, 3), max_size=3))
+_keys = st.sampled_from(["lr", "epochs", "batch_size", "name", "val", "mpp", "preset",
+                         "reduction", "select", "momentum", "rates", "metric", "bogus"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from([*GENERIC_DEFAULTS, "classes", "model_kwargs", "x"]),
+                       st.one_of(_leaf, st.dictionaries(_keys, _leaf, max_size=4)),
+                       max_size=4))
+def test_fuzz_config_ends_in_config_or_qpseg_error(layer: dict) -> None:
+    try:
+        cfg = resolve_config("tiny_unet", layer)
+    except QpsegError:
+        return
+    assert cfg["model"] == "tiny_unet"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=60))
+def test_fuzz_config_file_text(text: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "c.yaml"
+        p.write_text(text, encoding="utf-8")
+        try:
+            data = load_config_file(p)
+            resolve_config("tiny_unet", data)
+        except QpsegError:
+            pass
+
+
+# ------------------------------------------------------------------------- optim, schedules
+def _opt(name: str = "sgd", lr: float = 0.1) -> torch.optim.Optimizer:
+    cfg = dict(GENERIC_DEFAULTS["optimizer"], name=name, lr=lr)
+    return build_optimizer(torch.nn.Linear(2, 2).parameters(), cfg)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "adadelta", "rmsprop"])
+def test_optimizers(name: str) -> None:
+    opt = _opt(name, 0.01)
+    assert current_lr(opt) == pytest.approx(0.01)
+
+
+def test_no_trainable_parameters() -> None:
+    p = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+    with pytest.raises(ConfigError):
+        build_optimizer([p], dict(GENERIC_DEFAULTS["optimizer"]))
+
+
+def _lrs(sched_cfg: dict, total: int, n: int) -> list[float]:
+    opt = _opt(lr=1.0)
+    sch = build_scheduler(opt, {**GENERIC_DEFAULTS["scheduler"], **sched_cfg}, total)
+    out = []
+    for _ in range(n):
+        out.append(current_lr(opt))
+        opt.step()
+        sch.step()
+    return out
+
+
+def test_schedules() -> None:
+    assert _lrs({"name": "constant"}, 10, 3) == [1.0, 1.0, 1.0]
+    assert _lrs({"name": "step", "step_size": 2, "gamma": 0.5}, 10, 5) == [1, 1, .5, .5, .25]
+    assert _lrs({"name": "multistep", "milestones": [1, 3], "gamma": 0.1}, 10, 4) == \
+        pytest.approx([1, 0.1, 0.1, 0.01])
+    cos = _lrs({"name": "cosine"}, 4, 5)
+    assert cos == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
+                                 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0])
+    assert _lrs({"name": "poly", "power": 1.0}, 4, 3) == pytest.approx([1.0, 0.75, 0.5])
+    assert _lrs({"name": "constant", "warmup_steps": 4}, 10, 5) == pytest.approx(
+        [0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_scheduler_state_roundtrip() -> None:
+    cfg = {**GENERIC_DEFAULTS["scheduler"], "name": "cosine"}
+    opt = _opt(lr=1.0)
+    sch = build_scheduler(opt, cfg, 10)
+    for _ in range(3):
+        opt.step()
+        sch.step()
+    state = sch.state_dict()
+    opt2 = _opt(lr=1.0)
+    opt2.load_state_dict(opt.state_dict())
+    sch2 = build_scheduler(opt2, cfg, 10)
+    sch2.load_state_dict(state)
+    for _ in range(2):
+        opt.step()
+        sch.step()
+        opt2.step()
+        sch2.step()
+    assert current_lr(opt) == current_lr(opt2)
+    plateau = build_scheduler(_opt(lr=1.0), {**cfg, "name": "plateau", "patience": 0}, 10)
+    plateau.step_metric(1.0)
+    plateau.step_metric(2.0)
+    assert current_lr(plateau.inner.optimizer) == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_rng_state_roundtrip() -> None:
+    gen = torch.Generator().manual_seed(3)
+    state = get_rng_state(gen)
+    a = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen))
+    set_rng_state(state, gen)
+    b = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen))
+    assert a == b
+
+
+def test_checkpoint_files(tmp_path: Path) -> None:
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, {"stage": "x", "value": step})
+    prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.glob("step-*.pt")) == ["step-00000004.pt",
+                                                                  "step-00000006.pt"]
+    path, ck = find_checkpoint(tmp_path)
+    assert ck["value"] == 6
+    # A truncated newest checkpoint (killed while writing) falls back to the previous one.
+    path.write_bytes(path.read_bytes()[:20])
+    path2, ck2 = find_checkpoint(tmp_path)
+    assert ck2["value"] == 4 and path2 != path
+    assert find_checkpoint(tmp_path / "none") is None
