@@ -11,8 +11,8 @@ import pytest
 
 from qpseg.cli import main
 
-COMMANDS = ["info", "validate", "import-project", "models", "model-info", "train", "infer", "evaluate",
-            "evaluate-edits", "demo"]
+COMMANDS = ["info", "validate", "import-project", "models", "model-info", "train", "infer",
+            "evaluate", "evaluate-edits", "demo"]
 
 
 def test_import_cli_does_not_import_heavy_modules() -> None:
