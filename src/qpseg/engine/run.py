@@ -64,7 +64,6 @@ from qpseg.engine.tiling import InferenceWarning
 from qpseg.errors import ConfigError, ModelError, QpsegError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
     import torch
 
     from qpseg.engine.distributed import DistContext
@@ -697,26 +696,6 @@ def _run_tiles(ctx: _Context, job: SlideJob, slide_mpp_override: float | None, p
     return kept[0]
 
 
-def _resample(arr: np.ndarray, src_ds: float, dst_shape: tuple[int, int],
-              dst_ds: float) -> np.ndarray:
-    """Bilinear resampling of a ``(C, h, w)`` map whose pixel (c, r) covers level-0
-    ``[c·src_ds, (c+1)·src_ds)`` onto a ``dst_shape`` grid of ``dst_ds`` pixels (edges
-    clamped)."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
-    h, w = arr.shape[-2:]
-    dh, dw = dst_shape
-    xs = ((torch.arange(dw, dtype=torch.float64) + 0.5) * dst_ds / src_ds) / w * 2 - 1
-    ys = ((torch.arange(dh, dtype=torch.float64) + 0.5) * dst_ds / src_ds) / h * 2 - 1
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    grid = torch.stack([gx, gy], dim=-1)[None].float()
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out[0].numpy()
-
-
 def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: float | None,
                    tissue: TissueMask | None, work: Path, index: int, total: int
                    ) -> tuple[MapSet, MapGeometry, int, float, float]:
@@ -725,7 +704,7 @@ def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: flo
     import torch
     import torch.nn.functional as F
 
-    from qpseg.engine.stitch import MapSet
+    from qpseg.engine.stitch import MapSet, resample_map
     from qpseg.engine.tiling import plan_for_slide
     from qpseg.objects import MapGeometry
 
@@ -754,7 +733,7 @@ def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: flo
     ds_r = max(w_q, h_q) / size
     wr, hr = max(1, math.ceil(w_q / ds_r - 1e-9)), max(1, math.ceil(h_q / ds_r - 1e-9))
     img = slide.read_region_mpp(0.0, 0.0, wr, hr, slide.mpp * ds_r)
-    heat_r = _resample(heat[None], plan.map_downsample, (hr, wr), ds_r)
+    heat_r = resample_map(heat[None], plan.map_downsample, (hr, wr), ds_r)
     runner = ctx.runner(1)
     dev = ctx.device
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div_(255.0)

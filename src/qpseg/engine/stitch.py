@@ -33,7 +33,7 @@ from qpseg.engine.writers import MapFile
 if TYPE_CHECKING:  # pragma: no cover
     from qpseg.engine.tiling import TilePlan
 
-__all__ = ["MapSet", "Stitcher", "hann_window"]
+__all__ = ["MapSet", "Stitcher", "hann_window", "resample_map"]
 
 
 def hann_window(valid: int, margin: int) -> np.ndarray:
@@ -248,3 +248,24 @@ class Stitcher:
     def finish(self) -> None:
         """Write every remaining row."""
         self._flush(self.h)
+
+
+def resample_map(arr: np.ndarray, src_ds: float, dst_shape: tuple[int, int],
+                 dst_ds: float) -> np.ndarray:
+    """Bilinear resampling of a ``(C, h, w)`` map whose pixel (c, r) covers level-0
+    ``[c·src_ds, (c+1)·src_ds)`` onto a ``dst_shape`` grid of ``dst_ds`` pixels (edges
+    clamped); H2G-Net's heatmap -> refinement input, in training and inference alike."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    src = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+    h, w = arr.shape[-2:]
+    dh, dw = dst_shape
+    xs = ((torch.arange(dw, dtype=torch.float64) + 0.5) * dst_ds / src_ds) / w * 2 - 1
+    ys = ((torch.arange(dh, dtype=torch.float64) + 0.5) * dst_ds / src_ds) / h * 2 - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1)[None].float()
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    result: np.ndarray = out[0].numpy()
+    return result
