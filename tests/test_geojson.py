@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import re
 import uuid
 import warnings
 from collections import Counter
@@ -21,6 +22,7 @@ from qpseg.qupath.geojson import (
     OBJECT_TYPES,
     FeatureProblem,
     QuPathObject,
+    _describe,
     canonical_object_type,
     parse_features,
     read_geojson,
@@ -631,3 +633,320 @@ def test_validator_on_fixtures(qupath_fixtures: Path) -> None:
 
 def test_object_types_constant() -> None:
     assert OBJECT_TYPES == ("annotation", "detection", "cell", "tile", "tmaCore")
+
+
+# --------------------------------------------------------------------------------------------
+# The collection writer's fast path (vectorised geometry, bulk ids) against to_feature
+# --------------------------------------------------------------------------------------------
+
+
+def _ngon(rng: Any, cx: float, cy: float, r: float, n: int, whole: bool,
+          cw: bool) -> list[tuple[float, float]]:
+    import numpy as np
+
+    a = np.sort(rng.uniform(0, 2 * np.pi, n))
+    xy = np.stack([cx + r * np.cos(a), cy + r * np.sin(a)], axis=1)
+    if whole:
+        xy = np.round(xy)
+    pts = [(float(x), float(y)) for x, y in xy]
+    return pts[::-1] if cw else pts
+
+
+def _random_geometry(rng: Any, kind: str, whole: bool) -> Any:
+    cx, cy = rng.uniform(-500, 5000, 2)
+    cw = bool(rng.random() < 0.5)
+    if kind == "polygon":
+        return Polygon(_ngon(rng, cx, cy, rng.uniform(3, 40), int(rng.integers(3, 20)), whole, cw))
+    if kind == "holes":
+        outer = _ngon(rng, cx, cy, 60, 16, whole, cw)
+        holes = [_ngon(rng, cx - 25, cy, 8, 6, whole, not cw),
+                 _ngon(rng, cx + 25, cy, 8, 5, whole, cw)][: int(rng.integers(1, 3))]
+        return Polygon(outer, holes)
+    if kind == "multi":
+        return MultiPolygon([Polygon(_ngon(rng, cx, cy, 10, 8, whole, cw)),
+                             Polygon(_ngon(rng, cx + 50, cy, 10, 7, whole, not cw),
+                                     [_ngon(rng, cx + 50, cy, 3, 4, whole, cw)])])
+    if kind == "multi1":
+        return MultiPolygon([Polygon(_ngon(rng, cx, cy, 10, 9, whole, cw))])
+    if kind == "bowtie":
+        return Polygon([(cx, cy), (cx + 9, cy + 9), (cx + 9, cy), (cx, cy + 9)])
+    if kind == "overlap":
+        return MultiPolygon([box(cx, cy, cx + 4, cy + 4), box(cx + 2, cy + 2, cx + 6, cy + 6)])
+    if kind == "sliver":
+        return Polygon([(cx, cy), (cx + 1, cy + 1), (cx + 2, cy + 2)])
+    if kind in ("nan", "inf"):
+        with warnings.catch_warnings():  # shapely warns about the value it is given
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return Polygon([(cx, cy), (getattr(math, kind), cy), (cx, cy + 3)])
+    if kind == "empty":
+        return Polygon()
+    if kind == "z":
+        return Polygon([(cx, cy, 1.0), (cx + 3, cy, 2.0), (cx, cy + 3, math.nan)])
+    if kind == "big":  # integral but beyond 2**53: written as floats
+        return box(2.0**54, 0, 2.0**54 + 4096, 3)
+    if kind == "negzero":
+        top = 2.0 if whole else 2.5
+        return Polygon([(-0.0, -0.0), (3.0, -0.0), (3.0, top), (-0.0, top)])
+    if kind == "point":
+        return Point(cx, cy)
+    if kind == "multipoint":
+        return shapely.MultiPoint([(cx, cy), (cx + 1.5, cy)])
+    if kind == "line":
+        return LineString([(cx, cy), (cx + 3, cy + 0.25)])
+    if kind == "collection":
+        return shapely.GeometryCollection([box(cx, cy, cx + 2, cy + 2), Point(cx, cy)])
+    raise AssertionError(kind)
+
+
+_GEOMETRY_KINDS = ["polygon"] * 8 + ["holes", "multi", "multi1", "bowtie", "overlap", "sliver",
+                                     "nan", "inf", "empty", "z", "big", "negzero", "point",
+                                     "multipoint", "line", "collection"]
+
+
+def _random_objects(n: int, seed: int, whole: bool | None = None) -> list[QuPathObject]:
+    """Objects of every kind the writer meets, valid or not, ids given for most; coordinates
+    pixel-aligned (``whole``), not, or either at random (None)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    objs = []
+    for i in range(n):
+        kind = _GEOMETRY_KINDS[int(rng.integers(len(_GEOMETRY_KINDS)))]
+        is_whole = bool(rng.random() < 0.5) if whole is None else whole
+        object_type = ["annotation", "detection", "cell", "cell", "tile", "tma_core",
+                       "Detection", "spaceship"][int(rng.integers(8))]
+        nucleus = None
+        if object_type == "cell" and rng.random() < 0.8:
+            nucleus = _random_geometry(rng, ["polygon", "polygon", "holes", "bowtie", "point",
+                                             "multi1"][int(rng.integers(6))], is_whole)
+        elif rng.random() < 0.03:
+            nucleus = box(0, 0, 1, 1)  # on a non-cell: not written, with a warning
+        measurements: dict[Any, Any] = {"Area µm^2": float(rng.uniform(0, 100)),
+                                        "Perimeter µm": float(rng.uniform(0, 10))}
+        extra_m = int(rng.integers(8))
+        if extra_m == 0:
+            measurements["Bad"] = math.nan
+        elif extra_m == 1:
+            measurements["Inf"] = -math.inf
+        elif extra_m == 2:
+            measurements.update({"Int": 3, "Np": np.float64(0.5), 7: 1.0})
+        elif extra_m == 3:
+            measurements["Huge"] = 10**400
+        metadata: dict[Any, Any] = {"qpseg_run": "r1", "qpseg_mpp": "0.5"}
+        if rng.random() < 0.1:
+            metadata.update({"flag": True, "n": 3, "x": None})
+        choices: list[tuple[str | None, Any]] = [
+            (None, None), ("Tumor", (200, 0, 0)), ("Tumor", None), ("Stroma", [150, 200, 150]),
+            ("My class", None), ("Bad colour", (300, 0, 0)), ("", None)]
+        classification, class_color = choices[int(rng.integers(len(choices)))]
+        object_id: str | None = None
+        if rng.random() < 0.7:
+            object_id = str(uuid.UUID(int=int(rng.integers(2**62)) * 7 + i))
+            if rng.random() < 0.1:
+                object_id = "{" + object_id.upper() + "}"
+        objs.append(QuPathObject(
+            _random_geometry(rng, kind, is_whole), object_type=object_type,
+            classification=classification, class_color=class_color,
+            name=f"obj {i}" if rng.random() < 0.3 else None,
+            color=(1, 2, 3) if rng.random() < 0.1 else None, measurements=measurements,
+            metadata=metadata, id=object_id, is_locked=bool(rng.random() < 0.1),
+            nucleus_geometry=nucleus,
+            extra={"isMissing": False, "nan": math.nan} if rng.random() < 0.1 else {},
+            geometry_extra={"isEllipse": True} if rng.random() < 0.1 else {}))
+    return objs
+
+
+def _one_by_one(objs: list[QuPathObject]) -> tuple[list[dict[str, Any]], list[str]]:
+    """to_feature of each object, and its warnings as the collection writer words them."""
+    features, messages = [], []
+    for i, obj in enumerate(objs):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            feature = to_feature(obj)
+        d = _describe(obj)
+        for w in record:
+            text = str(w.message)
+            assert w.category is GeoJSONWarning and text.startswith(d + ": ")
+            messages.append(f"object {i} ({d}): {text[len(d) + 2:]}")
+        if feature is not None:
+            features.append(feature)
+    return features, messages
+
+
+def _drop_fresh_ids(features: list[dict[str, Any]], objs: list[QuPathObject]) -> None:
+    """Remove the ids made up for objects without a usable one (checking they are UUID 4)."""
+    given = {o.id for o in objs if o.id is not None}
+    given |= {str(uuid.UUID(o.id)) for o in objs if o.id is not None}
+    for f in features:
+        if f["id"] not in given:
+            assert uuid.UUID(f["id"]).version == 4 and str(uuid.UUID(f["id"])) == f["id"]
+            del f["id"]
+
+
+def test_collection_matches_to_feature_on_random_objects(tmp_path: Path) -> None:
+    objs = _random_objects(400, seed=1)
+    expected, expected_warnings = _one_by_one(objs)
+    # every path of the writer is exercised
+    kinds = Counter(f["geometry"]["type"] for f in expected)
+    assert {"Polygon", "MultiPolygon", "Point", "MultiPoint", "LineString"} <= set(kinds)
+    assert sum("nucleusGeometry" in f for f in expected) > 20
+    assert any("repaired" in m for m in expected_warnings)
+    assert any("not written" in m for m in expected_warnings)
+    assert any("measurements that are not finite" in m for m in expected_warnings)
+    assert 40 < len(objs) - len(expected) < 200
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        collection = to_feature_collection(objs)
+    assert [str(w.message) for w in record] == expected_warnings
+    got = collection["features"]
+    assert len(got) == len(expected)
+    _drop_fresh_ids(got, objs)
+    _drop_fresh_ids(expected, objs)
+    assert sum("id" in f for f in got) > 150  # ids given are kept
+    assert got == expected
+    assert json.loads(json.dumps(got)) == json.loads(json.dumps(expected))
+
+    path = tmp_path / "random.geojson"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert write_geojson(path, objs) == len(expected)
+    assert [str(w.message) for w in record] == [f"{path}: {m}" for m in expected_warnings]
+    written = json.loads(path.read_text(encoding="utf-8"))["features"]
+    _drop_fresh_ids(written, objs)
+    assert written == expected
+    # ints stay ints: a pixel-aligned ring is written without ".0"
+    assert any(type(f["geometry"]["coordinates"][0][0][0]) is int
+               for f in written if f["geometry"]["type"] == "Polygon")
+
+
+def test_written_text_is_the_per_object_text(tmp_path: Path) -> None:
+    # Pixel-aligned shapes (what polygonise makes): the very same text as to_feature + dumps.
+    # With fractional coordinates GEOS prints the numbers; about 1 in 1000 then gets one more
+    # digit than Python's repr, for the same double (the random-objects test compares values).
+    objs = [o for o in _random_objects(300, seed=2, whole=True) if o.id is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GeoJSONWarning)
+        features = [f for f in map(to_feature, objs) if f is not None]
+        path = tmp_path / "same.geojson"
+        write_geojson(path, objs)
+    text = json.dumps({"type": "FeatureCollection", "features": features},
+                      ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
+    assert path.read_text(encoding="utf-8") == text
+    assert text.count('"nucleusGeometry"') > 10 and "µm" in text
+    assert ".0," not in text.split('"properties"')[0]  # whole rings as ints
+
+
+def test_geos_printed_coordinates_are_the_same_doubles(tmp_path: Path) -> None:
+    import numpy as np
+
+    from qpseg.qupath.geojson import _geos_text_agrees
+
+    assert _geos_text_agrees()  # shapely 2.2 / GEOS 3.14: the fast text path is in use
+    rng = np.random.default_rng(3)
+    tricky = [1e-4, 0.00010000000000000002, 9.999999999999998e-05, 5e-5, 999999999999999.9,
+              1e15, 1e15 + 2, 123456.789, 1 / 3, 0.1, 2.5, -0.0]
+    shapes = []
+    for v in tricky:  # one value at every corner of an otherwise ordinary square
+        shapes.append(Polygon([(v, v), (v + 10.5, v), (v + 10.5, v + 10.5), (v, v + 10.5)]))
+        shapes.append(Polygon([(0.5, 0.5), (v, 0.5), (v, 20.5), (0.5, 20.5)]))
+    for _ in range(300):  # random shapes over many magnitudes
+        scale = 10.0 ** rng.integers(-5, 18)
+        xy = rng.uniform(-1, 1, (int(rng.integers(3, 9)), 2)) * scale
+        shapes.append(shapely.convex_hull(shapely.multipoints(xy)))
+    mixed = Polygon(box(0, 0, 10, 10).exterior.coords, [[(1.5, 1), (2, 1), (2, 2), (1, 2)]])
+    shapes += [mixed, Polygon([(0, 0, 1.5), (3, 0, 2), (0, 3, 2)]),  # whole + fractional, z
+               box(1e15, 0, 1e15 + 4, 3), box(-(2.0**52), -1, 0, 2),  # whole, beyond 1e15
+               MultiPolygon([box(0, 0, 1, 1), box(2.5, 0, 3, 1)])]   # whole + fractional parts
+    shapes = [g for g in shapes[:-1] if g.geom_type == "Polygon" and g.is_valid
+              and not g.is_empty] + shapes[-1:]
+    objs = [QuPathObject(g, id=str(uuid.UUID(int=i + 1))) for i, g in enumerate(shapes)]
+    assert len(objs) > 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing here needs repair
+        expected = [f for f in map(to_feature, objs) if f is not None]
+        write_geojson(tmp_path / "doubles.geojson", objs)
+    text = (tmp_path / "doubles.geojson").read_text()
+    written = json.loads(text)["features"]
+    assert len(expected) == len(objs) and written == expected
+    # and in the same notation: each number has a point / an exponent where Python puts one
+    number = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]\d+)?")
+    expected_text = json.dumps({"type": "FeatureCollection", "features": expected},
+                               separators=(",", ":"))
+    assert [("." in t, "e" in t) for t in number.findall(text)] == [
+        ("." in t, "e" in t) for t in number.findall(expected_text)]
+    assert "e-05" in text and "e+16" in text and "1000000000000000.0" in text
+
+    def types(value: Any) -> Any:  # the structure with each number replaced by its type
+        return [types(v) for v in value] if isinstance(value, list) else type(value)
+
+    for w, e in zip(written, expected, strict=True):  # ints stay ints, floats floats
+        assert types(w["geometry"]["coordinates"]) == types(e["geometry"]["coordinates"])
+
+
+def test_fast_path_geometry_known_answers() -> None:
+    cw = Polygon([(0, 0), (0, 2), (3, 2), (3, 0)], [[(1, 1), (2, 1), (2, 1.5), (1, 1.5)]])
+    feats = to_feature_collection([
+        QuPathObject(cw, id=str(uuid.UUID(int=1))),
+        QuPathObject(MultiPolygon([box(0, 0, 1, 1)]), object_type="detection"),
+        QuPathObject(MultiPolygon([box(0, 0, 1, 1), box(2, 0, 3.5, 1)]), object_type="tile"),
+        QuPathObject(box(0, 0, 2.0**53, 1)),
+    ])["features"]
+    assert feats[0]["id"] == str(uuid.UUID(int=1))
+    assert feats[0]["geometry"] == {"type": "Polygon", "coordinates": [
+        [[0, 0], [3, 0], [3, 2], [0, 2], [0, 0]],              # exterior turned CCW, ints
+        [[1.0, 1.0], [1.0, 1.5], [2.0, 1.5], [2.0, 1.0], [1.0, 1.0]]]}  # hole CW, floats
+    assert feats[1]["geometry"]["type"] == "Polygon"  # a one-part MultiPolygon
+    assert feats[1]["geometry"]["coordinates"] == [[[1, 0], [1, 1], [0, 1], [0, 0], [1, 0]]]
+    assert feats[2]["geometry"]["coordinates"][1] == [
+        [[3.5, 0.0], [3.5, 1.0], [2.0, 1.0], [2.0, 0.0], [3.5, 0.0]]]
+    big = feats[3]["geometry"]["coordinates"][0]
+    assert all(type(v) is float for xy in big for v in xy)  # 2**53 is not written as an int
+    for f in feats:
+        assert uuid.UUID(f["id"]).version == 4 or f is feats[0]
+
+
+def test_fast_path_edge_inputs(tmp_path: Path) -> None:
+    # nothing valid at all, no objects at all, and a non-object among objects
+    with pytest.warns(GeoJSONWarning, match="not written"):
+        assert to_feature_collection([QuPathObject(Polygon())])["features"] == []
+    assert to_feature_collection([])["features"] == []
+    assert write_geojson(tmp_path / "none.geojson", iter([])) == 0
+    assert json.loads((tmp_path / "none.geojson").read_text())["features"] == []
+    with pytest.raises(TypeError, match="QuPathObject"):
+        to_feature_collection([QuPathObject(box(0, 0, 1, 1)), "not an object"])  # type: ignore[list-item]
+    # a generator is read once
+    feats = to_feature_collection(QuPathObject(box(i, 0, i + 1, 1)) for i in range(3))
+    assert [f["geometry"]["coordinates"][0][2] for f in feats["features"]] == [
+        [0, 1], [1, 1], [2, 1]]
+
+
+def test_bulk_uuids_are_uuid4() -> None:
+    from qpseg.qupath.geojson import _uuid4_strings
+
+    ids = _uuid4_strings(2000)
+    assert len(set(ids)) == 2000 and _uuid4_strings(0) == []
+    for s in ids[:200]:
+        u = uuid.UUID(s)
+        assert str(u) == s and u.version == 4 and u.variant == uuid.RFC_4122
+    # every hex digit position varies (no column stuck), version/variant columns fixed
+    columns = list(zip(*ids, strict=True))
+    assert set(columns[14]) == {"4"} and set(columns[19]) == set("89ab")
+    assert all(len(set(columns[k])) == 16 for k in range(36)
+               if k not in (8, 13, 14, 18, 19, 23))
+
+
+def test_measurement_and_metadata_cleaning_known_answers() -> None:
+    import numpy as np
+
+    from qpseg.qupath.geojson import _clean_measurements, _clean_metadata
+
+    assert _clean_measurements({"a": 1.5, "b": -0.0}) == ({"a": 1.5, "b": -0.0}, [])
+    assert _clean_measurements({"a": 1e308, "b": 1e308}) == ({"a": 1e308, "b": 1e308}, [])
+    m, dropped = _clean_measurements({"a": np.float64(2.5), 3: 4, "n": math.nan, "t": True,
+                                      "s": "1", "i": math.inf})
+    assert m == {"a": 2.5, "3": 4.0} and type(m["3"]) is float
+    assert dropped == ["n", "t", "s", "i"]
+    assert _clean_metadata({"a": "x"}) == ({"a": "x"}, [])
+    assert _clean_metadata({"a": True, "b": 2, 3: "c", "d": None, "e": math.nan}) == (
+        {"a": "true", "b": "2", "3": "c"}, ["d", "e"])
