@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,8 @@ STEPS = {
 
 def demo(
     out: Path = typer.Option(
-        Path(os.environ.get("QPSEG_DEMO_OUT", "qpseg-demo")), "--out",
-        help="Folder for the example project and every output (env QPSEG_DEMO_OUT).",
+        Path("qpseg-demo"), "--out", envvar="QPSEG_DEMO_OUT",
+        help="Folder for the example project and every output.",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     min_dice: float = typer.Option(
