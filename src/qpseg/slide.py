@@ -56,6 +56,7 @@ import math
 import operator
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -135,7 +136,7 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-class Slide:
+class Slide(ABC):
     """A whole-slide image or plain image behind an OpenSlide-like interface.
 
     Create slides with :func:`open_slide`. Subclasses implement ``_read_level`` and
@@ -443,19 +444,20 @@ class Slide:
         return out
 
     # ------------------------------------------------------------------------- backend hooks
+    @abstractmethod
     def _read_level(
         self, level: int, x: int, y: int, w: int, h: int
     ) -> tuple[np.ndarray, float, float]:
         """RGB uint8 ``(h, w, 3)`` of level pixels starting at ``(x, y)`` (level coordinates,
         may lie outside the image: white there), and the sub-pixel offset ``(dx, dy)`` at which
         the returned pixel (0, 0) really starts (non-zero only where OpenSlide interpolates)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _read_region_rgba(self, x: int, y: int, level: int, w: int, h: int) -> Image.Image:
-        raise NotImplementedError
+        """RGBA level pixels as OpenSlide's ``read_region`` returns them (x, y in level 0)."""
 
-    def _close(self) -> None:
-        pass
+    def _close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to free
+        """Release backend resources (called once by :meth:`close`)."""
 
     # --------------------------------------------------------------------------- lifecycle
     def close(self) -> None:

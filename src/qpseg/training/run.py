@@ -11,7 +11,7 @@ What ``OUT`` holds afterwards::
                               validation loss, Dice and IoU per class)
     train_log.csv             one row per epoch
     run_metadata.json         versions, parameters, config, data checksums, split, result
-    checkpoints/              step-XXXXXXXX.pt (+ best.pt), per stage for two-stage models
+    checkpoints/              step-<8-digit step>.pt (+ best.pt), per stage for two-stage models
 
 Runs under ``torchrun`` unchanged (see :mod:`qpseg.training.distributed`).
 """
