@@ -218,3 +218,80 @@ def test_written_polygons_are_valid(geometry: Any, object_type: str, nucleus: An
     assert back["properties"]["classification"]["color"] == [200, 0, 0]
     if "nucleusGeometry" in back:
         assert object_type == "cell" and shape(back["nucleusGeometry"]).is_valid
+
+
+# Plain Polygon features are built in bulk (geojson._build_polygons); anything it cannot
+# make sense of goes back to the one-by-one reader. Both must give the same objects and
+# the same problems. (JSON booleans among numbers are left out: numpy reads them as 1/0
+# where the one-by-one reader may refuse them; either is a fine reading of nonsense.)
+BULK_NUMBER = (st.floats(-1e4, 1e4) | st.integers(-50, 50) | st.sampled_from(
+    [math.nan, math.inf, 2**70, "1", None]))
+BULK_POSITION = (st.lists(st.floats(-1e4, 1e4) | st.integers(-50, 50), min_size=2, max_size=2)
+                 | st.lists(BULK_NUMBER, min_size=0, max_size=3))
+BULK_RING = (st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)).map(list),
+                      min_size=3, max_size=6)
+             .flatmap(lambda r: st.sampled_from([r, [*r, r[0]]]))   # open or closed
+             | st.lists(BULK_POSITION, max_size=5))
+BULK_POLYGON = st.lists(BULK_RING, min_size=0, max_size=3).map(_geom("Polygon"))
+BULK_FEATURE = st.builds(
+    lambda g, nucleus, kind: {"type": "Feature", "geometry": g, "nucleusGeometry": nucleus,
+                              "properties": {"objectType": kind}},
+    BULK_POLYGON, st.none() | BULK_POLYGON, st.sampled_from(["cell", "detection", "x"]))
+
+
+@FUZZ
+@given(st.lists(BULK_FEATURE, max_size=12))
+def test_bulk_polygons_equal_one_by_one_reading(features: list[Any]) -> None:
+    import shapely
+
+    from qpseg.qupath import geojson as gj
+
+    n, bulk, problems = gj._parse(features, "fuzz.geojson")
+    single: list[tuple[int, QuPathObject]] = []
+    expected: list[Any] = []
+    for index, item in enumerate(features):
+        notes: list[tuple[str, str]] = []
+        obj = gj._parse_one(index, item, notes, expected, None)
+        if obj is not None:
+            single.append((index, obj))
+            expected.extend(gj.FeatureProblem(index, k, m) for k, m in notes)
+    assert n == len(features)
+    assert [i for i, _ in bulk] == [i for i, _ in single]
+    assert problems == sorted(expected, key=lambda p: p.index)
+    for (_, a), (_, b) in zip(bulk, single, strict=True):
+        assert shapely.to_wkb(a.geometry) == shapely.to_wkb(b.geometry)
+        if b.nucleus_geometry is None:
+            assert a.nucleus_geometry is None
+        else:
+            assert shapely.to_wkb(a.nucleus_geometry) == shapely.to_wkb(b.nucleus_geometry)
+        assert (a.object_type, a.extra, a.geometry_extra) == (b.object_type, b.extra,
+                                                              b.geometry_extra)
+
+
+def test_bulk_polygons_known_answers() -> None:
+    """Open rings are closed, holes kept, 3-D positions cut to x, y; one bad feature does not
+    spoil its neighbours, and the bad one is reported as the one-by-one reader reports it."""
+    from qpseg.qupath.geojson import _parse
+
+    square = [[0, 0], [4, 0], [4, 4], [0, 4]]            # open
+    hole = [[1, 1, 7], [1, 2, 7], [2, 2, 7], [1, 1, 7]]  # 3-D, closed
+    features = [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square, hole]}},
+        {"type": "Feature", "geometry": {"type": "Polygon",
+                                         "coordinates": [[[0, 0], [1, 1], [0, 0]]]}},
+        {"type": "Feature", "geometry": {"type": "Polygon",
+                                         "coordinates": [[[0, 0], [math.nan, 1], [1, 0]]]}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
+         "properties": {"objectType": "cell"},
+         "nucleusGeometry": {"type": "Polygon", "coordinates": [[[1, 1], [2, 1], [2, 2]]]}},
+    ]
+    n, objects, problems = _parse(features, "x.geojson")
+    assert n == 4 and [i for i, _ in objects] == [0, 3]
+    first = objects[0][1].geometry
+    assert first.area == 16 - 0.5 and len(first.interiors) == 1
+    assert list(first.exterior.coords)[-1] == (0.0, 0.0) and not first.has_z
+    assert objects[1][1].nucleus_geometry.area == 0.5
+    assert [(p.index, p.kind) for p in problems] == [(1, "skipped-feature"),
+                                                     (2, "skipped-feature")]
+    assert "fewer than 3 distinct positions" in problems[0].message
+    assert "non-finite" in problems[1].message
