@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import xml.etree.ElementTree as ET
@@ -536,3 +537,37 @@ def test_infer_side_outputs_are_not_masks() -> None:
     assert _mask_stem("4.heatmap.ome.tif") is None
     assert _mask_stem("4.overlay.png") is None
     assert _mask_stem("4.png") == ("4", "class")
+
+
+def test_worker_processes_give_the_same_results(tmp_path: Path) -> None:
+    """Slides scored in two spawned processes: identical CSVs, the failed slide listed, and
+    a worker's reader warning said in the parent."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "p").mkdir()
+    rng = np.random.default_rng(3)
+    for s in range(3):
+        centres = rng.uniform(20, 180, (12, 2))
+        truth = [ann(box(0, 0, 200, 200), "Region*"), ann(box(50, 50, 120, 140), "Tumor")]
+        truth += [det(Polygon(box(x - 5, y - 5, x + 5, y + 5)), "cell") for x, y in centres]
+        pred = [ann(box(60 + 5 * s, 50, 130, 140), "Tumor")]
+        pred += [det(box(x - 4, y - 5 + s, x + 5, y + 5)) for x, y in centres[s:]]
+        write_geojson(tmp_path / "t" / f"s{s}.geojson", truth)
+        write_geojson(tmp_path / "p" / f"s{s}.geojson", pred)
+    data = json.loads((tmp_path / "p" / "s1.geojson").read_text(encoding="utf-8"))
+    data["features"].insert(0, {"type": "Feature", "geometry": 7})  # unreadable: a warning
+    (tmp_path / "p" / "s1.geojson").write_text(json.dumps(data), encoding="utf-8")
+    write_geojson(tmp_path / "t" / "bad.geojson", [ann(box(0, 0, 80, 80), "Tumor")])
+    (tmp_path / "p" / "bad.geojson").write_text("{not json", encoding="utf-8")
+
+    one = evaluate(tmp_path / "t", tmp_path / "p", tmp_path / "o1", mpp=0.5, report=False)
+    with pytest.warns(Warning, match="s1.geojson: feature 0: geometry is a number"):
+        two = evaluate(tmp_path / "t", tmp_path / "p", tmp_path / "o2", mpp=0.5,
+                       report=False, workers=2)
+    assert [f.slide for f in two.failed] == ["bad"] and len(two.slides) == 3
+    for name in ("per_slide.csv", "slides.csv", "summary.csv", "instances.csv", "lesions.csv",
+                 "failed.csv", "confusion.csv"):
+        assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes(), name
+    assert {k: v for k, v in one.summary().items() if k != "files"} == {
+        k: v for k, v in two.summary().items() if k != "files"}
+    with pytest.raises(ConfigError, match="--workers"):
+        evaluate(tmp_path / "t", tmp_path / "p", mpp=0.5, workers=-1)

@@ -74,7 +74,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -507,13 +507,26 @@ def _polygonal(geom: BaseGeometry) -> BaseGeometry | None:
 
 
 def _instance_geometries(objs: Iterable[QuPathObject]) -> list[BaseGeometry]:
-    out = []
-    for o in objs:
-        if o.object_type not in _INSTANCE_OBJECT_TYPES:
-            continue
-        g = o.nucleus_geometry if o.nucleus_geometry is not None else o.geometry
-        poly = _polygonal(g)
-        if poly is not None:
+    """The valid polygonal geometry (nucleus of a cell) of each instance object, in order.
+
+    Validity and area are tested for all at once (tens of thousands per slide); only the
+    invalid ones go through :func:`_polygonal`'s repair one by one.
+    """
+    import numpy as np
+    import shapely
+
+    geoms = [o.nucleus_geometry if o.nucleus_geometry is not None else o.geometry
+             for o in objs if o.object_type in _INSTANCE_OBJECT_TYPES]
+    if not geoms:
+        return []
+    arr = np.array(geoms, dtype=object)
+    polygonal = np.isin(shapely.get_type_id(arr), (3, 6))  # Polygon, MultiPolygon
+    fine = polygonal & shapely.is_valid(arr) & (shapely.area(arr) > 0)
+    out: list[BaseGeometry] = []
+    for g, ok in zip(geoms, fine.tolist(), strict=True):
+        if ok:
+            out.append(g)
+        elif (poly := _polygonal(g)) is not None:
             out.append(poly)
     return out
 
@@ -986,6 +999,64 @@ def _score_pair(t: InputItem, p: InputItem, t_kind: str, p_kind: str,
     return score
 
 
+_Job = tuple[InputItem, InputItem, str, str, _Options]
+# (SlideScore, or the one-line reason the slide failed; warnings said while scoring it)
+_Outcome = tuple["SlideScore | str", list[tuple[type[Warning], str]]]
+
+
+def _score_job(job: _Job) -> SlideScore | str:
+    """:func:`_score_pair`, with an input problem turned into the failed slide's reason."""
+    import shapely
+
+    try:
+        return _score_pair(*job)
+    except QpsegError as exc:
+        return exc.one_line()
+    except (ValueError, TypeError, shapely.errors.GEOSException, MemoryError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _score_job_recorded(job: _Job) -> _Outcome:
+    """:func:`_score_job` in a worker process: its warnings go back to the parent."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outcome = _score_job(job)
+    return outcome, [(w.category, str(w.message)) for w in caught]
+
+
+_MIN_JOBS_FOR_POOL = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm or container limit)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _score_all(jobs: Sequence[_Job], workers: int) -> Iterator[_Outcome]:
+    """Each job's outcome, in order: in this process, or spread over worker processes.
+
+    Slides are independent and the work per slide is CPU-bound Python and GEOS (reading
+    GeoJSON, polygon intersections), so processes, not threads, scale it. Workers are
+    spawned (not forked): the parent may hold torch or other threaded state.
+    """
+    if workers == 0:  # auto: starting a worker costs about a second, a small slide less
+        workers = usable_cpus() if len(jobs) >= _MIN_JOBS_FOR_POOL else 1
+    n = min(len(jobs), workers)
+    if n <= 1:
+        for job in jobs:
+            yield _score_job(job), []
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=n,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_score_job_recorded, jobs)
+
+
 # ============================================================================== results
 
 
@@ -1321,6 +1392,7 @@ def evaluate(
     report: bool = True,
     seed: int = 0,
     n_bootstrap: int = 2000,
+    workers: int = 1,
 ) -> Evaluation:
     """Score predictions ``pred`` against ``truth`` slide by slide (see the module doc).
 
@@ -1329,8 +1401,9 @@ def evaluate(
     size of the evaluation raster. ``mask_mpp``: pixel size of label masks. ``lesion_class``:
     class of the lesion metrics (default Tumor/Tumour/Metastasis when present; ``"none"`` or
     ``""`` turns them off). ``instances``: False skips instance metrics. ``seed`` and
-    ``n_bootstrap`` set the bootstrap CIs. With ``out_dir`` the CSVs (and ``report.html``
-    unless ``report`` is False) are written there.
+    ``n_bootstrap`` set the bootstrap CIs. ``workers``: processes scoring slides in parallel
+    (0: one per usable CPU from 4 slides on); the results do not depend on it. With
+    ``out_dir`` the CSVs (and ``report.html`` unless ``report`` is False) are written there.
 
     Raises :class:`ConfigError` when nothing matches or an option is invalid,
     :class:`LabelError` when the classes disagree, and a :class:`QpsegError` when no slide could
@@ -1353,6 +1426,8 @@ def evaluate(
         mask_mpp=_positive(mask_mpp, "--mask-mpp"), lesion_class=les, instances=instances,
         thumbnails=report,
     )
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise ConfigError(f"--workers must be a whole number >= 0, not {workers!r}")
     if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
         raise ConfigError(f"number of bootstrap resamples must be >= 0, not {n_bootstrap}")
     if les and cls_list is not None and ClassMap.from_names(cls_list).index_of(les) is None:
@@ -1373,20 +1448,16 @@ def evaluate(
         raise ConfigError(f"nothing matches: no prediction matches a truth slide by entry id or "
                           f"image name (truth: {t_keys}; prediction: {p_keys})", t_in.path)
 
-    import shapely
-
     scores: list[SlideScore] = []
     failed: list[Failed] = []
-    for t, p in pairs:
-        try:
-            score = _score_pair(t, p, t_in.kind, p_in.kind, opts)
-        except QpsegError as exc:
-            failed.append(Failed(t.name, t.entry_id, t.files, p.files, exc.one_line()))
+    jobs = [(t, p, t_in.kind, p_in.kind, opts) for t, p in pairs]
+    for (t, p), (outcome, caught) in zip(pairs, _score_all(jobs, workers), strict=True):
+        for category, message in caught:  # a worker's warnings, said here as if said here
+            warnings.warn(message, category, stacklevel=2)
+        if isinstance(outcome, str):
+            failed.append(Failed(t.name, t.entry_id, t.files, p.files, outcome))
             continue
-        except (ValueError, TypeError, shapely.errors.GEOSException, MemoryError) as exc:
-            failed.append(Failed(t.name, t.entry_id, t.files, p.files,
-                                 f"{type(exc).__name__}: {exc}"))
-            continue
+        score = outcome
         if score.confusion is None and score.instance is None:
             unmatched.append(Unmatched("truth", t.name, t.files,
                                        "truth has no labelled annotations or instances"))

@@ -46,6 +46,11 @@ def evaluate(
     ),
     no_report: bool = typer.Option(False, "--no-report", help="Write the CSVs only."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap confidence intervals."),
+    workers: int = typer.Option(
+        0, "--workers", min=0,
+        help="Processes scoring slides in parallel (0: one per usable CPU when there are 4 "
+             "or more slides). Results do not depend on it.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> int:
     """Score predictions against ground truth per slide: pixels, lesions and instances.
@@ -60,7 +65,7 @@ def evaluate(
     class_list = [c for c in classes.split(",")] if classes else None
     ev = run_evaluate(truth, pred, out, classes=class_list, mpp=mpp, eval_mpp=eval_mpp,
                       mask_mpp=mask_mpp, lesion_class=lesion_class, instances=instances,
-                      report=not no_report, seed=seed)
+                      report=not no_report, seed=seed, workers=workers)
     code = 1 if ev.failed else 0
     if as_json:
         print_json(ev.summary())
