@@ -136,3 +136,65 @@ def test_command_module_imports_no_heavy_library() -> None:
     code = ("import sys, qpseg.cli.infer; "
             "sys.exit(any(m in sys.modules for m in ('torch', 'numpy', 'openslide')))")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_write_to_project_needs_quPath_and_a_project(env: dict[str, Any], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from qpseg.qupath import paquo_backend
+
+    monkeypatch.setattr(paquo_backend, "qupath_available", lambda: False)
+    res = _run(str(env["project"]), "--model", str(tmp_path / "no-model"), "--out",
+               str(tmp_path / "o"), "--write-to-project")
+    assert isinstance(res.exception, ConfigError)
+    assert "QuPath installation" in str(res.exception)
+    assert not (tmp_path / "o").exists()  # refused before anything ran
+    monkeypatch.setattr(paquo_backend, "qupath_available", lambda: True)
+    slide = make_slide(tmp_path / "s.tif", width=300, height=200, seed=2)
+    res = _run(str(slide.path), "--model", str(env["pkg"]), "--out", str(tmp_path / "o"),
+               "--write-to-project")
+    assert isinstance(res.exception, ConfigError) and "QuPath project" in str(res.exception)
+
+
+def test_write_to_project_puts_each_entry_in(env: dict[str, Any], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With QuPath found, each finished entry's objects, read back from its GeoJSON, go to
+    the backend with the per-slide summary; a backend failure is listed and exits 1."""
+    from qpseg.engine import project_writeback
+    from qpseg.errors import ProjectError
+    from qpseg.qupath import paquo_backend
+    from qpseg.qupath.geojson import read_geojson
+
+    calls: list[tuple[int, int, dict[str, str]]] = []
+    fail_on: set[int] = set()
+
+    def fake(project: Path, entry_id: int, objects: list[Any],
+             metadata: dict[str, str]) -> tuple[int, int]:
+        assert project == env["project"]
+        if entry_id in fail_on:
+            raise ProjectError("QuPath could not store the objects", project)
+        calls.append((entry_id, len(objects), metadata))
+        return 5, len(objects)
+
+    monkeypatch.setattr(paquo_backend, "qupath_available", lambda: True)
+    monkeypatch.setattr(project_writeback, "_paquo_replace", fake)
+    out = tmp_path / "o"
+    res = _run(str(env["project"]), "--model", str(env["pkg"]), "--out", str(out),
+               "--write-to-project", "--min-area-um2", "50")
+    assert res.exception is None and res.return_value == 0, res.output
+    ids = [int(i) for i in env["ids"]]
+    assert [c[0] for c in calls] == ids
+    for eid, n, meta in calls:
+        assert n == len(read_geojson(out / f"{eid}.geojson")) > 0
+        assert meta == {k: v if isinstance(v, str) else json.dumps(v) for k, v in json.loads(
+            (out / f"{eid}.metadata.json").read_text(encoding="utf-8")).items()}
+    assert "5 earlier qpseg object(s)" in " ".join(res.output.split())
+    # finished entries are skipped by inference but still written; one entry fails
+    calls.clear()
+    fail_on.add(ids[1])
+    res = _run(str(env["project"]), "--model", str(env["pkg"]), "--out", str(out),
+               "--write-to-project", "--json")
+    assert res.return_value == 1
+    data = json.loads(res.stdout)
+    assert data["counts"]["skipped"] == 2 and [c[0] for c in calls] == [ids[0]]
+    errors = [w["error"] for w in data["written_to_project"]]
+    assert errors[0] == "" and "could not store" in errors[1]

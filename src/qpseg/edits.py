@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from qpseg.errors import ConfigError, QpsegError, QpsegWarning
 from qpseg.labels import label_role
+from qpseg.objects import MARKER_KEY
 
 if TYPE_CHECKING:
     from shapely.geometry.base import BaseGeometry
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 #: metadata key that marks objects written by qpseg
-QPSEG_MARKER = "qpseg_model"
+QPSEG_MARKER = MARKER_KEY
 STATUSES: tuple[str, ...] = (
     "kept", "reshaped", "reclassified", "reshaped+reclassified", "deleted", "added",
     "other-ai", "existing", "user-other",

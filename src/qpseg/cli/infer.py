@@ -134,6 +134,11 @@ def infer(
     run_id: str | None = typer.Option(
         None, "--run-id", help="Run tag stored in every object (default: the UTC start time; "
                                "give all shards of one job the same tag)."),
+    write_to_project: bool = typer.Option(
+        False, "--write-to-project",
+        help="Also put the objects into the project's data.qpdata via paquo (needs a QuPath "
+             "installation): earlier unlocked qpseg objects are replaced, user annotations "
+             "never touched; data.qpdata.bak keeps the previous data."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or table."),
     as_json: bool = typer.Option(False, "--json", help="Print the per-slide results as JSON."),
 ) -> int:
@@ -157,6 +162,10 @@ def infer(
     if projects and len(inputs) > 1:
         raise ConfigError("give either one QuPath project or slides, not both")
     entry_list = [e for e in entries.split(",")] if entries else None
+    if write_to_project:
+        from qpseg.engine.project_writeback import check_write_back
+
+        check_write_back(projects[0] if projects else None)
     if projects:
         jobs, out_dir = jobs_from_project(projects[0], out, entry_list)
     else:
@@ -185,17 +194,29 @@ def infer(
     code = 1 if result.failed else 0
     if os.environ.get("RANK", "0") not in ("", "0"):
         return code
+    written: list[Any] = []
+    if write_to_project:
+        from qpseg.engine.project_writeback import write_back
+
+        written = write_back(projects[0], result.results)
+        if any(w.error for w in written):
+            code = 1
     if as_json:
         from qpseg.cli._common import print_json
 
         print_json({"out": str(result.out_dir), "counts": result.counts(),
                     "summary_csv": str(result.summary_csv),
                     "run_metadata": str(result.run_metadata),
-                    "slides": [r.to_json() for r in result.results]})
+                    "slides": [r.to_json() for r in result.results],
+                    **({"written_to_project": [vars(w) for w in written]}
+                       if write_to_project else {})})
         return code
     if quiet:
         for r in result.failed:
             print(f"failed: {r.key} ({r.name}): {r.reason}", file=sys.stderr)
+        for w in written:
+            if w.error:
+                print(f"not written to the project: {w.key}: {w.error}", file=sys.stderr)
         return code
     from rich.table import Table
 
@@ -216,4 +237,10 @@ def infer(
     c = console()
     c.print(table)
     c.print(f"outputs: {result.out_dir}  (summary: {result.summary_csv})")
+    for w in written:
+        if w.error:
+            c.print(f"[red]not written to the project[/]: {w.key}: {w.error}")
+        else:
+            c.print(f"written to the project: entry {w.entry_id}: {w.added} object(s) added, "
+                    f"{w.removed} earlier qpseg object(s) replaced")
     return code
