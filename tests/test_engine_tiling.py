@@ -186,3 +186,26 @@ def test_shares_cover_every_slide_once(sizes: list[float], n: int, world: int) -
 def test_shares_balance_by_size() -> None:
     assert assign_shares([10, 1, 1, 1, 9], 2) == [[0, 2], [1, 3, 4]]  # loads 11 and 11
     assert assign_shares([1, 1, 1, 1], 2) == [[0, 2], [1, 3]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0, 1e9), max_size=30), st.integers(1, 4), st.integers(1, 3))
+def test_shared_and_own_slides_cover_every_slide_once(sizes: list[float], n: int,
+                                                      world: int) -> None:
+    shares = assign_shares(sizes, n)
+    for i in range(n):
+        plans = [DistContext(r, world, r, (i, n)).plan_work(sizes) for r in range(world)]
+        together = plans[0][0]
+        assert all(p[0] == together for p in plans)  # every rank agrees on the shared ones
+        own = sorted(k for p in plans for k in p[1])
+        assert sorted(together + own) == shares[i] and not set(together) & set(own)
+        fair = sum(max(sizes[k], 1.0) for k in shares[i]) / world
+        assert all(sizes[k] > fair for k in together)
+
+
+def test_only_a_slide_bigger_than_a_fair_share_is_shared() -> None:
+    two = [DistContext(r, 2, r) for r in range(2)]
+    assert [d.plan_work([100, 10, 10, 10]) for d in two] == [([0], [1, 3]), ([0], [2])]
+    assert [d.plan_work([10, 10]) for d in two] == [([], [0]), ([], [1])]  # equal: whole
+    assert two[0].plan_work([100, 1], splittable=False) == ([], [0])  # instance models
+    assert DistContext().plan_work([100, 1]) == ([], [0, 1])  # one process

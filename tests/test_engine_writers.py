@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from pathlib import Path
 
@@ -230,3 +231,47 @@ def test_state_file_fuzz(tmp_path_factory: pytest.TempPathFactory, data: bytes,
     assert status in ("finished", "interrupted", "todo")
     if not output:
         assert status != "finished"
+
+
+def _stitch(plan: object, maps: MapSet, mode: str, rows: tuple[int, int] | None) -> None:
+    st_ = Stitcher(plan, maps, 2, rows=rows)  # type: ignore[arg-type]
+    sub = plan if rows is None else plan.for_rows(*rows)  # type: ignore[attr-defined]
+    for i, j in sub.tiles:
+        probs = _tile_probs(plan, int(i), int(j))
+        if mode == "center":
+            st_.add(int(i), int(j), np.floor(probs * 255 + 0.5).astype(np.uint8))
+        else:
+            st_.add(int(i), int(j), probs)
+    st_.finish()
+
+
+@pytest.mark.parametrize("mode", ["center", "blend"])
+@pytest.mark.parametrize("bands", [2, 3, 7, 40])
+def test_row_bands_stitch_what_the_whole_slide_stitches(tmp_path: Path, mode: str,
+                                                         bands: int) -> None:
+    """Ranks sharing one slide: each stitches its band of rows from its share of tiles into
+    the same files (here in reverse order); the maps equal one stitcher's, byte for byte."""
+    c = ModelContract("t", 2, (InputSpec("image", 48, 1.0),), "pixel", 48, 48, margin_px=5)
+    plan = plan_tiles(c, slide_size=(203, 331), slide_mpp=1.0, base_mpp=1.0, mode=mode)
+    shape = (plan.map_height, plan.map_width)
+    whole = MapSet.create(tmp_path / "whole", shape, 2, "pixel")
+    _stitch(plan, whole, mode, None)
+    whole.close()
+    parts = plan.row_bands(bands)
+    assert parts[0][0] == 0 and parts[-1][1] == plan.map_height
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+    split = MapSet.create(tmp_path / "split", shape, 2, "pixel")
+    split.close()
+    for rows in reversed(parts):
+        band = MapSet.open(tmp_path / "split", writable=True)
+        _stitch(plan, band, mode, rows)
+        band.close()
+    for name in ("classes.npy", "probs.npy"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "split" / name).read_bytes()
+    n = [plan.for_rows(*r).n_tiles for r in parts]
+    if mode == "center":  # every tile in exactly one band, bands about equal
+        assert sum(n) == plan.n_tiles
+        if bands == 2:
+            assert abs(n[0] - n[1]) <= plan.nx
+    else:  # a tile row across an edge is run by both bands
+        assert plan.n_tiles <= sum(n) <= plan.n_tiles + (bands - 1) * plan.nx

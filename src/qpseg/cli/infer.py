@@ -147,7 +147,8 @@ def infer(
     Also writes <entryID>.metadata.json (summary for groovy/import_predictions.groovy),
     summary.csv and run_metadata.json. Finished slides are skipped unless --overwrite; a run
     killed mid-slide redoes only that slide. Multi-GPU: torchrun --nproc-per-node N -m qpseg
-    infer ... . Exits 1 when some slides failed.
+    infer ... spreads slides over the ranks, and a slide bigger than a fair share is split
+    by rows across all of them. Exits 1 when some slides failed.
     """
     from qpseg.engine import (
         InferenceParams,

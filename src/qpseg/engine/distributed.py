@@ -3,8 +3,11 @@
 Under ``torchrun --nproc-per-node N -m qpseg infer ...`` every process reads ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK`` from the environment, joins a ``gloo`` process group (only
 small Python objects are exchanged, so gloo serves CPU and GPU runs alike) and takes its share
-of the slides; rank 0 gathers the per-slide results and writes the summary. A whole slide is
-always processed by one rank, so the outputs are those of a single process.
+of the slides; rank 0 gathers the per-slide results and writes the summary. A slide bigger
+than a fair share (the shard's total over the number of ranks) is run by all ranks together:
+each stitches its band of map rows into shared map files and rank 0 writes the objects
+(``qpseg.engine.run._process_shared``); every other slide is run whole by one rank. The
+outputs are those of a single process either way.
 
 ``--shard i/n`` (0 <= i < n, e.g. a Slurm array index) splits the slides over independent
 runs without any communication; combined with torchrun, shard ``i`` is split again over the
@@ -126,6 +129,26 @@ class DistContext:
             return mine
         sub = assign_shares([sizes[k] for k in mine], self.world)[self.rank]
         return [mine[k] for k in sub]
+
+    def plan_work(self, sizes: Sequence[float], *, splittable: bool = True
+                  ) -> tuple[list[int], list[int]]:
+        """``(together, mine)``: slides every rank of this shard runs together (their tiles
+        split by rows), and the slides this rank runs alone.
+
+        Without ``splittable`` (or with one rank) this is ``([], my_indices(sizes))``.
+        Otherwise a slide of this shard bigger than the shard's total divided by the number
+        of ranks - which would leave the other ranks idle while one works through it - is
+        shared; the rest are spread over the ranks as :meth:`my_indices` does.
+        """
+        if not splittable or self.world == 1:
+            return [], self.my_indices(sizes)
+        shard_i, shard_n = self.shard
+        shard = assign_shares(sizes, shard_n)[shard_i]
+        fair = sum(max(float(sizes[k]), 1.0) for k in shard) / self.world
+        together = [k for k in shard if float(sizes[k]) > fair]
+        alone = [k for k in shard if k not in together]
+        sub = assign_shares([sizes[k] for k in alone], self.world)[self.rank]
+        return together, [alone[k] for k in sub]
 
     def all_gather(self, value: T) -> list[T]:
         """Every rank's ``value`` (in rank order); ``[value]`` without a process group."""

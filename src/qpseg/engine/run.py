@@ -29,6 +29,10 @@ without state, counts as finished too); finished slides are skipped unless ``ove
 old GeoJSON is then kept as ``.bak``). A run killed mid-slide leaves that slide ``running``, so
 the next run redoes exactly it. Every file is written to a temporary name and renamed.
 
+Several processes (torchrun): see :mod:`qpseg.engine.distributed`. A slide bigger than a fair
+share is run by every rank, each stitching its band of map rows into shared map files
+(:meth:`~qpseg.engine.tiling.TilePlan.row_bands`); rank 0 writes its outputs.
+
 Failures. A slide that cannot be opened or read, has no pixel size (and none was given), or
 cannot be read at the model's pixel size fails with a one-line reason in the summary; the run
 goes on with the other slides and :attr:`RunResult.failed` says which failed.
@@ -252,6 +256,7 @@ class SlideResult:
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     maps: str | None = None
     rank: int = 0
+    ranks: int = 1  # processes that ran its tiles (> 1: a slide shared by torchrun ranks)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (run_metadata.json)."""
@@ -619,16 +624,18 @@ def _open(ctx: _Context, job: SlideJob) -> tuple[Slide, float | None]:
 
 def _run_tiles(ctx: _Context, job: SlideJob, slide_mpp_override: float | None, plan: TilePlan,
                maps: MapSet, runner: _Runner, num_classes: int, index: int, total: int,
-               tiles_before: int = 0, tiles_total: int | None = None) -> int:
-    """Run every tile of ``plan`` and stitch the outputs into ``maps``; returns objects kept
-    (instance plans) or 0."""
+               tiles_before: int = 0, tiles_total: int | None = None,
+               rows: tuple[int, int] | None = None) -> int:
+    """Run every tile of ``plan`` and stitch the outputs into ``maps`` (only map rows
+    ``rows`` when given: a band of a shared slide); returns objects kept (instance plans) or
+    0."""
     import torch
 
     from qpseg.engine.loader import TileDataset, iterate_batches
     from qpseg.engine.stitch import Stitcher
 
     assert job.slide is not None
-    stitcher = Stitcher(plan, maps, num_classes)
+    stitcher = Stitcher(plan, maps, num_classes, rows=rows)
     dataset = TileDataset(job.slide, plan, mpp=slide_mpp_override, opener=ctx.opener)
     c = runner.contract
     mode = plan.mode
@@ -817,11 +824,7 @@ def _process(ctx: _Context, job: SlideJob, index: int, total: int,
             if maps is not None:
                 maps.close()
         if p.keep_maps and maps is not None:
-            dest = ctx.out_dir / "maps" / job.key
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(maps.folder), str(dest))
-            result.maps = str(dest)
+            _keep_maps(ctx, job, maps.folder, result)
     except BaseException as exc:
         if not isinstance(exc, _Abort | KeyboardInterrupt | SystemExit):
             # A failure leaves any earlier GeoJSON untouched (it is written last, atomically).
@@ -837,16 +840,139 @@ def _process(ctx: _Context, job: SlideJob, index: int, total: int,
     return result
 
 
+def _keep_maps(ctx: _Context, job: SlideJob, folder: Path, result: SlideResult) -> None:
+    """``--keep-maps``: move the slide's map files to ``<out>/maps/<key>``."""
+    dest = ctx.out_dir / "maps" / job.key
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(folder), str(dest))
+    result.maps = str(dest)
+
+
+def _reason(exc: BaseException, job: SlideJob) -> str:
+    """The one-line reason a slide failed."""
+    if isinstance(exc, QpsegError):
+        return exc.message if exc.path in (None, job.slide) else exc.one_line()
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _tile_plan(ctx: _Context, slide: Slide, tissue: TissueMask | None) -> TilePlan:
+    from qpseg.engine.tiling import plan_for_slide
+
+    p = ctx.params
+    return plan_for_slide(ctx.pkg.contract, slide, ctx.pkg.mpp, tissue=tissue, mode=p.stitch,
+                          min_tissue=p.min_tissue, instance_margin=p.instance_margin,
+                          max_upsample=p.max_upsample, tile_px=p.tile_px)
+
+
+def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int, total: int,
+                    state: _State) -> SlideResult | None:
+    """One slide run by every rank together (see :meth:`DistContext.plan_work`).
+
+    Rank 0 decides whether it runs (skip and failure rules as for one process) and creates
+    the map files; every rank opens the slide, plans the same tiles and stitches its band of
+    map rows (:meth:`TilePlan.row_bands`) into those files; rank 0 then polygonises and
+    writes the outputs exactly as one process would. Every rank goes through the same
+    collective calls whatever fails, so a failure fails the slide on all ranks and the run
+    goes on. Returns the result on rank 0, None elsewhere.
+    """
+    from qpseg.engine.stitch import MapSet
+    from qpseg.tissue import detect_tissue
+
+    t0 = time.perf_counter()
+    go = "run"
+    if dist.is_main and (job.error or (slide_status(job, ctx.out_dir) == "finished"
+                                       and not ctx.params.overwrite)):
+        go = "alone"
+    if dist.broadcast(go) == "alone":  # failed before starting, or finished: as one process
+        return _process(ctx, job, index, total, state) if dist.is_main else None
+    result = SlideResult(job.key, job.name, str(job.slide or ""), str(job.output), "failed",
+                         entry_id=job.entry_id, ranks=dist.world)
+    work = ctx.out_dir / WORK_DIR / job.key
+    folder = work / "maps"
+    c = ctx.pkg.contract
+    slide: Slide | None = None
+    error = ""
+    try:
+        if dist.is_main:
+            state.write(job.key, {"status": "running", "slide": str(job.slide),
+                                  "run": ctx.run_id, "started": _now()})
+            shutil.rmtree(work, ignore_errors=True)
+        slide, mpp_override = _open(ctx, job)
+        method = ctx.tissue_method
+        tissue = None if method == "none" else detect_tissue(slide, method)
+        plan = _tile_plan(ctx, slide, tissue)
+        if dist.is_main:
+            MapSet.create(folder, (plan.map_height, plan.map_width), c.num_classes,
+                          "pixel").close()
+    except Exception as exc:
+        error = _reason(exc, job)
+    errors = [e for e in dist.all_gather(error) if e]
+    if not errors:
+        rows = plan.row_bands(dist.world)[dist.rank]
+        try:
+            maps = MapSet.open(folder, writable=True)
+            try:
+                _run_tiles(ctx, job, mpp_override, plan.for_rows(*rows), maps,
+                           ctx.runner(None), c.num_classes, index, total, rows=rows)
+            finally:
+                maps.close()
+        except _Abort:
+            raise
+        except Exception as exc:
+            error = _reason(exc, job)
+        errors = [e for e in dist.all_gather(error) if e]
+    try:
+        if not dist.is_main:
+            return None
+        if errors:
+            result.reason = errors[0]
+            result.seconds = time.perf_counter() - t0
+            state.write(job.key, {"status": "failed", "slide": str(job.slide),
+                                  "run": ctx.run_id, "finished": _now(),
+                                  "reason": errors[0]})
+            return result
+        assert slide is not None
+        result.tiles = plan.n_tiles
+        result.tissue_fraction = None if tissue is None else plan.tissue_fraction
+        result.tissue_mpx = plan.tissue_pixels() * (plan.map_mpp / slide.mpp) ** 2 / 1e6
+        geometry = plan.geometry()
+        result.map_mpp = geometry.map_mpp
+        maps = MapSet.open(folder)
+        try:
+            _write_outputs(ctx, job, slide, maps, geometry, result)
+        finally:
+            maps.close()
+        if ctx.params.keep_maps:
+            _keep_maps(ctx, job, folder, result)
+        result.seconds = time.perf_counter() - t0
+        state.write(job.key, {"status": "done", "slide": str(job.slide), "run": ctx.run_id,
+                              "finished": _now(), "outputs": result.outputs,
+                              "model_sha256": ctx.pkg.sha256})
+        return result
+    except _Abort:
+        raise
+    except Exception as exc:  # rank 0 could not write the outputs: the slide failed
+        result.status, result.reason = "failed", _reason(exc, job)
+        result.seconds = time.perf_counter() - t0
+        state.write(job.key, {"status": "failed", "slide": str(job.slide), "run": ctx.run_id,
+                              "finished": _now(), "reason": result.reason})
+        return result
+    finally:
+        if slide is not None:
+            slide.close()
+        if dist.is_main:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def _predict(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: float | None,
              work: Path, index: int, total: int,
              result: SlideResult) -> tuple[MapSet, MapGeometry]:
     """Tissue, tiles, model, stitching: the slide's maps and where they lie (the work done
     goes into ``result``)."""
     from qpseg.engine.stitch import MapSet
-    from qpseg.engine.tiling import plan_for_slide
     from qpseg.tissue import detect_tissue
 
-    p = ctx.params
     method = ctx.tissue_method
     tissue = None if method == "none" else detect_tissue(slide, method)
     kind = _check_supported(ctx.pkg.contract)
@@ -855,9 +981,7 @@ def _predict(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: float | N
         maps, geometry, tiles, fraction, tissue_mpx = _run_two_stage(
             ctx, job, slide, mpp_override, tissue, work, index, total)
     else:
-        plan = plan_for_slide(c, slide, ctx.pkg.mpp, tissue=tissue, mode=p.stitch,
-                              min_tissue=p.min_tissue, instance_margin=p.instance_margin,
-                              max_upsample=p.max_upsample, tile_px=p.tile_px)
+        plan = _tile_plan(ctx, slide, tissue)
         maps = MapSet.create(work / "maps", (plan.map_height, plan.map_width),
                              c.num_classes, "instance" if kind == "instance" else "pixel")
         try:
@@ -1051,31 +1175,38 @@ def run_inference(
                 sizes.append(float(j.slide.stat().st_size) if j.slide is not None else 0.0)
             except OSError:
                 sizes.append(0.0)
-        mine = dist.my_indices(sizes)
+        # Pixel maps can be stitched band by band, so a slide too big for one rank's share
+        # is run by all ranks together; instance and two-stage slides always by one rank.
+        together, mine = dist.plan_work(
+            sizes, splittable=_check_supported(pkg.contract) == "tiles")
         state = _State(out)
         results: dict[int, SlideResult] = {}
-        ctx.emit(ProgressEvent("run_start", 0, len(mine)))
+        n_slides = len(together) + len(mine)
+        ctx.emit(ProgressEvent("run_start", 0, n_slides))
         try:
-            for n, k in enumerate(mine):
+            for n, k in enumerate([*together, *mine]):
                 job = jobs[k]
-                ctx.emit(ProgressEvent("slide_start", n, len(mine), job.key, job.name))
+                ctx.emit(ProgressEvent("slide_start", n, n_slides, job.key, job.name))
                 t0 = time.perf_counter()
+                res: SlideResult | None
                 try:
                     with torch.inference_mode():
-                        res = _process(ctx, job, n, len(mine), state)
+                        if n < len(together):
+                            res = _process_shared(ctx, dist, job, n, n_slides, state)
+                        else:
+                            res = _process(ctx, job, n, n_slides, state)
                 except _Abort:
                     raise
-                except QpsegError as exc:
-                    res = _failed(job, exc.message if exc.path in (None, job.slide)
-                                  else exc.one_line())
-                except Exception as exc:  # any other slide problem: report it, go on
-                    res = _failed(job, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
-                if res.status == "failed":
-                    res.seconds = time.perf_counter() - t0
-                res.rank = dist.rank
-                results[k] = res
-                ctx.emit(ProgressEvent("slide_end", n, len(mine), job.key, job.name,
-                                       status=res.status, message=res.reason))
+                except Exception as exc:  # any slide problem: report it, go on
+                    res = _failed(job, _reason(exc, job))
+                if res is not None:
+                    if res.status == "failed":
+                        res.seconds = time.perf_counter() - t0
+                    res.rank = dist.rank
+                    results[k] = res
+                ctx.emit(ProgressEvent("slide_end", n, n_slides, job.key, job.name,
+                                       status="done" if res is None else res.status,
+                                       message="" if res is None else res.reason))
         except _Abort as abort:
             raise abort.original from None
         with contextlib.suppress(OSError):  # only when empty (another run may be using it)
@@ -1088,7 +1219,7 @@ def run_inference(
         if dist.is_main:
             csv_path, meta_path = _write_run_files(ctx, dist, final, started, len(jobs))
         dist.barrier()
-        ctx.emit(ProgressEvent("run_end", len(mine), len(mine)))
+        ctx.emit(ProgressEvent("run_end", n_slides, n_slides))
         return RunResult(final, out, csv_path, meta_path)
     finally:
         dist.close()

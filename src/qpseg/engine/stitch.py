@@ -77,17 +77,18 @@ class MapSet:
         return cls(folder, kind, classes, probs=probs, paths=paths)
 
     @classmethod
-    def open(cls, folder: str | os.PathLike[str]) -> MapSet:
-        """Open the maps of a folder read-only."""
+    def open(cls, folder: str | os.PathLike[str], *, writable: bool = False) -> MapSet:
+        """Open the maps of a folder (read-only unless ``writable``)."""
         folder = Path(folder)
-        classes = MapFile.open(folder / "classes.npy")
+        classes = MapFile.open(folder / "classes.npy", writable=writable)
         if (folder / "instances.npy").exists():
             return cls(folder, "instance", classes,
-                       instances=MapFile.open(folder / "instances.npy"),
-                       scores=MapFile.open(folder / "scores.npy"),
+                       instances=MapFile.open(folder / "instances.npy", writable=writable),
+                       scores=MapFile.open(folder / "scores.npy", writable=writable),
                        paths={n: folder / f"{n}.npy" for n in ("classes", "instances",
                                                               "scores")})
-        return cls(folder, "pixel", classes, probs=MapFile.open(folder / "probs.npy"),
+        return cls(folder, "pixel", classes,
+                   probs=MapFile.open(folder / "probs.npy", writable=writable),
                    paths={n: folder / f"{n}.npy" for n in ("classes", "probs")})
 
     @property
@@ -105,7 +106,11 @@ class MapSet:
 class Stitcher:
     """Writes tile outputs of a :class:`TilePlan` into a :class:`MapSet`, band by band."""
 
-    def __init__(self, plan: TilePlan, maps: MapSet, num_classes: int) -> None:
+    def __init__(self, plan: TilePlan, maps: MapSet, num_classes: int,
+                 rows: tuple[int, int] | None = None) -> None:
+        """``rows``: write only map rows ``[r0, r1)`` (one rank's band of a shared slide,
+        :meth:`TilePlan.row_bands`); every pixel there gets exactly what the whole-slide
+        stitcher would give it, as long as the tiles of :meth:`TilePlan.for_rows` come."""
         self.plan = plan
         self.maps = maps
         self.num_classes = num_classes
@@ -113,8 +118,13 @@ class Stitcher:
         self.h, self.w = plan.map_height, plan.map_width
         if maps.shape != (self.h, self.w):
             raise ValueError(f"maps are {maps.shape}, the plan needs {(self.h, self.w)}")
+        self.r_begin, self.r_end = (0, self.h) if rows is None else rows
+        if not 0 <= self.r_begin <= self.r_end <= self.h:
+            raise ValueError(f"rows {rows} are not within the map's {self.h} rows")
+        if rows is not None and self.mode == "instance":
+            raise ValueError("instance maps are stitched whole (objects cross bands)")
         self.cap = max(1, plan.write_end(0) - plan.write_start(0))
-        self.base = 0
+        self.base = self.r_begin
         self.row = -1
         self.next_id = 1
         shape = (self.cap, self.w)
@@ -135,7 +145,7 @@ class Stitcher:
         if j < self.row:
             raise ValueError(f"tiles must come in raster order (row {j} after {self.row})")
         if j > self.row:
-            self._flush(min(max(self.plan.write_start(j), 0), self.h))
+            self._flush(min(max(self.plan.write_start(j), 0), self.r_end))
             self.row = j
 
     def _flush(self, upto: int) -> None:
@@ -186,7 +196,7 @@ class Stitcher:
         """Buffer rows/cols and tile rows/cols of tile (i, j)'s output pixels [lo, hi)."""
         ox, oy = self.plan.origin(i, j)
         r0 = max(oy + lo, 0, self.base)
-        r1 = max(min(oy + hi, self.h), r0)
+        r1 = max(min(oy + hi, self.r_end), r0)
         c0 = max(ox + lo, 0)
         c1 = max(min(ox + hi, self.w), c0)  # empty (not negative) beyond the map
         if r1 > self.base + self.cap:
@@ -246,8 +256,8 @@ class Stitcher:
         return kept
 
     def finish(self) -> None:
-        """Write every remaining row."""
-        self._flush(self.h)
+        """Write every remaining row (of the band)."""
+        self._flush(self.r_end)
 
 
 def resample_map(arr: np.ndarray, src_ds: float, dst_shape: tuple[int, int],

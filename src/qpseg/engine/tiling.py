@@ -161,6 +161,42 @@ class TilePlan:
         v = self.valid_start(j)
         return v - self.margin + self.tile_out if self.mode == "instance" else v + self.valid
 
+    def row_bands(self, count: int) -> list[tuple[int, int]]:
+        """The map's rows split into ``count`` consecutive ``[r0, r1)`` bands holding about
+        the same number of tiles (some may be empty), for ranks sharing one slide.
+
+        Band edges are where a tile row starts writing, so in centre mode each tile belongs
+        to one band; in blend mode a tile row straddling an edge is run by both bands, each
+        keeping its own rows (see :meth:`for_rows`)."""
+        import numpy as np
+
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        h = self.map_height
+        edges = [0]
+        rows = self.tiles[:, 1] if self.n_tiles else np.zeros(0, dtype=np.int64)
+        for b in range(1, count):
+            k = min(self.n_tiles - 1, math.ceil(b * self.n_tiles / count)) if self.n_tiles \
+                else -1
+            edge = h if k < 0 else min(max(self.write_start(int(rows[k])), 0), h)
+            edges.append(max(edge, edges[-1]))
+        edges.append(h)
+        return [(edges[b], edges[b + 1]) for b in range(count)]
+
+    def for_rows(self, r0: int, r1: int) -> TilePlan:
+        """The same plan with only the tiles that write map rows ``[r0, r1)``."""
+        import dataclasses
+
+        import numpy as np
+
+        if self.mode == "instance":
+            raise ValueError("instance plans are not split by rows (objects cross bands)")
+        j = self.tiles[:, 1]
+        lo = np.clip(self.start + j * self.step, 0, self.map_height)  # write_start, clipped
+        hi = np.clip(self.start + j * self.step + self.valid, 0, self.map_height)
+        keep = (np.maximum(lo, r0) < np.minimum(hi, r1))
+        return dataclasses.replace(self, tiles=self.tiles[keep])
+
     def reads(self, i: int, j: int) -> list[tuple[float, float, int, float]]:
         """``(x, y, size_px, mpp)`` of every input of tile ``(i, j)``: QuPath coordinates of the
         top-left corner and the pixel size to read at (:meth:`Slide.read_region_mpp`)."""
