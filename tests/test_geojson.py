@@ -950,3 +950,28 @@ def test_measurement_and_metadata_cleaning_known_answers() -> None:
     assert _clean_metadata({"a": "x"}) == ({"a": "x"}, [])
     assert _clean_metadata({"a": True, "b": 2, 3: "c", "d": None, "e": math.nan}) == (
         {"a": "true", "b": "2", "3": "c"}, ["d", "e"])
+
+
+def test_stdlib_json_and_orjson_write_the_same_values(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """orjson is an optional speed-up of reading and writing: without it (the stdlib path)
+    every written value and every object read back is the same."""
+    from qpseg.qupath import geojson as gj
+
+    if gj._orjson is None:
+        pytest.skip("orjson is not installed")
+    objs = [o for o in _random_objects(300, seed=5) if o.id is not None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GeoJSONWarning)
+        write_geojson(tmp_path / "fast.geojson", objs)
+        fast = read_geojson(tmp_path / "fast.geojson")
+        monkeypatch.setattr(gj, "_orjson", None)
+        write_geojson(tmp_path / "slow.geojson", objs)
+        slow = read_geojson(tmp_path / "slow.geojson")
+    assert json.loads((tmp_path / "fast.geojson").read_text(encoding="utf-8")) == json.loads(
+        (tmp_path / "slow.geojson").read_text(encoding="utf-8"))
+    assert len(fast) == len(slow) > 100
+    for a, b in zip(fast, slow, strict=True):
+        assert a.geometry.equals_exact(b.geometry, 0) and a.measurements == b.measurements
+        assert (a.id, a.classification, a.metadata, a.extra) == (b.id, b.classification,
+                                                                 b.metadata, b.extra)

@@ -1545,6 +1545,14 @@ def _dumps(value: Any, indent: int | None = None) -> str:
     check costs a fifth of the time for coordinate-heavy collections.
     """
     if indent is None:
+        if _orjson is not None:
+            # 4x faster; the same JSON values (floats in shortest round-trip form). Every
+            # number here is finite (measurements, coordinates and extras are checked
+            # first), so orjson's NaN -> null can never happen.
+            try:
+                return _orjson.dumps(value).decode("utf-8")
+            except TypeError:  # e.g. an int beyond 64 bits in ``extra``: the stdlib copes
+                pass
         return json.dumps(value, ensure_ascii=False, allow_nan=False, check_circular=False,
                           separators=(",", ":"))
     return json.dumps(value, ensure_ascii=False, allow_nan=False, check_circular=False,
