@@ -79,7 +79,7 @@ def test_torchrun_environment_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("RANK")
     d = setup("cpu")
-    assert not d.distributed and d.is_main and d.all_gather_object(3) == [3]
+    assert not d.distributed and d.is_main and d.all_gather(3) == [3]
     with pytest.raises(ConfigError, match="not a torch device"):
         setup("gpu0")
     import torch

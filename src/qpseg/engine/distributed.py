@@ -23,19 +23,17 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
+from qpseg._torchrun import Collectives, torchrun_env
 from qpseg.errors import ConfigError
 
 __all__ = [
     "DistContext",
     "assign_shares",
-    "dist_env",
     "parse_shard",
     "setup_distributed",
 ]
 
-T = TypeVar("T")
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
@@ -50,26 +48,6 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise ConfigError(f"--shard {text}: need 0 <= i < n")
     return i, n
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from exc
-
-
-def dist_env() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from torchrun's environment (``(0, 1, 0)`` without)."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local = _env_int("LOCAL_RANK", rank)
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} / WORLD_SIZE={world} are inconsistent")
-    return rank, world, local
 
 
 def assign_shares(sizes: Sequence[float], count: int) -> list[list[int]]:
@@ -90,34 +68,25 @@ def assign_shares(sizes: Sequence[float], count: int) -> list[list[int]]:
 
 
 @dataclass
-class DistContext:
-    """Where this process stands: its rank among ``world`` processes and its machine shard."""
+class DistContext(Collectives):
+    """Where this process stands: its rank among ``world_size`` processes and its machine
+    shard (collectives from :class:`qpseg._torchrun.Collectives`)."""
 
     rank: int = 0
-    world: int = 1
+    world_size: int = 1
     local_rank: int = 0
     shard: tuple[int, int] = (0, 1)
-    initialised_here: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        """True when several processes cooperate through a process group."""
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        """True on the process that writes the run's summary files."""
-        return self.rank == 0
+    initialized_here: bool = False
 
     @property
     def share_index(self) -> int:
         """This process's share among ``shard[1] * world`` shares."""
-        return self.shard[0] * self.world + self.rank
+        return self.shard[0] * self.world_size + self.rank
 
     @property
     def share_count(self) -> int:
         """Total number of shares."""
-        return self.shard[1] * self.world
+        return self.shard[1] * self.world_size
 
     def my_indices(self, sizes: Sequence[float]) -> list[int]:
         """Indices of the slides this process runs. The ``--shard`` split comes first (over
@@ -125,9 +94,9 @@ class DistContext:
         ``i`` together run exactly what one process of shard ``i`` would run."""
         shard_i, shard_n = self.shard
         mine = assign_shares(sizes, shard_n)[shard_i]
-        if self.world == 1:
+        if self.world_size == 1:
             return mine
-        sub = assign_shares([sizes[k] for k in mine], self.world)[self.rank]
+        sub = assign_shares([sizes[k] for k in mine], self.world_size)[self.rank]
         return [mine[k] for k in sub]
 
     def plan_work(self, sizes: Sequence[float], *, splittable: bool = True
@@ -140,51 +109,15 @@ class DistContext:
         of ranks - which would leave the other ranks idle while one works through it - is
         shared; the rest are spread over the ranks as :meth:`my_indices` does.
         """
-        if not splittable or self.world == 1:
+        if not splittable or self.world_size == 1:
             return [], self.my_indices(sizes)
         shard_i, shard_n = self.shard
         shard = assign_shares(sizes, shard_n)[shard_i]
-        fair = sum(max(float(sizes[k]), 1.0) for k in shard) / self.world
+        fair = sum(max(float(sizes[k]), 1.0) for k in shard) / self.world_size
         together = [k for k in shard if float(sizes[k]) > fair]
         alone = [k for k in shard if k not in together]
-        sub = assign_shares([sizes[k] for k in alone], self.world)[self.rank]
+        sub = assign_shares([sizes[k] for k in alone], self.world_size)[self.rank]
         return together, [alone[k] for k in sub]
-
-    def all_gather(self, value: T) -> list[T]:
-        """Every rank's ``value`` (in rank order); ``[value]`` without a process group."""
-        if not self.distributed:
-            return [value]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
-
-    def broadcast(self, value: T) -> T:
-        """Rank 0's ``value`` on every rank."""
-        if not self.distributed:
-            return value
-        import torch.distributed as dist
-
-        box: list[Any] = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        """Wait for every rank."""
-        if self.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        """Leave the process group if this context created it."""
-        if self.initialised_here:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self.initialised_here = False
 
 
 def setup_distributed(shard: str | tuple[int, int] | None = None, *,
@@ -197,7 +130,7 @@ def setup_distributed(shard: str | tuple[int, int] | None = None, *,
     sh = shard if isinstance(shard, tuple) else parse_shard(shard)
     if not (0 <= sh[0] < sh[1]):
         raise ConfigError(f"shard {sh} must satisfy 0 <= i < n")
-    rank, world, local = dist_env()
+    rank, world, local = torchrun_env()
     ctx = DistContext(rank, world, local, sh)
     if world > 1:
         import torch.distributed as dist
@@ -208,5 +141,5 @@ def setup_distributed(shard: str | tuple[int, int] | None = None, *,
                                   "(start with torchrun)")
             dist.init_process_group("gloo", rank=rank, world_size=world,
                                     timeout=_dt.timedelta(seconds=timeout_s))
-            ctx.initialised_here = True
+            ctx.initialized_here = True
     return ctx

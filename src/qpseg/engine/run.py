@@ -887,7 +887,7 @@ def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
     if dist.broadcast(go) == "alone":  # failed before starting, or finished: as one process
         return _process(ctx, job, index, total, state) if dist.is_main else None
     result = SlideResult(job.key, job.name, str(job.slide or ""), str(job.output), "failed",
-                         entry_id=job.entry_id, ranks=dist.world)
+                         entry_id=job.entry_id, ranks=dist.world_size)
     work = ctx.out_dir / WORK_DIR / job.key
     folder = work / "maps"
     c = ctx.pkg.contract
@@ -909,7 +909,7 @@ def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
         error = _reason(exc, job)
     errors = [e for e in dist.all_gather(error) if e]
     if not errors:
-        rows = plan.row_bands(dist.world)[dist.rank]
+        rows = plan.row_bands(dist.world_size)[dist.rank]
         try:
             maps = MapSet.open(folder, writable=True)
             try:
@@ -1096,7 +1096,7 @@ def _write_run_files(ctx: _Context, dist: DistContext, results: list[SlideResult
         "format": "qpseg-inference-run", "format_version": 1,
         "run_id": ctx.run_id, "started": started, "finished": _now(),
         "versions": _versions(),
-        "device": str(ctx.device), "precision": ctx.precision, "world_size": dist.world,
+        "device": str(ctx.device), "precision": ctx.precision, "world_size": dist.world_size,
         "shard": list(dist.shard), "slides_in_run": n_jobs,
         "model": {"name": pkg.path.name, "path": str(pkg.path), "architecture": pkg.architecture,
                   "sha256": pkg.sha256, "class_names": list(pkg.class_names),
@@ -1148,7 +1148,7 @@ def run_inference(
         if params.workers is not None:
             workers = params.workers
         elif device.type == "cuda":
-            workers = max(1, min(8, (os.cpu_count() or 2) // max(1, dist.world) - 1))
+            workers = max(1, min(8, (os.cpu_count() or 2) // max(1, dist.world_size) - 1))
         else:
             workers = 0
         started = _now()

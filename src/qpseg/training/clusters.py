@@ -106,5 +106,5 @@ def fit_cluster_guide(data: StageData, cfg: Mapping[str, Any], dist: Dist, seed:
             rows.append(feat(normalize(x, data.mean, data.std)).cpu().numpy())
         model = ClusterModel().fit(np.concatenate(rows), k=int(cfg.get("k", N_CLUSTERS)),
                                    variance=float(cfg.get("variance", PCA_VARIANCE)), seed=seed)
-    blob = dist.broadcast_object(model.to_json() if model is not None else None)
+    blob = dist.broadcast(model.to_json() if model is not None else None)
     return ClusterModel.from_json(blob), feat

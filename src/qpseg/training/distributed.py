@@ -11,8 +11,9 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
+from qpseg._torchrun import Collectives, torchrun_env
 from qpseg.devices import resolve_device
 from qpseg.errors import ConfigError
 
@@ -21,45 +22,17 @@ if TYPE_CHECKING:
 
 __all__ = ["Dist", "resolve_device", "setup"]
 
-T = TypeVar("T")
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    if not raw.strip():
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
-
 
 @dataclass
-class Dist:
-    """This process's place in the run; with one process every collective is the identity."""
+class Dist(Collectives):
+    """This process's place in the run and its device (collectives from
+    :class:`qpseg._torchrun.Collectives`; the identity for one process)."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     initialized_here: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        """True when several processes train together."""
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0 writes files and reports progress."""
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        """Wait for every process (no-op for one process)."""
-        if self.distributed:
-            import torch.distributed as tdist
-
-            tdist.barrier()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` in place over all processes and return it."""
@@ -69,45 +42,12 @@ class Dist:
             tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
         return tensor
 
-    def all_gather_object(self, obj: T) -> list[T]:
-        """Every process's ``obj``, in rank order."""
-        if not self.distributed:
-            return [obj]
-        import torch.distributed as tdist
-
-        out: list[Any] = [None] * self.world_size
-        tdist.all_gather_object(out, obj)
-        return out
-
-    def broadcast_object(self, obj: T, src: int = 0) -> T:
-        """Rank ``src``'s ``obj`` on every process."""
-        if not self.distributed:
-            return obj
-        import torch.distributed as tdist
-
-        box: list[Any] = [obj]
-        tdist.broadcast_object_list(box, src=src)
-        return box[0]
-
-    def close(self) -> None:
-        """Leave the process group if this process created it."""
-        if self.initialized_here:
-            import torch.distributed as tdist
-
-            if tdist.is_initialized():
-                tdist.destroy_process_group()
-            self.initialized_here = False
-
 
 def setup(device: str = "auto") -> Dist:
     """Join the ``torchrun`` process group (when ``WORLD_SIZE`` > 1) and pick the device."""
     import torch
 
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local = _env_int("LOCAL_RANK", 0)
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"invalid torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+    rank, world, local = torchrun_env()
     dev = resolve_device(device, local)
     out = Dist(rank=rank, world_size=world, local_rank=local, device=dev)
     if world > 1:

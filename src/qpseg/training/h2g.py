@@ -213,7 +213,7 @@ def build_refine_data(patch_model: Any, stage0: Any, refine_size: int, heat_clas
         np.savez(tmp, image=sample["image"], heatmap=sample["heatmap"], label=sample["label"])
         tmp.replace(target)
     dist.barrier()
-    failed_all = {k for part in dist.all_gather_object(failed) for k in part}
+    failed_all = {k for part in dist.all_gather(failed) for k in part}
 
     def dataset(subset: str) -> RefineDataset | None:
         keys = [s.key for s in todo if split.subset_of(s.key) == subset

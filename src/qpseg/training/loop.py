@@ -643,7 +643,7 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
         logger.truncate(-1, -1)  # a fresh stage: forget an older run's records
 
     def checkpoint() -> None:
-        rng = dist.all_gather_object(get_rng_state(task.augmenter.generator))
+        rng = dist.all_gather(get_rng_state(task.augmenter.generator))
         if dist.is_main:
             save_checkpoint(ckpt_dir, int(state["step"]), {
                 "stage": spec.name,
@@ -968,7 +968,7 @@ def _boost(boost: Any, spec: StageSpec, task: Task, model: Any, dist: Dist,
                 pos.extend(int(i) for i in prep.positions)
                 err.extend(float(e) for e in error_fractions(pred, prep.target, task.ignore))
         net.train()
-    gathered = dist.all_gather_object((pos, err))
+    gathered = dist.all_gather((pos, err))
     all_pos = [p for g in gathered for p in g[0]]
     all_err = [e for g in gathered for e in g[1]]
     if all_pos:
