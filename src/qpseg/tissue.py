@@ -107,14 +107,30 @@ def binary_closing(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(closed[pad:-pad, pad:-pad], dtype=bool)
 
 
+_ROWS = 256  # rows per chunk: a float64 copy of a big thumbnail would be hundreds of MB
+
+
 def _grey(rgb: np.ndarray) -> np.ndarray:
-    return rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    weights = np.array([0.299, 0.587, 0.114])
+    out = np.empty(rgb.shape[:2], dtype=np.float64)
+    for r in range(0, rgb.shape[0], _ROWS):
+        out[r:r + _ROWS] = rgb[r:r + _ROWS].astype(np.float64) @ weights
+    return out
+
+
+# -log10((v + 1) / 256) for every uint8 value: summed over the channels, the optical density.
+_OD_LUT = -np.log10((np.arange(256, dtype=np.float64) + 1.0) / 256.0)
+
+
+def _optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Summed optical density per pixel (the channel sum in the same order as ``sum``)."""
+    return (_OD_LUT[rgb[..., 0]] + _OD_LUT[rgb[..., 1]]) + _OD_LUT[rgb[..., 2]]
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation on 0..255 as PIL/OpenCV compute it: 255 * (max - min) / max."""
-    f = rgb.astype(np.float64)
-    mx, mn = f.max(axis=-1), f.min(axis=-1)
+    # max/min on the uint8 channels first: the same values without a float copy of the image
+    mx, mn = rgb.max(axis=-1).astype(np.float64), rgb.min(axis=-1).astype(np.float64)
     return np.divide(255.0 * (mx - mn), mx, out=np.zeros_like(mx), where=mx > 0)
 
 
@@ -153,7 +169,7 @@ def tissue_mask_from_rgb(
         threshold = otsu_threshold(grey)
         mask = grey <= threshold
     else:  # otsu_od: Otsu on log10 of the summed optical density
-        od = -np.log10((arr.astype(np.float64) + 1.0) / 256.0).sum(axis=-1)
+        od = _optical_density(arr)
         log_od = np.log10(od + _OD_FLOOR)
         threshold = otsu_threshold(log_od)
         mask = log_od > threshold
