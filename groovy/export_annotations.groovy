@@ -3,7 +3,10 @@
  *
  * Writes <project>/qpseg/annotations/<entryID>.geojson as a QuPath GeoJSON FeatureCollection
  * (the 0.4+ dialect: objectType, classification {name, color}, measurements, metadata).
- * Only annotations are exported; detections and cells are left out.
+ * Exported: every annotation, plus the detections and cells that qpseg wrote (metadata key
+ * 'qpseg_model', QuPath 0.5+), so that `qpseg evaluate-edits` sees which AI detections the
+ * pathologist kept, reshaped or deleted. Other detections (e.g. QuPath's own cell detection)
+ * are left out: there may be millions, and `qpseg import-project` takes labels from annotations.
  *
  * Targets QuPath 0.4.x - 0.7.x (exportObjectsToGeoJson with "FEATURE_COLLECTION" appeared in 0.4).
  * Run for every image:
@@ -14,6 +17,18 @@
 import java.nio.file.Files
 import java.nio.file.Paths
 import java.nio.file.StandardCopyOption
+import qupath.lib.objects.PathObject
+
+String MARKER = 'qpseg_model'
+
+// Object metadata: getMetadata() on every object since 0.5; annotations only in 0.4.
+String metadataValue(PathObject p, String key) {
+    if (p.metaClass.respondsTo(p, 'getMetadata'))
+        return p.getMetadata()?.get(key)
+    if (p.metaClass.respondsTo(p, 'retrieveMetadataValue'))
+        return p.retrieveMetadataValue(key) as String
+    return null
+}
 
 def entry = getProjectEntry()
 if (entry == null) {
@@ -26,7 +41,9 @@ def target = Paths.get(buildFilePath(outDir, entry.getID() + '.geojson'))
 def tmp = Paths.get(target.toString() + '.tmp')
 
 def annotations = getAnnotationObjects()
-exportObjectsToGeoJson(annotations, tmp.toString(), 'FEATURE_COLLECTION')
+def aiDetections = getDetectionObjects().findAll { metadataValue(it, MARKER) != null }
+exportObjectsToGeoJson(annotations + aiDetections, tmp.toString(), 'FEATURE_COLLECTION')
 // Rename over the old file so qpseg never reads a half-written export.
 Files.move(tmp, target, StandardCopyOption.REPLACE_EXISTING, StandardCopyOption.ATOMIC_MOVE)
-println "qpseg: ${annotations.size()} annotation(s) of '${entry.getImageName()}' -> ${target}"
+println "qpseg: ${annotations.size()} annotation(s) and ${aiDetections.size()} qpseg " +
+        "detection(s) of '${entry.getImageName()}' -> ${target}"

@@ -201,4 +201,7 @@ def test_detections_missing_from_annotation_export() -> None:
                       classification="Tumor", id=uid(), metadata=dict(MARK))]
     res = compare_edits(a, [user(box(100, 100, 200, 200), "Other")])
     assert res.row()["n_deleted"] == 1
-    assert "annotations only" in res.notes[0]
+    assert "the export holds none" in res.notes[0]
+    # the export script now includes qpseg's detections: a reviewed, unchanged one is kept
+    res = compare_edits(a, [a[0], user(box(100, 100, 200, 200), "Other")])
+    assert (res.row()["n_kept"], res.row()["n_deleted"]) == (1, 0) and not res.notes

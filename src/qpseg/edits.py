@@ -29,8 +29,9 @@ export):
   final objects (matched ones with their final class, plus added ones); exact areas of the
   polygons. The slide's Dice sums over classes: ``2 Σ|A∩F| / Σ(|A| + |F|)``.
 
-The annotation export script exports annotations only: AI objects written as detections or
-cells are then all "deleted" (a note says so). Outputs: ``edits.csv`` (one row per slide),
+The export script exports annotations and the detections/cells qpseg wrote (QuPath 0.5+ keeps
+metadata on detections); an export without any detections while the AI wrote some (QuPath 0.4,
+or an older export script) would count them all as "deleted", and a note says so. Outputs: ``edits.csv`` (one row per slide),
 ``edits_per_class.csv``, ``edit_objects.csv`` (one row per AI or added object),
 ``edits_summary.csv`` (totals and per-slide statistics) and ``edits_skipped.csv``.
 """
@@ -379,8 +380,8 @@ def compare_edits(
     ai_types = {o.object_type for o in ai}
     if ai_types - {"annotation"} and not any(f.object_type != "annotation" for f in final):
         result.notes.append(
-            "AI objects include detections/cells but the export holds annotations only "
-            "(export_annotations.groovy); those count as deleted")
+            "AI objects include detections/cells but the export holds none (QuPath 0.4 keeps "
+            "no metadata on detections, or an older export script); those count as deleted")
     return result
 
 
