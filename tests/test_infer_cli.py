@@ -153,6 +153,10 @@ def test_write_to_project_needs_quPath_and_a_project(env: dict[str, Any], tmp_pa
     res = _run(str(slide.path), "--model", str(env["pkg"]), "--out", str(tmp_path / "o"),
                "--write-to-project")
     assert isinstance(res.exception, ConfigError) and "QuPath project" in str(res.exception)
+    res = _run(str(env["project"]), "--model", str(env["pkg"]), "--out", str(tmp_path / "o"),
+               "--write-to-project", "--shard", "1/4")
+    assert isinstance(res.exception, ConfigError) and "--shard" in str(res.exception)
+    assert not (tmp_path / "o").exists()
 
 
 def test_write_to_project_puts_each_entry_in(env: dict[str, Any], tmp_path: Path,

@@ -31,9 +31,11 @@ export):
 
 The export script exports annotations and the detections/cells qpseg wrote (QuPath 0.5+ keeps
 metadata on detections); an export without any detections while the AI wrote some (QuPath 0.4,
-or an older export script) would count them all as "deleted", and a note says so. Outputs: ``edits.csv`` (one row per slide),
-``edits_per_class.csv``, ``edit_objects.csv`` (one row per AI or added object),
-``edits_summary.csv`` (totals and per-slide statistics) and ``edits_skipped.csv``.
+or an older export script) would count them all as "deleted", and a note says so.
+
+Outputs: ``edits.csv`` (one row per slide), ``edits_per_class.csv``, ``edit_objects.csv`` (one
+row per AI or added object), ``edits_summary.csv`` (totals and per-slide statistics) and
+``edits_skipped.csv``.
 """
 
 from __future__ import annotations

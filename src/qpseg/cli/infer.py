@@ -166,7 +166,7 @@ def infer(
     if write_to_project:
         from qpseg.engine.project_writeback import check_write_back
 
-        check_write_back(projects[0] if projects else None)
+        check_write_back(projects[0] if projects else None, shard)
     if projects:
         jobs, out_dir = jobs_from_project(projects[0], out, entry_list)
     else:

@@ -40,10 +40,17 @@ class WriteBack:
     error: str = ""
 
 
-def check_write_back(project: str | os.PathLike[str] | None) -> None:
+def check_write_back(project: str | os.PathLike[str] | None, shard: str | None = None) -> None:
     """Raise :class:`ConfigError` before a run when ``--write-to-project`` cannot work."""
     if project is None:
         raise ConfigError("--write-to-project needs a QuPath project as input, not loose slides")
+    from qpseg.engine.distributed import parse_shard
+
+    if parse_shard(shard)[1] > 1:
+        # Shards run on several machines at once, and each would save the same project.
+        raise ConfigError("--write-to-project cannot be combined with --shard: once every "
+                          "shard has finished, run the same command without --shard (finished "
+                          "slides are skipped, only the objects are written)", project)
     from qpseg.qupath.paquo_backend import qupath_available
 
     if not qupath_available():
