@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "backup_path", "write_json_atomic"]
+__all__ = ["atomic_write", "backup_path", "sha256_file", "write_json_atomic"]
 
 
 def backup_path(path: Path) -> Path:
@@ -56,3 +57,12 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any, *, backup: bool =
     with atomic_write(path, "w", backup=backup) as fh:
         json.dump(data, fh, indent=indent, ensure_ascii=False, allow_nan=False)
         fh.write("\n")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

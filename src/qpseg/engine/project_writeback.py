@@ -10,9 +10,8 @@ per-slide summary as entry metadata and saves (see
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,10 +23,6 @@ if TYPE_CHECKING:
     from qpseg.qupath.geojson import QuPathObject
 
 __all__ = ["WriteBack", "check_write_back", "write_back"]
-
-# (project, entry id, objects, entry metadata) -> (removed, added)
-Replace = Callable[[Path, int, "list[QuPathObject]", "dict[str, str]"], "tuple[int, int]"]
-
 
 @dataclass
 class WriteBack:
@@ -66,29 +61,17 @@ def _paquo_replace(project: Path, entry_id: int, objects: list[QuPathObject],
     return replace_qpseg_objects(project, entry_id, objects, entry_metadata=metadata)
 
 
-def _entry_metadata(geojson: Path) -> dict[str, str]:
-    """The per-slide summary written beside the predictions, as entry metadata strings."""
-    from qpseg.objects import metadata_path
-
-    try:
-        data = json.loads(metadata_path(geojson).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
-
-
-def write_back(project: str | os.PathLike[str], results: Sequence[SlideResult],
-               replace: Replace | None = None) -> list[WriteBack]:
-    """Put each finished (done or skipped-as-finished) entry's predictions into the project.
+def write_back(project: str | os.PathLike[str], results: Sequence[SlideResult]
+               ) -> list[WriteBack]:
+    """Put each finished (done or skipped-as-finished) entry's predictions into the project,
+    with its per-slide summary (``SlideResult.summary``) as entry metadata.
 
     An entry that cannot be written gets its one-line reason in ``WriteBack.error``; the
-    others go on. ``replace`` is the backend (default: paquo).
+    others go on.
     """
+    from qpseg.objects import summary_metadata
     from qpseg.qupath.geojson import read_geojson
 
-    do = replace or _paquo_replace
     out: list[WriteBack] = []
     for r in results:
         if r.status not in ("done", "skipped") or r.entry_id is None:
@@ -96,8 +79,8 @@ def write_back(project: str | os.PathLike[str], results: Sequence[SlideResult],
         wb = WriteBack(r.key, r.entry_id)
         try:
             objects = read_geojson(r.output)
-            wb.removed, wb.added = do(Path(project), r.entry_id, objects,
-                                      _entry_metadata(Path(r.output)))
+            wb.removed, wb.added = _paquo_replace(Path(project), r.entry_id, objects,
+                                                  summary_metadata(r.summary))
         except QpsegError as exc:
             wb.error = exc.one_line()
         out.append(wb)

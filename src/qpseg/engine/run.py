@@ -580,6 +580,13 @@ class _State:
 
         write_json_atomic(self.path(key), dict(data), backup=False)
 
+    def mark(self, job: SlideJob, run_id: str, status: str, **fields: Any) -> None:
+        """Record that ``job`` is ``running`` (with its start time) or ``done`` / ``failed``
+        (with its end time and ``fields``)."""
+        when = "started" if status == "running" else "finished"
+        self.write(job.key, {"status": status, "slide": str(job.slide), "run": run_id,
+                             when: _now(), **fields})
+
 
 def slide_status(job: SlideJob, out_dir: str | os.PathLike[str]) -> str:
     """``finished``, ``interrupted`` (a run was killed while writing it) or ``todo``."""
@@ -759,8 +766,7 @@ def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: flo
     ctx.emit(ProgressEvent("tiles", index, total, job.key, job.name, plan.n_tiles + 1,
                            plan.n_tiles + 1))
     geometry = MapGeometry(0.0, 0.0, ds_r, slide.mpp)
-    tissue_mpx = plan.tissue_pixels() * (plan.map_mpp / slide.mpp) ** 2 / 1e6
-    return maps, geometry, plan.n_tiles + 1, plan.tissue_fraction, tissue_mpx
+    return maps, geometry, plan.n_tiles + 1, plan.tissue_fraction, _tissue_mpx(plan, slide)
 
 
 def _provenance(ctx: _Context, map_mpp: float) -> dict[str, str]:
@@ -808,8 +814,7 @@ def _process(ctx: _Context, job: SlideJob, index: int, total: int,
         result.summary = _read_existing_summary(job)
         result.n_objects = int(float(result.summary.get("qpseg_n_objects", 0) or 0))
         return result
-    state.write(job.key, {"status": "running", "slide": str(job.slide),
-                          "run": ctx.run_id, "started": _now()})
+    state.mark(job, ctx.run_id, "running")
     work = ctx.out_dir / WORK_DIR / job.key
     shutil.rmtree(work, ignore_errors=True)
     maps: MapSet | None = None
@@ -828,15 +833,12 @@ def _process(ctx: _Context, job: SlideJob, index: int, total: int,
     except BaseException as exc:
         if not isinstance(exc, _Abort | KeyboardInterrupt | SystemExit):
             # A failure leaves any earlier GeoJSON untouched (it is written last, atomically).
-            state.write(job.key, {"status": "failed", "slide": str(job.slide),
-                                  "run": ctx.run_id, "finished": _now(), "reason": str(exc)})
+            state.mark(job, ctx.run_id, "failed", reason=str(exc))
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - t0
-    state.write(job.key, {"status": "done", "slide": str(job.slide), "run": ctx.run_id,
-                          "finished": _now(), "outputs": result.outputs,
-                          "model_sha256": ctx.pkg.sha256})
+    state.mark(job, ctx.run_id, "done", outputs=result.outputs, model_sha256=ctx.pkg.sha256)
     return result
 
 
@@ -854,6 +856,20 @@ def _reason(exc: BaseException, job: SlideJob) -> str:
     if isinstance(exc, QpsegError):
         return exc.message if exc.path in (None, job.slide) else exc.one_line()
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def _tissue_mpx(plan: TilePlan, slide: Slide) -> float:
+    """Level-0 megapixels the planned tiles predict (the work done, for throughput)."""
+    return plan.tissue_pixels() * (plan.map_mpp / slide.mpp) ** 2 / 1e6
+
+
+def _record_work(result: SlideResult, tiles: int, tissue_fraction: float | None,
+                 tissue_mpx: float, geometry: MapGeometry) -> None:
+    """What a slide's prediction covered, for the summary and run_metadata.json."""
+    result.tiles = tiles
+    result.tissue_fraction = tissue_fraction
+    result.tissue_mpx = tissue_mpx
+    result.map_mpp = geometry.map_mpp
 
 
 def _tile_plan(ctx: _Context, slide: Slide, tissue: TissueMask | None) -> TilePlan:
@@ -895,8 +911,7 @@ def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
     error = ""
     try:
         if dist.is_main:
-            state.write(job.key, {"status": "running", "slide": str(job.slide),
-                                  "run": ctx.run_id, "started": _now()})
+            state.mark(job, ctx.run_id, "running")
             shutil.rmtree(work, ignore_errors=True)
         slide, mpp_override = _open(ctx, job)
         method = ctx.tissue_method
@@ -928,16 +943,12 @@ def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
         if errors:
             result.reason = errors[0]
             result.seconds = time.perf_counter() - t0
-            state.write(job.key, {"status": "failed", "slide": str(job.slide),
-                                  "run": ctx.run_id, "finished": _now(),
-                                  "reason": errors[0]})
+            state.mark(job, ctx.run_id, "failed", reason=errors[0])
             return result
         assert slide is not None
-        result.tiles = plan.n_tiles
-        result.tissue_fraction = None if tissue is None else plan.tissue_fraction
-        result.tissue_mpx = plan.tissue_pixels() * (plan.map_mpp / slide.mpp) ** 2 / 1e6
         geometry = plan.geometry()
-        result.map_mpp = geometry.map_mpp
+        _record_work(result, plan.n_tiles, None if tissue is None else plan.tissue_fraction,
+                     _tissue_mpx(plan, slide), geometry)
         maps = MapSet.open(folder)
         try:
             _write_outputs(ctx, job, slide, maps, geometry, result)
@@ -946,17 +957,15 @@ def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
         if ctx.params.keep_maps:
             _keep_maps(ctx, job, folder, result)
         result.seconds = time.perf_counter() - t0
-        state.write(job.key, {"status": "done", "slide": str(job.slide), "run": ctx.run_id,
-                              "finished": _now(), "outputs": result.outputs,
-                              "model_sha256": ctx.pkg.sha256})
+        state.mark(job, ctx.run_id, "done", outputs=result.outputs,
+                   model_sha256=ctx.pkg.sha256)
         return result
     except _Abort:
         raise
     except Exception as exc:  # rank 0 could not write the outputs: the slide failed
         result.status, result.reason = "failed", _reason(exc, job)
         result.seconds = time.perf_counter() - t0
-        state.write(job.key, {"status": "failed", "slide": str(job.slide), "run": ctx.run_id,
-                              "finished": _now(), "reason": result.reason})
+        state.mark(job, ctx.run_id, "failed", reason=result.reason)
         return result
     finally:
         if slide is not None:
@@ -992,11 +1001,8 @@ def _predict(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: float | N
             raise
         geometry = plan.geometry()
         tiles, fraction = plan.n_tiles, plan.tissue_fraction
-        tissue_mpx = plan.tissue_pixels() * (plan.map_mpp / slide.mpp) ** 2 / 1e6
-    result.tiles = tiles
-    result.tissue_fraction = None if tissue is None else fraction
-    result.tissue_mpx = tissue_mpx
-    result.map_mpp = geometry.map_mpp
+        tissue_mpx = _tissue_mpx(plan, slide)
+    _record_work(result, tiles, None if tissue is None else fraction, tissue_mpx, geometry)
     return maps, geometry
 
 

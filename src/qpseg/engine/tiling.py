@@ -33,6 +33,7 @@ Tissue. With a :class:`~qpseg.tissue.TissueMask`, only tiles whose written part 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -168,20 +169,17 @@ class TilePlan:
         Band edges are where a tile row starts writing, so in centre mode each tile belongs
         to one band; in blend mode a tile row straddling an edge is run by both bands, each
         keeping its own rows (see :meth:`for_rows`)."""
-        import numpy as np
-
         if count < 1:
             raise ValueError("count must be >= 1")
-        h = self.map_height
+        h, n = self.map_height, self.n_tiles
+        if n == 0:
+            return [(0, h)] + [(h, h)] * (count - 1)
         edges = [0]
-        rows = self.tiles[:, 1] if self.n_tiles else np.zeros(0, dtype=np.int64)
-        for b in range(1, count):
-            k = min(self.n_tiles - 1, math.ceil(b * self.n_tiles / count)) if self.n_tiles \
-                else -1
-            edge = h if k < 0 else min(max(self.write_start(int(rows[k])), 0), h)
-            edges.append(max(edge, edges[-1]))
+        for b in range(1, count):  # band b starts at the tile row of its first tile
+            j = int(self.tiles[min(n - 1, math.ceil(b * n / count)), 1])
+            edges.append(max(min(max(self.write_start(j), 0), h), edges[-1]))
         edges.append(h)
-        return [(edges[b], edges[b + 1]) for b in range(count)]
+        return list(itertools.pairwise(edges))
 
     def for_rows(self, r0: int, r1: int) -> TilePlan:
         """The same plan with only the tiles that write map rows ``[r0, r1)``."""

@@ -20,7 +20,6 @@ killed run never leaves a file that looks finished.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import math
 import os
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qpseg._io import sha256_file
 from qpseg.errors import QpsegError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,15 +47,6 @@ __all__ = [
 ]
 
 _MAX_IO = 1 << 30  # bytes per pread/pwrite call (Linux caps one call just below 2 GiB)
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """SHA-256 (hex) of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _umask() -> int:

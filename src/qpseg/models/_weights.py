@@ -6,13 +6,13 @@ read or written (it is an optional dependency).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qpseg._io import sha256_file
 from qpseg.errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,15 +32,6 @@ __all__ = [
 
 # The weight file names a package may hold, in order of preference when reading.
 WEIGHT_FILES: tuple[str, ...] = ("weights.safetensors", "weights.pt")
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

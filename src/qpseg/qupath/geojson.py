@@ -833,43 +833,31 @@ def _parse(data: Any, source: str | Path
     objects: list[tuple[int, QuPathObject]] = []
     problems: list[FeatureProblem] = []
     deferred: list[_Deferred] = []
-    feature_of: dict[int, int] = {}   # id(object) -> feature index, for deferred objects
-    noted: dict[int, list[FeatureProblem]] = {}
+    deferred_at: list[int] = []   # the feature index of each deferred polygon
     with _gc_paused():  # many small objects, none cyclic: see _gc_paused
         for index, item in enumerate(features):
             notes: list[tuple[str, str]] = []
             n_deferred = len(deferred)
             obj = _parse_one(index, item, notes, problems, deferred)
-            if obj is None:
-                continue
-            objects.append((index, obj))
-            found = [FeatureProblem(index, kind, msg) for kind, msg in notes]
-            if len(deferred) > n_deferred:
-                feature_of[id(obj)] = index
-                noted[index] = found
-            else:
-                problems.extend(found)
-        if deferred:
-            built = _build_polygons([rings for _, _, rings in deferred])
-            redo: set[int] = set()
-            for (obj, attr, _), geom in zip(deferred, built, strict=True):
-                if geom is None:
-                    redo.add(feature_of[id(obj)])
-                else:
-                    setattr(obj, attr, geom)
-            for index, found in noted.items():
-                if index not in redo:
-                    problems.extend(found)
-            if redo:  # the one-by-one path says what is wrong with these (or reads them)
-                kept = [(i, o) for i, o in objects if i not in redo]
-                for index in sorted(redo):
-                    notes = []
-                    obj = _parse_one(index, features[index], notes, problems, None)
-                    if obj is not None:
-                        kept.append((index, obj))
-                        problems.extend(FeatureProblem(index, kind, msg)
-                                        for kind, msg in notes)
-                objects = sorted(kept, key=lambda pair: pair[0])
+            deferred_at.extend([index] * (len(deferred) - n_deferred))
+            if obj is not None:
+                objects.append((index, obj))
+                problems.extend(FeatureProblem(index, kind, msg) for kind, msg in notes)
+        built = _build_polygons([rings for _, _, rings in deferred]) if deferred else []
+        redo = {at for at, geom in zip(deferred_at, built, strict=True) if geom is None}
+        for (obj, attr, _), geom in zip(deferred, built, strict=True):
+            if geom is not None:
+                setattr(obj, attr, geom)
+        if redo:  # the one-by-one path says what is wrong with these (or reads them)
+            objects = [(i, o) for i, o in objects if i not in redo]
+            problems = [p for p in problems if p.index not in redo]
+            for index in sorted(redo):
+                notes = []
+                obj = _parse_one(index, features[index], notes, problems, None)
+                if obj is not None:
+                    objects.append((index, obj))
+                    problems.extend(FeatureProblem(index, kind, msg) for kind, msg in notes)
+            objects.sort(key=lambda pair: pair[0])
             problems.sort(key=lambda p: p.index)
     return len(features), objects, problems
 
