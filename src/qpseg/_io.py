@@ -12,7 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "backup_path", "sha256_file", "write_json_atomic"]
+from qpseg.errors import OutputError
+
+__all__ = ["atomic_write", "backup_path", "ensure_writable_dir", "sha256_file",
+           "write_json_atomic"]
 
 
 def backup_path(path: Path) -> Path:
@@ -66,3 +69,27 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def ensure_writable_dir(path: str | os.PathLike[str]) -> Path:
+    """Create the output folder ``path`` (with parents) and prove a file can be written in it.
+
+    Commands call this before any long work starts, so a read-only folder, a full disk or an
+    ``--out`` that names a file fails at once with ``OutputError`` naming the folder, rather
+    than after hours of training or inference.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError("is not a folder (an output folder is needed here)", p)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".qpseg-write-test.", dir=p)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            Path(probe).unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, p) from None
+    return p

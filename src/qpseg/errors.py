@@ -18,11 +18,13 @@ __all__ = [
     "LabelError",
     "MissingImageWarning",
     "ModelError",
+    "OutputError",
     "ProjectError",
     "ProjectWarning",
     "QpsegError",
     "QpsegWarning",
     "SlideError",
+    "os_error_reason",
 ]
 
 
@@ -75,6 +77,26 @@ class LabelError(QpsegError):
     exit_code = 7
 
 
+class OutputError(QpsegError):
+    """An output file or folder cannot be written (read-only, disk or inodes full, not a folder,
+    a link qpseg refuses to write through, or a file qpseg must not replace)."""
+
+    exit_code = 8
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, path: str | os.PathLike[str] | None = None
+                      ) -> OutputError:
+        """The one-line error for an ``OSError`` raised while writing ``path``."""
+        return cls(os_error_reason(exc), path if path is not None else exc.filename)
+
+
+def os_error_reason(exc: OSError) -> str:
+    """What went wrong in an ``OSError``, in words and without the file name (e.g.
+    ``no space left on device``)."""
+    reason = exc.strerror or (str(exc.args[0]) if exc.args else type(exc).__name__)
+    return str(reason)[:1].lower() + str(reason)[1:]
+
+
 class ConfigError(QpsegError):
     """A command-line option or configuration file is invalid."""
 
@@ -85,7 +107,7 @@ class ConfigError(QpsegError):
 EXIT_CODES: dict[type[QpsegError], int] = {
     cls: cls.exit_code
     for cls in (QpsegError, ConfigError, ProjectError, GeoJSONError, SlideError, ModelError,
-                LabelError)
+                LabelError, OutputError)
 }
 
 

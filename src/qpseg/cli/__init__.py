@@ -17,7 +17,7 @@ import typer
 
 from qpseg import __version__
 from qpseg.cli import demo, evaluate, import_project, infer, info, models, train, validate
-from qpseg.errors import EXIT_CODES, QpsegError
+from qpseg.errors import EXIT_CODES, OutputError, QpsegError
 
 __all__ = ["app", "main"]
 
@@ -93,6 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_code_for(exc)
     except typer.Exit as exc:
         return int(exc.exit_code)
+    except OSError as exc:
+        # A write (or read) the library did not anticipate: read-only folder, disk or inodes
+        # full, a path that is a file. Still one line naming the file, never a traceback.
+        if _state["debug"]:
+            traceback.print_exc()
+        err = OutputError.from_os_error(exc)
+        print(f"error: {err.one_line()}", file=sys.stderr)
+        return exit_code_for(err)
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         return 130

@@ -13,7 +13,11 @@ def print_json(data: Any) -> None:
 
 
 def console() -> Any:
-    """A Rich console on stdout (imported lazily: rich is not needed for --help)."""
+    """A Rich console on stdout (imported lazily: rich is not needed for --help).
+
+    Soft wrapping keeps each message on one line when output is piped (Rich would otherwise
+    wrap at 80 columns, splitting a per-slide failure over several lines of a log).
+    """
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=False)
+    return Console(highlight=False, soft_wrap=True)
