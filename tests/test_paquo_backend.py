@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from shapely.geometry import box
 
+import fake_qupath
 from qpseg.errors import ProjectError
 from qpseg.qupath import paquo_backend
 from qpseg.qupath.geojson import QuPathObject
@@ -37,72 +38,203 @@ def test_round_trip_through_qpdata(tmp_path: Path) -> None:  # pragma: no cover 
     assert back[0].geometry.area == pytest.approx(40 * 50)
 
 
-# ---- replacing qpseg objects: the logic run on paquo's image entry, with a stand-in for paquo
-# (the real thing needs QuPath; test_round_trip_through_qpdata covers it where QuPath is).
+# ---- writing through paquo's real Python code on a fake QuPath (tests/fake_qupath.py): the
+# saves, failures and URI checks of paquo 0.9 as they happen, without a JVM.
+
+MODEL = {"qpseg_model": "m2"}
 
 
-class _Java:
-    def __init__(self, metadata: dict[str, str], old_api: bool) -> None:
-        self._md = metadata
-        if old_api:  # QuPath 0.4: only annotations had retrieveMetadataValue
-            self.retrieveMetadataValue = metadata.get
-
-    def getMetadata(self) -> dict[str, str]:
-        if hasattr(self, "retrieveMetadataValue"):
-            raise RuntimeError("java.lang.NoSuchMethodException")
-        return self._md
+@pytest.fixture
+def qupath(monkeypatch: pytest.MonkeyPatch) -> fake_qupath.State:
+    return fake_qupath.install(monkeypatch, version="0.5.1")
 
 
-class _Obj:
-    def __init__(self, name: str, metadata: dict[str, str], locked: bool = False,
-                 old_api: bool = False) -> None:
-        self.name, self.locked = name, locked
-        self.java_object = _Java(metadata, old_api)
+def _project(folder: Path, n: int = 1) -> Any:
+    from qpseg.testing.projects import make_project
+
+    return make_project(folder, n_slides=n, width=64, height=64, annotations=False)
 
 
-class _Proxy(list):  # type: ignore[type-arg]
-    def __isub__(self, other: Any) -> _Proxy:  # paquo: in-place removal only
-        for o in list(other):
-            self.remove(o)
-        return self
+def _data(p: Any, eid: int) -> Path:
+    return p.folder / "data" / str(eid) / "data.qpdata"
 
 
-class _Hierarchy:
-    def __init__(self, annotations: list[_Obj], detections: list[_Obj]) -> None:
-        self.annotations, self.detections = _Proxy(annotations), _Proxy(detections)
-        self.loaded: list[dict[str, Any]] = []
-
-    def load_geojson(self, features: list[dict[str, Any]]) -> bool:
-        self.loaded.extend(features)
-        return bool(features)
+def _seed(p: Any, eid: int, objects: list[Any]) -> bytes:
+    """Give an entry a data.qpdata with ``objects``; returns its bytes."""
+    fake_qupath.write_qpdata(_data(p, eid), objects)
+    return _data(p, eid).read_bytes()
 
 
-class _Image:
-    def __init__(self, hierarchy: _Hierarchy) -> None:
-        self.hierarchy, self.metadata = hierarchy, {}  # type: dict[str, str]
+def _held(p: Any, eid: int) -> list[tuple[str, str, bool, dict[str, str]]]:
+    """What the entry's data.qpdata holds: (kind, id, locked, metadata) per object."""
+    return [(o.KIND, str(o.getID()), o.isLocked(), dict(o._metadata))
+            for o in fake_qupath.read_qpdata(_data(p, eid))._objects]
 
 
-def test_replace_in_image_keeps_user_and_locked_objects() -> None:
-    from qpseg.qupath.geojson import to_feature
+def _entry_metadata(p: Any, eid: int) -> dict[str, str]:
+    import json
 
-    user = _Obj("user", {})
-    user_tagged_other = _Obj("user with own metadata", {"reviewer": "AB"})
-    old_ai = _Obj("old AI", {"qpseg_model": "m1"})
-    old_ai_04 = _Obj("old AI, QuPath 0.4", {"qpseg_model": "m1"}, old_api=True)
-    locked_ai = _Obj("reviewed AI", {"qpseg_model": "m1"}, locked=True)
-    old_cell = _Obj("old cell", {"qpseg_model": "m1"})
-    image = _Image(_Hierarchy([user, user_tagged_other, old_ai, old_ai_04, locked_ai],
-                              [old_cell]))
-    new = [to_feature(QuPathObject(box(0, 0, 5, 5), classification="Tumor",
-                                   metadata={"qpseg_model": "m2"}))]
-    removed, added = paquo_backend.replace_in_image(
-        image, [f for f in new if f is not None], entry_metadata={"qpseg tumour area µm^2": "12"})
-    assert (removed, added) == (3, 1)
-    assert [o.name for o in image.hierarchy.annotations] == [
-        "user", "user with own metadata", "reviewed AI"]
-    assert list(image.hierarchy.detections) == []
-    assert image.hierarchy.loaded[0]["properties"]["metadata"]["qpseg_model"] == "m2"
-    assert image.metadata == {"qpseg tumour area µm^2": "12"}
+    images = json.loads(p.path.read_text(encoding="utf-8"))["images"]
+    return next(dict(i.get("metadata") or {}) for i in images if i["entryID"] == eid)
+
+
+def _old_objects() -> tuple[Any, Any, Any]:
+    user = fake_qupath.make_object("annotation", id="11111111-1111-4111-8111-111111111111")
+    old_ai = fake_qupath.make_object("annotation", id="22222222-2222-4222-8222-222222222222",
+                                     metadata={"qpseg_model": "m1"})
+    old_cell = fake_qupath.make_object("cell", id="33333333-3333-4333-8333-333333333333",
+                                       metadata={"qpseg_model": "m1"})
+    return user, old_ai, old_cell
+
+
+def _predictions(n: int = 2, *, cell: bool = False) -> list[QuPathObject]:
+    preds = [QuPathObject(box(i * 10, 0, i * 10 + 8, 8), classification="Tumor",
+                          metadata=dict(MODEL)) for i in range(n)]
+    if cell:
+        preds.append(QuPathObject(box(40, 40, 50, 50), object_type="cell",
+                                  classification="Tumor", metadata=dict(MODEL),
+                                  nucleus_geometry=box(43, 43, 47, 47)))
+    return preds
+
+
+@pytest.mark.parametrize("version", ["0.5.1", "0.7.0"])
+def test_cells_are_written_and_old_objects_replaced(tmp_path: Path, version: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """paquo's load_geojson asks Gson for an annotation when it meets a cell and QuPath throws
+    ClassCastException, after the old objects were removed; paquo's ``with`` block then saved
+    the entry without them. Now the cell goes in with its nucleus, and only qpseg's earlier
+    objects leave (0.7: hasMetadata, getURIs)."""
+    fake_qupath.install(monkeypatch, version=version)
+    p = _project(tmp_path / "p")
+    eid = p.entry_ids[0]
+    user, old_ai, old_cell = _old_objects()
+    _seed(p, eid, [user, old_ai, old_cell])
+    done = paquo_backend.replace_qpseg_objects(p.path, eid, _predictions(2, cell=True),
+                                               entry_metadata={"qpseg objects": "3"})
+    assert done == (2, 3, 0)
+    held = _held(p, eid)
+    assert held[0][:2] == ("annotation", str(user.getID()))
+    assert sorted(k for k, _, _, md in held[1:] if md == MODEL) == [
+        "annotation", "annotation", "cell"]
+    assert len(held) == 4
+    cell = next(o for o in fake_qupath.read_qpdata(_data(p, eid))._objects if o.isCell())
+    nucleus = cell.getNucleusROI()
+    assert nucleus is not None
+    assert sorted(map(tuple, nucleus["coordinates"][0][:4])) == [
+        (43, 43), (43, 47), (47, 43), (47, 47)]
+    assert _entry_metadata(p, eid)["qpseg objects"] == "3"
+    assert (_data(p, eid).parent / "data.qpdata.bak").read_bytes()  # the previous version
+
+
+@pytest.mark.parametrize("where", ["adding", "saving"])
+def test_a_failure_leaves_the_entry_exactly_as_it_was(tmp_path: Path, where: str,
+                                                      qupath: fake_qupath.State) -> None:
+    """QuPath throws half-way through adding the objects, or half-way through writing
+    data.qpdata (a RuntimeException: QuPath restores its own backup only on an IOException):
+    the entry's data is byte-identical afterwards and its summary is not stored."""
+    p = _project(tmp_path / "p")
+    eid = p.entry_ids[0]
+    before = _seed(p, eid, list(_old_objects()))
+    project_before = p.path.read_bytes()
+    if where == "adding":
+        qupath.insert_fails_after = 1
+    else:
+        qupath.save_fails = True
+    with pytest.raises(ProjectError) as failed:
+        paquo_backend.replace_qpseg_objects(p.path, eid, _predictions(3),
+                                            entry_metadata={"qpseg objects": "3"})
+    assert _data(p, eid).read_bytes() == before
+    assert p.path.read_bytes() == project_before
+    assert "(the entry is unchanged): RuntimeException" in str(failed.value)
+
+
+def test_every_object_is_converted_and_checked_before_anything_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QuPath 0.4 keeps GeoJSON metadata only on TMA cores: its objects would lose the
+    'qpseg_model' marker, so the next run could not replace them (every run would add a copy
+    of every prediction). The entry is refused, untouched, with the reason."""
+    qupath = fake_qupath.install(monkeypatch, version="0.4.4")
+    p = _project(tmp_path / "p")
+    eid = p.entry_ids[0]
+    before = _seed(p, eid, list(_old_objects()))
+    with pytest.raises(ProjectError, match=r"0\.4\.4.*does not keep object metadata"):
+        paquo_backend.replace_qpseg_objects(p.path, eid, _predictions(2))
+    assert _data(p, eid).read_bytes() == before
+    assert qupath.slides_opened == 0  # refused before the entry's data was even read
+
+
+def test_locked_objects_and_user_annotations_are_never_replaced(
+        tmp_path: Path, qupath: fake_qupath.State) -> None:
+    """Only unlocked objects with qpseg's marker go; a prediction whose id is that of a locked
+    object is not added beside it (the locked one is the pathologist's version)."""
+    p = _project(tmp_path / "p")
+    eid = p.entry_ids[0]
+    user, old_ai, old_cell = _old_objects()
+    user_md = fake_qupath.make_object("annotation", metadata={"reviewer": "AB"})
+    reviewed = fake_qupath.make_object("annotation", id="44444444-4444-4444-8444-444444444444",
+                                       locked=True, metadata={"qpseg_model": "m1"},
+                                       roi={"type": "Point", "coordinates": [1, 2]})
+    locked_user = fake_qupath.make_object("detection", locked=True)
+    _seed(p, eid, [user, user_md, old_ai, reviewed, locked_user, old_cell])
+    again = QuPathObject(box(0, 0, 9, 9), classification="Tumor", metadata=dict(MODEL),
+                         id=str(reviewed.getID()).upper())
+    done = paquo_backend.replace_qpseg_objects(p.path, eid, [again, *_predictions(1)])
+    assert done == (2, 1, 1)
+    held = {i: (k, locked, md) for k, i, locked, md in _held(p, eid)}
+    assert len(held) == 5
+    for kept in (user, user_md, locked_user):
+        assert str(kept.getID()) in held
+    assert held[str(reviewed.getID())] == ("annotation", True, {"qpseg_model": "m1"})
+    stored = next(o for o in fake_qupath.read_qpdata(_data(p, eid))._objects
+                  if str(o.getID()) == str(reviewed.getID()))
+    assert stored._roi == {"type": "Point", "coordinates": [1, 2]}  # the reviewed version
+    assert str(old_ai.getID()) not in held and str(old_cell.getID()) not in held
+
+
+@pytest.mark.parametrize("how", ["moved", "missing"])
+def test_an_entry_paquo_would_not_save_fails_with_the_reason(
+        tmp_path: Path, how: str, qupath: fake_qupath.State) -> None:
+    """paquo's save() skips an entry whose image URI is not a reachable file with only a log
+    warning: a moved project (or a missing slide) looked written. It fails, untouched."""
+    import shutil
+
+    p = _project(tmp_path / "p")
+    eid = p.entry_ids[0]
+    before = _seed(p, eid, list(_old_objects()))
+    if how == "moved":
+        shutil.move(p.folder, tmp_path / "elsewhere")
+        qpproj = tmp_path / "elsewhere" / "project.qpproj"
+        data = tmp_path / "elsewhere" / "data" / str(eid) / "data.qpdata"
+        reason = "project was moved.*update the image paths"
+    else:
+        p.slides[0].path.unlink()
+        qpproj, data, reason = p.path, _data(p, eid), "not on this machine"
+    with pytest.raises(ProjectError, match=reason):
+        paquo_backend.replace_qpseg_objects(qpproj, eid, _predictions(2))
+    assert data.read_bytes() == before
+
+
+def test_paquo_gets_the_resolved_project_file(tmp_path: Path,
+                                              qupath: fake_qupath.State) -> None:
+    """paquo appends project.qpproj only to a name without a suffix (a folder 'study.v2' is
+    refused) and keeps links; it is given the real .qpproj."""
+    p = _project(tmp_path / "study.v2")
+    link = tmp_path / "link"
+    link.symlink_to(p.folder, target_is_directory=True)
+    eid = p.entry_ids[0]
+    paquo_backend.replace_qpseg_objects(p.folder, eid, _predictions(1))
+    paquo_backend.replace_qpseg_objects(link, eid, _predictions(2))
+    assert qupath.opened_projects == [str(p.path.resolve())] * 2
+    assert len(_held(p, eid)) == 2
+
+
+def test_add_objects_keeps_everything_there(tmp_path: Path, qupath: fake_qupath.State) -> None:
+    p = _project(tmp_path / "p")
+    eid = p.entry_ids[0]
+    _seed(p, eid, list(_old_objects()))
+    user = QuPathObject(box(1, 1, 9, 9), classification="Stroma")  # no marker: the user's
+    assert paquo_backend.add_objects(p.path, eid, [user]) == 1
+    assert len(_held(p, eid)) == 4
 
 
 def test_replace_without_qupath_refuses_cleanly(tmp_path: Path) -> None:
@@ -121,7 +253,7 @@ def test_replace_through_qpdata(tmp_path: Path) -> None:  # pragma: no cover - n
     user = QuPathObject(box(1, 1, 9, 9), classification="Stroma", class_color=(0, 200, 0))
     paquo_backend.add_objects(p.path, eid, [user])
     ai = QuPathObject(box(10, 10, 50, 60), classification="Tumor", metadata={"qpseg_model": "a"})
-    assert paquo_backend.replace_qpseg_objects(p.path, eid, [ai]) == (0, 1)
-    assert paquo_backend.replace_qpseg_objects(p.path, eid, [ai, ai]) == (1, 2)
+    assert paquo_backend.replace_qpseg_objects(p.path, eid, [ai]) == (0, 1, 0)
+    assert paquo_backend.replace_qpseg_objects(p.path, eid, [ai, ai]) == (1, 2, 0)
     back = paquo_backend.read_annotations(p.path, eid)
     assert sorted(o.classification or "" for o in back) == ["Stroma", "Tumor", "Tumor"]
