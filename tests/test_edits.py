@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -18,6 +19,7 @@ from qpseg.cli.evaluate import evaluate_edits as edits_cmd
 from qpseg.edits import QPSEG_MARKER, compare_edits, evaluate_edits
 from qpseg.errors import ConfigError
 from qpseg.qupath.geojson import QuPathObject, write_geojson
+from qpseg.review import AiObjectWarning
 from qpseg.testing.projects import SyntheticProject, make_project
 
 MARK = {QPSEG_MARKER: "tiny_unet", "qpseg_run": "2025-01-01T00:00:00"}
@@ -76,7 +78,9 @@ def crafted() -> tuple[list[QuPathObject], list[QuPathObject], set[str]]:
 
 def test_compare_edits_counts_and_dice() -> None:
     before, after, baseline = crafted()
-    res = compare_edits(before, after, slide="s", baseline_ids=baseline, mpp=0.5)
+    # all-in: every AI object in the export is truth, the other run's one too
+    res = compare_edits(before, after, slide="s", baseline_ids=baseline, mpp=0.5,
+                        ai_objects="all-in")
     row = res.row()
     counts = {k: row[k] for k in ("n_ai", "n_kept", "n_reshaped", "n_reclassified", "n_changed",
                                   "n_deleted", "n_added", "n_other_ai", "n_existing",
@@ -90,24 +94,46 @@ def test_compare_edits_counts_and_dice() -> None:
     assert res.objects[1].iou == pytest.approx(10000 / 15000)
     assert row["reshaped_abs_area_change_px"] == pytest.approx(5000 + 1500)
     # per class, by hand: AI Tumor = a1 + a2 + a5 = 22500; final Tumor = a1 + a2' + a3' + the
-    # added tumour = 45000 (+ the jitter); common 20000
+    # added tumour + the other run's = 47500 (+ the jitter); common 20000
     by = {c.class_name: c for c in res.classes}
     assert by["Tumor"].ai_area_px == pytest.approx(22500)
-    assert by["Tumor"].final_area_px == pytest.approx(45000, abs=30)
+    assert by["Tumor"].final_area_px == pytest.approx(47500, abs=30)
     assert by["Tumor"].intersection_px == pytest.approx(20000)
-    assert by["Tumor"].dice == pytest.approx(40000 / 67500, abs=1e-3)
+    assert by["Tumor"].dice == pytest.approx(40000 / 70000, abs=1e-3)
     assert by["Stroma"].dice == 0 and by["Stroma"].ai_area_px == 20000
     assert by["Immune cells"].final_area_px == 2500 and by["Immune cells"].n_ai == 0
-    assert res.dice == pytest.approx(40000 / (67500 + 24000 + 2500), abs=1e-3)
+    assert res.dice == pytest.approx(40000 / (70000 + 24000 + 2500), abs=1e-3)
     assert row["area_removed_px"] == pytest.approx(10000)           # a4 deleted
-    assert row["area_added_px"] == pytest.approx(16500, abs=30)     # a2 +5000, a5 +1500, new
+    assert row["area_added_px"] == pytest.approx(19000, abs=30)     # a2 +5000, a5 +1500, new 2
     assert row["ai_area_um2"] == pytest.approx(42500 * 0.25)
     assert row["kept_fraction"] == pytest.approx(0.2)
+    assert (row["n_left_out"], row["n_accepted"]) == (0, 0)
+    # the default rule: a1 (kept, not locked) is an unreviewed prediction, left out of both
+    # sides; the Dice is over what the pathologist reviewed. The other run's object has no
+    # original here: it counts, with a warning naming its model and run
+    with pytest.warns(AiObjectWarning, match="1 AI object.*no original.*'tiny_unet' run 2025"):
+        res = compare_edits(before, after, slide="s", baseline_ids=baseline, mpp=0.5)
+    row = res.row()
+    assert (row["n_kept"], row["n_left_out"], row["n_deleted"]) == (1, 1, 1)
+    assert [(o.review, o.in_truth) for o in res.objects[:5]] == [
+        ("unreviewed", False), ("edited", True), ("edited", True), ("", None), ("edited", True)]
+    by = {c.class_name: c for c in res.classes}
+    assert by["Tumor"].ai_area_px == pytest.approx(12500)       # a2 + a5
+    assert by["Tumor"].final_area_px == pytest.approx(37500)    # a2' + a3' + added + other run
+    assert by["Tumor"].dice == pytest.approx(20000 / 50000)
+    assert row["ai_area_px"] == pytest.approx(32500)            # a2 + a3 + a4 + a5
+    assert res.review.rows() == [
+        {"object_type": "annotation", "class_name": "Stroma", "unreviewed": 0, "accepted": 0,
+         "edited": 1, "unproven": 0, "kept": 1, "left_out": 0},
+        {"object_type": "annotation", "class_name": "Tumor", "unreviewed": 1, "accepted": 0,
+         "edited": 2, "unproven": 1, "kept": 3, "left_out": 1}]
     # no tolerance: the jittered outline counts as reshaped
-    strict = compare_edits(before, after, tolerance_px=0.0, baseline_ids=baseline)
+    with pytest.warns(AiObjectWarning):
+        strict = compare_edits(before, after, tolerance_px=0.0, baseline_ids=baseline)
     assert strict.row()["n_kept"] == 0 and strict.row()["n_reshaped"] == 3
     # without the baseline, the user's earlier tumour is "added"
-    assert compare_edits(before, after).row()["n_added"] == 3
+    with pytest.warns(AiObjectWarning):
+        assert compare_edits(before, after).row()["n_added"] == 3
 
 
 def test_ids_lost_match_by_geometry() -> None:
@@ -151,14 +177,27 @@ def run_cli(args: list[str]) -> tuple[int | None, str, BaseException | None]:
 def test_project_edits_through_cli(project: SyntheticProject, tmp_path: Path) -> None:
     path = write_pair(project, tmp_path)
     out = tmp_path / "out"
-    code, output, exc = run_cli([str(path), "--out", str(out), "--baseline",
-                                 str(path.parent / "qpseg" / "before")])
+    with pytest.warns(AiObjectWarning, match="no original"):
+        code, output, exc = run_cli([str(path), "--out", str(out), "--baseline",
+                                     str(path.parent / "qpseg" / "before")])
     assert exc is None and code == 0, output
     df = pd.read_csv(out / "edits.csv")
     assert list(df.entry_id) == list(project.entry_ids)
     first, second = df.iloc[0], df.iloc[1]
     assert (first.n_ai, first.n_kept, first.n_deleted, first.n_added) == (5, 1, 1, 2)
-    assert (second.n_ai, second.n_kept, second.dice) == (1, 1, 1.0)
+    # the second slide: nothing changed, nothing locked: nobody reviewed it, no Dice
+    assert (second.n_ai, second.n_kept, second.n_left_out) == (1, 1, 1)
+    assert math.isnan(second.dice)
+    # the counts per class are printed
+    assert "AI objects (unreviewed-out): Tumor: 2 left out, 3 kept (2 unreviewed, 2 edited, " \
+           "1 unproven)" in output
+    assert "Stroma: 0 left out, 1 kept (1 edited)" in output
+    code, output, exc = run_cli([str(path), "--out", str(out), "--baseline",
+                                 str(path.parent / "qpseg" / "before"), "--ai-objects", "all-in"])
+    assert exc is None and code == 0, output
+    df = pd.read_csv(out / "edits.csv")
+    first, second = df.iloc[0], df.iloc[1]
+    assert (second.n_ai, second.n_kept, second.n_left_out, second.dice) == (1, 1, 0, 1.0)
     assert first.mpp == 0.5 and first.ai_area_um2 == pytest.approx(42500 * 0.25)
     objs = pd.read_csv(out / "edit_objects.csv")
     assert (objs.status == "deleted").sum() == 1

@@ -523,8 +523,8 @@ def test_cli_flags_json_and_switches(tmp_path: Path) -> None:
     data = json.loads(output)
     assert "lesion" not in data and "instance" not in data
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
-        "confusion.csv", "failed.csv", "per_slide.csv", "report.html", "slides.csv",
-        "summary.csv", "unmatched.csv"]
+        "ai_objects.csv", "confusion.csv", "failed.csv", "per_slide.csv", "report.html",
+        "slides.csv", "summary.csv", "unmatched.csv"]
     _, _, exc = run_cli([*base, "--out", str(tmp_path / "c"), "--lesion-class", "Stroma"])
     assert isinstance(exc, ConfigError) and "Stroma" in str(exc)
     _, _, exc = run_cli([*base, "--out", str(tmp_path / "c"), "--eval-mpp", "-1"])

@@ -11,11 +11,12 @@ export):
 * An AI object is **matched** to the exported object with the same id. An AI object whose id is
   missing is matched to a not yet matched exported object that carries the qpseg marker and
   overlaps it with IoU ≥ 0.5 (largest IoU first), for exports whose ids were not preserved.
-* A matched object is **kept** when its class is unchanged and its outline moved by at most
-  ``tolerance_px`` level-0 pixels on average: area of the symmetric difference ≤
-  ``tolerance_px`` × the longer perimeter (points/lines: Hausdorff distance ≤ ``tolerance_px``).
-  Otherwise it is **reshaped** (geometry changed; the area change is reported) and/or
-  **reclassified** (class changed); ``n_changed`` counts either.
+* A matched object is **kept** when :func:`qpseg.review.review` (the one "unchanged" test,
+  shared with every reader of truth) finds its class and object type unchanged and its
+  outline nowhere moved by more than ``tolerance_px`` level-0 pixels (Hausdorff distance of
+  the outlines). Otherwise it is **reshaped** (geometry changed; the area change is reported)
+  and/or **reclassified** (class changed); ``n_changed`` counts either. A kept object that is
+  locked in QuPath was explicitly **accepted** (``n_accepted``, part of ``n_kept``).
 * An AI object with no match was **deleted**.
 * An exported object that is not matched is:
   ``other-ai`` when it carries the qpseg marker (from another run, or a copy);
@@ -25,9 +26,17 @@ export):
   classes of the AI objects, plus ``classes`` of ``run_metadata.json`` in the predictions
   folder) or it overlaps an AI object; ``user-other`` otherwise. So the pathologist's own
   earlier annotations of a model class count as added unless a baseline is given.
+* The final objects are truth by the rule of :mod:`qpseg.review` (``ai_objects``, CLI
+  ``--ai-objects``): by default an unchanged, unlocked AI object is an *unreviewed prediction*
+  and is left out (``n_left_out``), ``other-ai`` objects (no original here) count, with a
+  warning; ``all-in`` counts every AI object, ``all-out`` none.
 * **Dice** per class between the union of the AI objects (their AI class) and the union of the
-  final objects (matched ones with their final class, plus added ones); exact areas of the
-  polygons. The slide's Dice sums over classes: ``2 Σ|A∩F| / Σ(|A| + |F|)``.
+  final truth objects (matched ones with their final class, plus added ones, plus other-ai ones
+  the rule keeps); exact areas of the polygons. An AI object whose final version the rule left
+  out is left out of the AI side too (there is no judgement to compare it with), so by default
+  the Dice measures agreement on what the pathologist reviewed (``all-in``: on everything; a
+  slide nobody reviewed has no Dice). Deleted AI objects stay on the AI side. The slide's Dice
+  sums over classes: ``2 Σ|A∩F| / Σ(|A| + |F|)``.
 
 The export script exports annotations and the detections/cells qpseg wrote (QuPath 0.5+ keeps
 metadata on detections); an export without any detections while the AI wrote some (QuPath 0.4,
@@ -52,6 +61,18 @@ from typing import TYPE_CHECKING, Any
 from qpseg.errors import ConfigError, QpsegError, QpsegWarning
 from qpseg.labels import label_role
 from qpseg.objects import MARKER_KEY
+from qpseg.review import (
+    DEFAULT_POLICY,
+    DEFAULT_TOLERANCE_PX,
+    AiObjectWarning,
+    ReviewCounts,
+    check_policy,
+    check_tolerance,
+    counts_as_truth,
+    is_ai_object,
+    review,
+    unproven_note,
+)
 
 if TYPE_CHECKING:
     from shapely.geometry.base import BaseGeometry
@@ -77,7 +98,8 @@ STATUSES: tuple[str, ...] = (
 )
 EDIT_COLUMNS: tuple[str, ...] = (
     "slide", "entry_id", "predictions_file", "annotations_file", "mpp", "n_ai", "n_kept",
-    "n_reshaped", "n_reclassified", "n_changed", "n_deleted", "n_added", "n_other_ai",
+    "n_accepted", "n_left_out", "n_reshaped", "n_reclassified", "n_changed", "n_deleted",
+    "n_added", "n_other_ai",
     "n_existing", "n_user_other", "kept_fraction", "ai_area_px", "final_area_px",
     "area_added_px", "area_removed_px", "reshaped_abs_area_change_px", "ai_area_um2",
     "final_area_um2", "area_added_um2", "area_removed_um2", "dice", "notes",
@@ -88,12 +110,13 @@ CLASS_COLUMNS: tuple[str, ...] = (
 )
 OBJECT_COLUMNS: tuple[str, ...] = (
     "slide", "entry_id", "object_id", "status", "matched_by", "ai_class", "final_class",
-    "ai_area_px", "final_area_px", "area_change_px", "iou",
+    "ai_area_px", "final_area_px", "area_change_px", "iou", "review", "in_truth",
 )
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "metric", "n_slides", "pooled", "slide_mean", "slide_std", "slide_min", "slide_max",
 )
-_COUNT_METRICS = ("n_ai", "n_kept", "n_reshaped", "n_reclassified", "n_changed", "n_deleted",
+_COUNT_METRICS = ("n_ai", "n_kept", "n_accepted", "n_left_out", "n_reshaped", "n_reclassified",
+                  "n_changed", "n_deleted",
                   "n_added", "n_other_ai", "n_existing", "n_user_other", "ai_area_px",
                   "final_area_px", "area_added_px", "area_removed_px",
                   "reshaped_abs_area_change_px")
@@ -111,6 +134,8 @@ class ObjectEdit:
     ai_area_px: float
     final_area_px: float
     iou: float
+    review: str = ""           # the truth rule's status of the final object (qpseg.review)
+    in_truth: bool | None = None  # whether the final object counts as truth (None: none)
 
     @property
     def area_change_px(self) -> float:
@@ -145,14 +170,15 @@ class SlideEdits:
     entry_id: int | None
     objects: list[ObjectEdit]
     classes: list[ClassEdits]
-    ai_area_px: float
-    final_area_px: float
+    ai_area_px: float         # AI objects compared (the rule's AI side, module doc)
+    final_area_px: float      # final truth objects
     area_added_px: float      # final outside the AI union (class-agnostic)
     area_removed_px: float    # AI union outside the final union
     mpp: float | None = None
     predictions_file: str = ""
     annotations_file: str = ""
     notes: list[str] = field(default_factory=list)
+    review: ReviewCounts = field(default_factory=ReviewCounts)
 
     def count(self, *statuses: str) -> int:
         """Objects with one of these statuses."""
@@ -179,6 +205,8 @@ class SlideEdits:
             "predictions_file": self.predictions_file,
             "annotations_file": self.annotations_file, "mpp": self.mpp, "n_ai": n_ai,
             "n_kept": self.count("kept"),
+            "n_accepted": sum(o.review == "accepted" for o in self.objects),
+            "n_left_out": self.review.total("left_out"),
             "n_reshaped": self.count("reshaped", "reshaped+reclassified"),
             "n_reclassified": self.count("reclassified", "reshaped+reclassified"),
             "n_changed": self.count("reshaped", "reclassified", "reshaped+reclassified"),
@@ -209,7 +237,8 @@ class SlideEdits:
                  "status": o.status, "matched_by": o.matched_by, "ai_class": o.ai_class,
                  "final_class": o.final_class, "ai_area_px": o.ai_area_px,
                  "final_area_px": o.final_area_px, "area_change_px": o.area_change_px,
-                 "iou": o.iou} for o in self.objects]
+                 "iou": o.iou, "review": o.review, "in_truth": o.in_truth}
+                for o in self.objects]
 
 
 # ============================================================================== comparison
@@ -237,24 +266,6 @@ def _iou(a: BaseGeometry | None, b: BaseGeometry | None) -> float:
     return float(inter / union) if union > 0 else math.nan
 
 
-def _reshaped(a: QuPathObject, b: QuPathObject, pa: BaseGeometry | None,
-              pb: BaseGeometry | None, tolerance: float) -> bool:
-    import shapely
-
-    if a.geometry.equals_exact(b.geometry, 1e-9):
-        return False
-    if pa is not None and pb is not None:
-        sym = float(shapely.symmetric_difference(pa, pb).area)
-        return sym > tolerance * max(float(pa.length), float(pb.length))
-    if (pa is None) != (pb is None):
-        return True
-    return float(shapely.hausdorff_distance(a.geometry, b.geometry)) > tolerance
-
-
-def _is_ai(o: QuPathObject) -> bool:
-    return QPSEG_MARKER in o.metadata
-
-
 def _union(geoms: Sequence[BaseGeometry]) -> BaseGeometry | None:
     import shapely
 
@@ -267,18 +278,24 @@ def compare_edits(
     *,
     slide: str = "",
     entry_id: int | None = None,
-    tolerance_px: float = 1.0,
+    tolerance_px: float = DEFAULT_TOLERANCE_PX,
     model_classes: Iterable[str] | None = None,
     baseline_ids: Iterable[str] = (),
     mpp: float | None = None,
+    ai_objects: str = DEFAULT_POLICY,
+    predictions_file: str = "",
 ) -> SlideEdits:
-    """Compare one slide's AI objects with the objects after review (module doc rules)."""
+    """Compare one slide's AI objects with the objects after review (module doc rules).
+
+    ``ai_objects`` is the truth rule's policy (:mod:`qpseg.review`); the result's ``review``
+    holds its counts per class; ``predictions_file`` (where ``ai`` was read) names the
+    originals in its warning.
+    """
     import numpy as np
     import shapely
 
-    tol = float(tolerance_px)
-    if not math.isfinite(tol) or tol < 0:
-        raise ConfigError(f"tolerance must be a finite number of pixels >= 0, not {tolerance_px}")
+    tol = check_tolerance(tolerance_px)
+    policy = check_policy(ai_objects)
     classes = {_key(c) for c in (model_classes or ())} | {
         _key(o.classification) for o in ai if label_role(o.classification) == "class"}
     baseline = set(baseline_ids)
@@ -298,7 +315,7 @@ def compare_edits(
             used.add(hit)
     # ids lost on the way through QuPath: match marked objects by overlap
     left_ai = [i for i in range(len(ai)) if i not in match and ai_poly[i] is not None]
-    left_fin = [j for j in range(len(final)) if j not in used and _is_ai(final[j])
+    left_fin = [j for j in range(len(final)) if j not in used and is_ai_object(final[j])
                 and fin_poly[j] is not None]
     if left_ai and left_fin:
         cands = []
@@ -314,6 +331,12 @@ def compare_edits(
                 match[i] = (j, "geometry")
                 used.add(j)
 
+    # the truth rule: matched final objects against their originals, the one "unchanged" test
+    matched = sorted(match)
+    reviews = dict(zip(matched, review([final[match[i][0]] for i in matched],
+                                       [ai[i] for i in matched], tol), strict=True))
+    counts = ReviewCounts(policy)
+    truth_fin: set[int] = set()   # final objects that count as truth
     objects: list[ObjectEdit] = []
     for i, o in enumerate(ai):
         a_area = _area(ai_poly[i])
@@ -323,22 +346,37 @@ def compare_edits(
             continue
         j, how = match[i]
         f = final[j]
-        recl = _key(o.classification) != _key(f.classification)
-        resh = _reshaped(o, f, ai_poly[i], fin_poly[j], tol)
+        r = reviews[i]
+        resh, recl = r.reshaped, r.reclassified
         status = ("reshaped+reclassified" if resh and recl else "reshaped" if resh
                   else "reclassified" if recl else "kept")
+        keep = counts_as_truth(r.status, policy)
+        if is_ai_object(f):
+            counts.add(f, r.status, keep)
+        if keep:
+            truth_fin.add(j)
         objects.append(ObjectEdit(o.id, status, how, o.classification, f.classification, a_area,
-                                  _area(fin_poly[j]), _iou(ai_poly[i], fin_poly[j])))
+                                  _area(fin_poly[j]), _iou(ai_poly[i], fin_poly[j]),
+                                  r.status, keep))
 
     ai_union = _union([g for g in ai_poly if g is not None])
     if ai_union is not None:
         shapely.prepare(ai_union)
     added: list[int] = []
+    unproven: dict[tuple[str, str], int] = {}
     for j, f in enumerate(final):
         if j in used:
             continue
-        if _is_ai(f):
+        review_status, in_truth = "", None
+        if is_ai_object(f):
             status = "other-ai"
+            review_status, in_truth = "unproven", counts_as_truth("unproven", policy)
+            counts.add(f, "unproven", in_truth)
+            if in_truth:
+                truth_fin.add(j)
+                added.append(j)
+            made = (f.metadata.get(MARKER_KEY, ""), f.metadata.get("qpseg_run", ""))
+            unproven[made] = unproven.get(made, 0) + 1
         elif f.id is not None and f.id in baseline:
             status = "existing"
         elif label_role(f.classification) != "class":
@@ -351,17 +389,19 @@ def compare_edits(
         else:
             status = "user-other"
         objects.append(ObjectEdit(f.id, status, "", None, f.classification, math.nan,
-                                  _area(fin_poly[j]), math.nan))
+                                  _area(fin_poly[j]), math.nan, review_status, in_truth))
 
     # areas per class: AI (AI classes) vs final (matched objects' final class + added)
     ai_by: dict[str, list[BaseGeometry]] = {}
     fin_by: dict[str, list[BaseGeometry]] = {}
     names: dict[str, str] = {}
-    for i, o in enumerate(ai):
+    ai_side = [i for i in range(len(ai)) if i not in match or match[i][0] in truth_fin]
+    for i in ai_side:
+        o = ai[i]
         if label_role(o.classification) == "class" and ai_poly[i] is not None:
             names.setdefault(_key(o.classification), (o.classification or "").strip())
             ai_by.setdefault(_key(o.classification), []).append(ai_poly[i])
-    final_ids = [j for j, _ in match.values()] + added
+    final_ids = [j for j, _ in match.values() if j in truth_fin] + added
     for j in final_ids:
         f = final[j]
         if label_role(f.classification) == "class" and fin_poly[j] is not None:
@@ -373,12 +413,17 @@ def compare_edits(
         inter = float(ua.intersection(uf).area) if ua is not None and uf is not None else 0.0
         class_edits.append(ClassEdits(names[key], len(ai_by.get(key, [])),
                                       len(fin_by.get(key, [])), _area(ua), _area(uf), inter))
+    side_union = _union([ai_poly[i] for i in ai_side if ai_poly[i] is not None])
     fin_union = _union([fin_poly[j] for j in final_ids if fin_poly[j] is not None])
-    ai_a, fin_a = _area(ai_union), _area(fin_union)
-    both = float(ai_union.intersection(fin_union).area) if ai_union is not None \
+    ai_a, fin_a = _area(side_union), _area(fin_union)
+    both = float(side_union.intersection(fin_union).area) if side_union is not None \
         and fin_union is not None else 0.0
     result = SlideEdits(slide, entry_id, objects, class_edits, ai_a, fin_a, fin_a - both,
-                        ai_a - both, mpp)
+                        ai_a - both, mpp, review=counts)
+    note = unproven_note(unproven, policy, predictions_file or "the predictions")
+    if note is not None:
+        result.notes.append(note)
+        warnings.warn(f"{slide}: {note}" if slide else note, AiObjectWarning, stacklevel=2)
     ai_types = {o.object_type for o in ai}
     if ai_types - {"annotation"} and not any(f.object_type != "annotation" for f in final):
         result.notes.append(
@@ -399,6 +444,15 @@ class EditsResult:
     skipped: list[tuple[str, str]]   # (slide, reason): no predictions, no export
     failed: list[tuple[str, str]]    # (slide, reason): unreadable files
     files: dict[str, Path] = field(default_factory=dict)
+    ai_objects: str = DEFAULT_POLICY
+
+    @property
+    def review(self) -> ReviewCounts:
+        """The truth rule's counts over all slides."""
+        total = ReviewCounts(self.ai_objects)
+        for s in self.slides:
+            total.merge(s.review)
+        return total
 
     def rows(self) -> list[dict[str, Any]]:
         """``edits.csv``."""
@@ -483,36 +537,44 @@ def evaluate_edits(
     predictions_dir: str | os.PathLike[str] | None = None,
     annotations_dir: str | os.PathLike[str] | None = None,
     baseline_dir: str | os.PathLike[str] | None = None,
-    tolerance_px: float = 1.0,
+    tolerance_px: float = DEFAULT_TOLERANCE_PX,
     mpp: float | None = None,
+    ai_objects: str = DEFAULT_POLICY,
 ) -> EditsResult:
     """Compare every entry's AI objects with its reviewed annotation export (module doc).
 
     ``predictions_dir`` / ``annotations_dir`` default to ``<project>/qpseg/predictions`` and
     ``<project>/qpseg/annotations``; ``baseline_dir`` holds exports from before the review
     (their objects are not "added"). ``mpp`` overrides the pixel size used for µm² columns.
+    ``ai_objects``: the truth rule's policy (:mod:`qpseg.review`). ``out_dir`` is checked to
+    be writable before any file is read (:class:`~qpseg.errors.OutputError`).
     Raises :class:`ConfigError` when there is nothing to compare; entries whose files cannot
     be read are listed in ``failed``.
     """
+    from qpseg._io import ensure_writable_dir
     from qpseg.errors import GeoJSONError
     from qpseg.manifest import find_annotation_file
     from qpseg.qupath.geojson import read_geojson
     from qpseg.qupath.project import QuPathProject
 
-    tol = float(tolerance_px)
-    if not math.isfinite(tol) or tol < 0:
-        raise ConfigError(f"--tolerance-px must be a number >= 0, not {tolerance_px}")
+    try:
+        tol = check_tolerance(tolerance_px)
+    except ConfigError as exc:
+        raise ConfigError(f"--tolerance-px: {exc.message}") from None
+    policy = check_policy(ai_objects)
     if mpp is not None and (not math.isfinite(float(mpp)) or float(mpp) <= 0):
         raise ConfigError(f"--mpp must be a positive number, not {mpp}")
     proj = QuPathProject.load(project)
+    if out_dir is not None:
+        ensure_writable_dir(out_dir)
     base = proj.path.parent / "qpseg"
     pred_dir = Path(predictions_dir) if predictions_dir is not None else base / "predictions"
     ann_dir = Path(annotations_dir) if annotations_dir is not None else base / "annotations"
     if not pred_dir.is_dir():
         raise ConfigError("no predictions folder (run `qpseg infer` first)", pred_dir)
     if not ann_dir.is_dir():
-        raise ConfigError("no annotation export folder (run groovy/export_annotations.groovy "
-                          "after the review)", ann_dir)
+        raise ConfigError("no annotation export folder (run export_annotations.groovy in QuPath "
+                          "after the review; `qpseg groovy --out DIR` writes it)", ann_dir)
     base_dir = Path(baseline_dir) if baseline_dir is not None else None
     if base_dir is not None and not base_dir.is_dir():
         raise ConfigError("baseline folder not found", base_dir)
@@ -551,7 +613,8 @@ def evaluate_edits(
         raise ConfigError("no entry has predictions (<entryID>.geojson)", pred_dir)
     if not loaded and not failed:
         raise ConfigError("no entry with predictions has an annotation export (run "
-                          "groovy/export_annotations.groovy after the review)", ann_dir)
+                          "export_annotations.groovy in QuPath after the review; `qpseg groovy "
+                          "--out DIR` writes it)", ann_dir)
 
     slides: list[SlideEdits] = []
     for entry, pf, af, ai, final, ids in loaded:
@@ -559,7 +622,7 @@ def evaluate_edits(
         try:
             res = compare_edits(ai, final, slide=name, entry_id=entry.entry_id,
                                 tolerance_px=tol, model_classes=model_classes,
-                                baseline_ids=ids,
+                                baseline_ids=ids, ai_objects=policy, predictions_file=str(pf),
                                 mpp=float(mpp) if mpp is not None else entry.mpp)
         except QpsegError as exc:
             failed.append((name, exc.one_line()))
@@ -578,7 +641,7 @@ def evaluate_edits(
     if not slides:
         raise QpsegError(f"no entry could be compared; first failure: {failed[0][0]}: "
                          f"{failed[0][1]}", proj.path)
-    result = EditsResult(str(proj.path), slides, skipped, failed)
+    result = EditsResult(str(proj.path), slides, skipped, failed, ai_objects=policy)
     if out_dir is not None:
         result.write(out_dir)
     return result

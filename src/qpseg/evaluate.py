@@ -96,6 +96,7 @@ if TYPE_CHECKING:
     from qpseg.metrics.lesion import LesionAccumulator, LesionMetrics
     from qpseg.metrics.pixel import PixelAccumulator
     from qpseg.qupath.geojson import QuPathObject
+    from qpseg.review import ReviewCounts
 
 __all__ = [
     "DEFAULT_EVAL_MPP",
@@ -180,6 +181,7 @@ class InputItem:
     size: tuple[int, int] | None = None  # level-0 (QuPath) width, height, when known
     image_path: Path | None = None  # the slide (project entries), to read mpp when needed
     problem: str | None = None     # why there is no data (e.g. "no prediction file")
+    originals: Path | None = None  # truth of a project: the predictions qpseg saved for it
 
     @property
     def has_data(self) -> bool:
@@ -307,10 +309,13 @@ def _project_input(path: Path, role: str) -> EvalInput:
             keys += _name_keys(entry.image_path.name)
         keys.append(f"#{entry.entry_id}")
         what = "annotation export" if role == "truth" else "prediction file"
+        pred_folder = project.path.parent / "qpseg" / "predictions"
+        originals = (find_annotation_file(entry, [pred_folder])
+                     if role == "truth" and pred_folder.is_dir() else None)
         items.append(InputItem(
             name=name, keys=_dedupe(keys), path=f, entry_id=entry.entry_id, mpp=entry.mpp,
             size=entry.dimensions, image_path=entry.image_path,
-            problem=None if f is not None else f"no {what} in {folder}",
+            problem=None if f is not None else f"no {what} in {folder}", originals=originals,
         ))
     return EvalInput("project", project.path, role, items,
                      tuple(pc.name for pc in project.classes))
@@ -684,6 +689,7 @@ class SlideScore:
     instance: InstanceMetrics | None = None
     thumbnail: np.ndarray | None = None       # :func:`_overlay_codes`
     notes: list[str] = field(default_factory=list)
+    review: ReviewCounts | None = None        # the truth rule's counts (AI objects in truth)
     origin: tuple[float, float] = (0.0, 0.0)  # level-0 position of raster pixel (0, 0)
     downsample: float | None = None           # level-0 px per raster px
 
@@ -697,6 +703,7 @@ class _Options:
     lesion_class: str | None     # None: auto; "": off
     instances: bool | None
     thumbnails: bool
+    ai_objects: str = "unreviewed-out"
 
 
 def _positive(value: float | None, what: str) -> float | None:
@@ -992,11 +999,52 @@ def _score_pair(t: InputItem, p: InputItem, t_kind: str, p_kind: str,
     )
     truth_objs = _read_objects(t.path) if t_kind != "masks" and t.path else None
     pred_objs = _read_objects(p.path) if p_kind != "masks" and p.path else None
+    if truth_objs is not None:
+        truth_objs = _truth_rule(t, p, opts, score, truth_objs, pred_objs)
     if t_kind == "masks" or p_kind == "masks":
         _score_mask_pair(t, p, t_kind, p_kind, opts, score, truth_objs, pred_objs)
     else:
         _score_geometry_pair(t, p, opts, score, truth_objs or [], pred_objs or [])
     return score
+
+
+def _truth_rule(t: InputItem, p: InputItem, opts: _Options, score: SlideScore,
+                truth_objs: list[QuPathObject],
+                pred_objs: list[QuPathObject] | None) -> list[QuPathObject]:
+    """The truth objects by the rule of :mod:`qpseg.review`; counts go to ``score.review``.
+
+    The originals of the truth's AI objects: the predictions saved in the truth's project
+    (``qpseg/predictions``), and the prediction file matched to the slide (for a folder of
+    truth files, the only place they can be).
+    """
+    from qpseg.review import AiObjectWarning, is_ai_object, select_truth
+
+    if not any(is_ai_object(o) for o in truth_objs):
+        return truth_objs
+    originals: list[QuPathObject] = []
+    sources: list[str] = []
+    same = (t.originals is not None and p.path is not None
+            and t.originals.resolve() == p.path.resolve())
+    if t.originals is not None and not same:
+        from qpseg.errors import GeoJSONError
+
+        try:
+            originals += _read_objects(t.originals)
+            sources.append(str(t.originals))
+        except GeoJSONError as exc:
+            warnings.warn(f"{exc.one_line()} (the saved predictions: AI objects of the truth "
+                          "cannot be compared with them)", AiObjectWarning, stacklevel=2)
+    if pred_objs is not None and p.path is not None:
+        originals += pred_objs
+        sources.append(str(p.path))
+    sel = select_truth(truth_objs, originals if sources else None, policy=opts.ai_objects,
+                       originals_source=" or ".join(sources))
+    score.review = sel.counts
+    note = sel.unproven_note()
+    if note is not None:
+        score.notes.append(note)
+        warnings.warn(f"{t.name}: {note}", AiObjectWarning, stacklevel=2)
+    return sel.objects
 
 
 _Job = tuple[InputItem, InputItem, str, str, _Options]
@@ -1116,6 +1164,24 @@ class Evaluation:
     seed: int = 0
     n_bootstrap: int = 2000
     files: dict[str, Path] = field(default_factory=dict)
+    ai_objects: str = "unreviewed-out"
+
+    @property
+    def review(self) -> ReviewCounts:
+        """The truth rule's counts (AI objects in the truth left out / kept) over all slides."""
+        from qpseg.review import ReviewCounts
+
+        total = ReviewCounts(self.ai_objects)
+        for s in self.slides:
+            if s.review is not None:
+                total.merge(s.review)
+        return total
+
+    def ai_object_rows(self) -> list[dict[str, Any]]:
+        """``ai_objects.csv``: per slide, object type and class, the AI objects of the truth
+        by status and whether they were kept or left out (:mod:`qpseg.review`)."""
+        return [{"slide": s.slide, "entry_id": s.entry_id, "policy": self.ai_objects, **r}
+                for s in self.slides if s.review is not None for r in s.review.rows()]
 
     @property
     def pixel_slides(self) -> list[SlideScore]:
@@ -1247,6 +1313,7 @@ class Evaluation:
             "n_failed": len(self.failed), "n_unmatched": len(self.unmatched),
             "lesion_class": self.lesion_class, "notes": list(self.notes),
             "files": {k: str(v) for k, v in self.files.items()},
+            "ai_objects": self.review.to_json(),
         }
         if self.pixel.per_slide:
             pooled = self.pixel.pooled()
@@ -1289,6 +1356,7 @@ class Evaluation:
             put("instances.csv", self.instance_rows(), None)
         put("unmatched.csv", self.unmatched_rows(), UNMATCHED_COLUMNS)
         put("failed.csv", self.failed_rows(), FAILED_COLUMNS)
+        put("ai_objects.csv", self.ai_object_rows(), AI_OBJECT_COLUMNS)
         self.files = files
         if report:
             from qpseg.report import write_report
@@ -1297,6 +1365,10 @@ class Evaluation:
         return files
 
 
+AI_OBJECT_COLUMNS: tuple[str, ...] = (
+    "slide", "entry_id", "policy", "object_type", "class_name", "unreviewed", "accepted",
+    "edited", "unproven", "kept", "left_out",
+)
 _LESION_COLUMNS: tuple[str, ...] = (
     "lesion_class", "slide", "source", "label", "area_px", "area_um2", "diameter_um",
     "category", "hit", "n_overlaps", "overlaps", "row0", "col0", "row1", "col1", "qupath_x0",
@@ -1393,6 +1465,7 @@ def evaluate(
     seed: int = 0,
     n_bootstrap: int = 2000,
     workers: int = 1,
+    ai_objects: str = "unreviewed-out",
 ) -> Evaluation:
     """Score predictions ``pred`` against ``truth`` slide by slide (see the module doc).
 
@@ -1403,7 +1476,10 @@ def evaluate(
     ``""`` turns them off). ``instances``: False skips instance metrics. ``seed`` and
     ``n_bootstrap`` set the bootstrap CIs. ``workers``: processes scoring slides in parallel
     (0: one per usable CPU from 4 slides on); the results do not depend on it. With
-    ``out_dir`` the CSVs (and ``report.html`` unless ``report`` is False) are written there.
+    ``out_dir`` the CSVs (and ``report.html`` unless ``report`` is False) are written there;
+    it is checked to be writable before any slide is scored. ``ai_objects``: which AI objects
+    of the truth count (:mod:`qpseg.review`: ``unreviewed-out``, ``all-out``, ``all-in``); the
+    counts are in ``Evaluation.review`` and ``ai_objects.csv``.
 
     Raises :class:`ConfigError` when nothing matches or an option is invalid,
     :class:`LabelError` when the classes disagree, and a :class:`QpsegError` when no slide could
@@ -1420,7 +1496,10 @@ def evaluate(
         les = les.strip()
         if les.lower() in ("none", "off", ""):
             les = ""
+    from qpseg.review import check_policy
+
     opts = _Options(
+        ai_objects=check_policy(ai_objects),
         classes=cls_list, mpp=_positive(mpp, "--mpp"),
         eval_mpp=_positive(eval_mpp, "--eval-mpp") or DEFAULT_EVAL_MPP,
         mask_mpp=_positive(mask_mpp, "--mask-mpp"), lesion_class=les, instances=instances,
@@ -1447,6 +1526,10 @@ def evaluate(
         p_keys = ", ".join([i.name for i in p_in.items if i.has_data][:3]) or "none"
         raise ConfigError(f"nothing matches: no prediction matches a truth slide by entry id or "
                           f"image name (truth: {t_keys}; prediction: {p_keys})", t_in.path)
+    if out_dir is not None:  # before the slides are scored (the long part)
+        from qpseg._io import ensure_writable_dir
+
+        ensure_writable_dir(out_dir)
 
     scores: list[SlideScore] = []
     failed: list[Failed] = []
@@ -1537,6 +1620,7 @@ def evaluate(
         truth=str(t_in.path), pred=str(p_in.path), class_names=names, eval_mpp=opts.eval_mpp,
         slides=scores, pixel=pixel, lesion_class=chosen, lesion=lesion, instance=instance,
         unmatched=unmatched, failed=failed, notes=notes, seed=seed, n_bootstrap=n_bootstrap,
+        ai_objects=opts.ai_objects,
     )
     if out_dir is not None:
         result.write(out_dir, report=report)

@@ -51,13 +51,21 @@ def evaluate(
         help="Processes scoring slides in parallel (0: one per usable CPU when there are 4 "
              "or more slides). Results do not depend on it.",
     ),
+    ai_objects: str = typer.Option(
+        "unreviewed-out", "--ai-objects",
+        help="Which objects qpseg wrote count as truth: unreviewed-out (all but those left "
+             "unchanged and unlocked in the review), all-out (none) or all-in (all).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> int:
     """Score predictions against ground truth per slide: pixels, lesions and instances.
 
     Writes per_slide.csv, slides.csv, summary.csv (mean, std, 95 % bootstrap CI, pooled),
     confusion.csv, lesions.csv, instances.csv, unmatched.csv, failed.csv and report.html.
-    Only the truth's labelled area is scored. Exits 1 when some slides failed.
+    Only the truth's labelled area is scored. Objects qpseg wrote that the pathologist left
+    unchanged (and did not lock) are unreviewed predictions, not truth (--ai-objects); the
+    counts left out and kept per class are printed and in ai_objects.csv.
+    Exits 1 when some slides failed.
     """
     from qpseg.cli._common import print_json
     from qpseg.evaluate import evaluate as run_evaluate
@@ -65,7 +73,8 @@ def evaluate(
     class_list = [c for c in classes.split(",")] if classes else None
     ev = run_evaluate(truth, pred, out, classes=class_list, mpp=mpp, eval_mpp=eval_mpp,
                       mask_mpp=mask_mpp, lesion_class=lesion_class, instances=instances,
-                      report=not no_report, seed=seed, workers=workers)
+                      report=not no_report, seed=seed, workers=workers,
+                      ai_objects=ai_objects)
     code = 1 if ev.failed else 0
     if as_json:
         print_json(ev.summary())
@@ -100,6 +109,8 @@ def evaluate(
         ins = summary["instance"]
         c.print(f"instances: AJI {_f(ins['aji'])}, mAP {_f(ins['map'])}, PQ {_f(ins['pq'])}, "
                 f"F1@0.5 {_f(ins['f1_50'])}")
+    for line in ev.review.lines():
+        c.print(line, highlight=False)
     for note in ev.notes:
         c.print(f"note: {note}")
     for u in ev.unmatched:
@@ -136,22 +147,31 @@ def evaluate_edits(
         1.0, "--tolerance-px", help="Mean outline shift (level-0 px) still counted as kept."
     ),
     mpp: float | None = typer.Option(None, "--mpp", help="µm per pixel for the µm² columns."),
+    ai_objects: str = typer.Option(
+        "unreviewed-out", "--ai-objects",
+        help="Which AI objects of the export are truth: unreviewed-out (all but those left "
+             "unchanged and unlocked), all-out (none) or all-in (all).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the per-slide rows as JSON."),
 ) -> int:
     """Count what the pathologist kept, reshaped, reclassified, deleted and added of the AI
     objects, and the Dice between the AI's and the final areas per class.
 
-    Exits 1 when some entries could not be read.
+    The final objects are the truth of the review rule: an AI object left unchanged and
+    unlocked is an unreviewed prediction, left out of both sides of the Dice by default
+    (lock an object in QuPath to accept it). Exits 1 when some entries could not be read.
     """
     from qpseg.cli._common import print_json
     from qpseg.edits import evaluate_edits as run_edits
 
     res = run_edits(project, out, predictions_dir=predictions, annotations_dir=annotations,
-                    baseline_dir=baseline, tolerance_px=tolerance_px, mpp=mpp)
+                    baseline_dir=baseline, tolerance_px=tolerance_px, mpp=mpp,
+                    ai_objects=ai_objects)
     code = 1 if res.failed else 0
     if as_json:
         print_json({"slides": res.rows(), "summary": res.summary_rows(),
-                    "skipped": res.skipped, "failed": res.failed})
+                    "skipped": res.skipped, "failed": res.failed,
+                    "ai_objects": res.review.to_json()})
         return code
     from rich.table import Table
 
@@ -159,14 +179,17 @@ def evaluate_edits(
 
     c = console()
     table = Table(title=f"{len(res.slides)} slide(s) compared")
-    cols = ("slide", "AI", "kept", "reshaped", "reclassified", "deleted", "added", "Dice")
+    cols = ("slide", "AI", "kept", "accepted", "reshaped", "reclassified", "deleted", "added",
+            "Dice")
     for col in cols:
         table.add_column(col, justify="left" if col == "slide" else "right")
     for r in res.rows():
-        table.add_row(str(r["slide"]), str(r["n_ai"]), str(r["n_kept"]), str(r["n_reshaped"]),
-                      str(r["n_reclassified"]), str(r["n_deleted"]), str(r["n_added"]),
-                      _f(r["dice"]))
+        table.add_row(str(r["slide"]), str(r["n_ai"]), str(r["n_kept"]), str(r["n_accepted"]),
+                      str(r["n_reshaped"]), str(r["n_reclassified"]), str(r["n_deleted"]),
+                      str(r["n_added"]), _f(r["dice"]))
     c.print(table)
+    for line in res.review.lines():
+        c.print(line, highlight=False)
     for s in res.slides:
         for note in s.notes:
             c.print(f"note: {s.slide}: {note}")
