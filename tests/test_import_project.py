@@ -129,7 +129,7 @@ def test_missing_mpp_needs_override(tmp_path: Path) -> None:
 
 def test_no_labels_at_all_is_an_error(tmp_path: Path) -> None:
     p = make_project(tmp_path / "p", n_slides=1, width=300, height=300, annotations=False)
-    with pytest.raises(LabelError, match="no labelled annotations"):
+    with pytest.raises(LabelError, match="no annotation export found"):
         import_project(p.path)
     with pytest.raises(ProjectError):
         import_project(p.path, geojson_dir=tmp_path / "nope")

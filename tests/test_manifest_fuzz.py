@@ -54,3 +54,45 @@ def test_mutated_valid_manifest(which: int, value: object) -> None:
     key = ["project", "ignore_index", "classes", "entries"][which]
     good[key] = value
     _check(json.dumps(good).encode())
+
+
+# ------------------------------------------------------------------ annotation file names
+
+
+_PARTS = st.sampled_from(["..", ".", "", "secret", "1", "annotations", "qpseg", "link", "x\0y",
+                          "sub", "~", "\\..", "C:", "%2e%2e"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_PARTS, min_size=1, max_size=6), st.sampled_from(["/", "\\"]),
+       st.booleans(), st.integers(-3, 3))
+def test_annotation_file_never_outside_its_folder(parts: list[str], sep: str, absolute: bool,
+                                                  entry_id: int) -> None:
+    """Whatever an entry's imageName and ID, the file found lies inside the folder searched
+    (a planted ``secret.geojson`` beside it and a link leading to it are never returned)."""
+    import warnings
+
+    from qpseg.manifest import find_annotation_file
+    from qpseg.qupath.project import ImageMetadata, QuPathProject
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        folder = root / "p" / "qpseg" / "annotations"
+        (folder / "sub").mkdir(parents=True)
+        for outside in (root / "secret.geojson", root / "p" / "secret.geojson",
+                        root / "p" / "qpseg" / "secret.geojson"):
+            outside.write_text("{}", encoding="utf-8")
+        (folder / "link.geojson").symlink_to(root / "secret.geojson")
+        (folder / "sub" / "secret.geojson").write_text("{}", encoding="utf-8")
+        name = sep.join(parts)
+        if absolute:
+            name = str(root) + "/" + name
+        project = QuPathProject(root / "p" / "project.qpproj")  # in memory, never saved
+        entry = project.add_image(__file__, ImageMetadata(width=10, height=10, provider="imagej"))
+        entry.entry_id, entry.image_name = entry_id, name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found = find_annotation_file(entry, [folder])
+        if found is not None:
+            assert found.resolve().is_relative_to(folder.resolve()), (name, found)
+

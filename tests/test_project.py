@@ -663,11 +663,11 @@ def test_images_not_a_list(tmp_path: Path) -> None:
     data = _project_json("file:/x/project.qpproj", [])
     data["images"] = {"1": _entry_json(1, "file:/x/a.svs")}
     pf = _write_project(tmp_path / "p", json.dumps(data))
-    with pytest.warns(ProjectWarning, match="'images' is a object, not a list"):
-        p = QuPathProject.load(pf)
-    assert p.entries == [] and p.version == "0.5.1"
-    with pytest.raises(ProjectError, match="refusing to overwrite"):
-        p.save()
+    before = pf.read_bytes()
+    # QuPath cannot open it either; nothing can be read or saved from it.
+    with pytest.raises(ProjectError, match="'images' is a object, not a list of entries") as info:
+        QuPathProject.load(pf)
+    assert info.value.path == pf and pf.read_bytes() == before
 
 
 def test_malformed_entries_are_skipped_and_kept_on_save(tmp_path: Path) -> None:

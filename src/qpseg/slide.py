@@ -30,8 +30,16 @@ Pixel size: from the slide (``openslide.mpp-x/y``; for TIFFs, the resolution tag
 centimeter or inch, or an ImageJ ``unit=micron``), replaced by the ``mpp=`` argument of
 :func:`open_slide` when that is given. PNG ``pHYs`` / JPEG dpi values are screen resolutions and are
 never used. Nothing is guessed: a slide without a pixel size opens fine, and only reading
-:attr:`Slide.mpp` raises :class:`~qpseg.errors.SlideError`; so does a value that is not finite,
-<= 0 or > 100 µm/px (e.g. 352.8 from a 72-dpi default tag).
+:attr:`Slide.mpp` raises :class:`~qpseg.errors.SlideError`; so does a value that
+:func:`mpp_problem` refuses (not finite, below 0.01 or above 100 µm/px, e.g. 352.8 from a
+72-dpi default tag). :func:`mpp_problem` is the one plausibility rule for every pixel size,
+whether read from a slide, a QuPath project or an option.
+
+Which pixel size a command uses for a slide is decided by :func:`choose_pixel_size` (on an open
+slide: :meth:`Slide.choose_mpp`), the one rule for every command: the slide's own value, else
+the QuPath project's calibration, else the value the user gave (``--mpp``); the user's value
+replaces a known one only when asked to (``--mpp-override``), and the result records what it
+replaced.
 
 Coordinates: ``read_region`` takes level-0 coordinates of the file, as OpenSlide does.
 QuPath's coordinates for OpenSlide images with ``openslide.bounds-x/y`` are offset by the bounds
@@ -58,13 +66,14 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from qpseg.errors import SlideError
+from qpseg.errors import QpsegError, SlideError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -73,14 +82,24 @@ __all__ = [
     "LEVEL_TOLERANCE",
     "MAX_MPP",
     "MAX_OUTPUT_PIXELS",
+    "MIN_MPP",
     "ImageSlide",
     "OpenSlideSlide",
+    "PixelSize",
     "Slide",
+    "check_mpp",
+    "choose_pixel_size",
+    "mpp_problem",
     "open_slide",
 ]
 
 #: Largest plausible pixel size in µm/px; anything bigger is a screen/default resolution tag.
 MAX_MPP = 100.0
+#: Smallest plausible pixel size in µm/px. Light microscopes resolve ~0.2 µm and the finest
+#: slide scans (100x oil) are ~0.05-0.1 µm/px; anything smaller is a unit mistake (nm, m).
+MIN_MPP = 0.01
+#: Two pixel sizes closer than this (relative) are the same value written with other rounding.
+_MPP_SAME = 0.01
 #: read_region_mpp() refuses outputs larger than this many pixels (memory safety).
 MAX_OUTPUT_PIXELS = 10_000 * 10_000
 #: Largest source window (pixels) read and resampled at once; bigger requests are done in bands.
@@ -123,6 +142,133 @@ def _finite(value: float, what: str, path: Path) -> float:
     if not math.isfinite(v):
         raise SlideError(f"{what} must be finite, got {value!r}", path)
     return v
+
+
+def mpp_problem(value: object) -> str | None:
+    """Why ``value`` is not a plausible pixel size in µm/px, or None when it is one.
+
+    The one plausibility rule for pixel sizes (a slide's own, a QuPath project's calibration,
+    ``--mpp`` and the like): a finite number from :data:`MIN_MPP` to :data:`MAX_MPP`.
+    """
+    if isinstance(value, bool):
+        return f"{value!r} is not a number"
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return f"{value!r} is not a number"
+    if not (math.isfinite(f) and MIN_MPP <= f <= MAX_MPP):
+        return (f"{value!r} µm/px is not a plausible pixel size (it must be from {MIN_MPP:g} "
+                f"to {MAX_MPP:g} µm/px)")
+    return None
+
+
+def check_mpp(value: object, what: str, path: str | os.PathLike[str] | None = None, *,
+              error: type[QpsegError] = SlideError) -> float:
+    """``value`` as a float when :func:`mpp_problem` accepts it; else ``error`` naming ``what``.
+
+    Commands check their pixel-size options with ``error=ConfigError`` before any work starts.
+    """
+    problem = mpp_problem(value)
+    if problem is not None:
+        raise error(f"{what}: {problem}", path)
+    return float(value)  # type: ignore[arg-type]
+
+
+def _fmt_mpp(xy: tuple[float, float]) -> str:
+    x, y = xy
+    return f"{x:g}" if x == y else f"{x:g} x {y:g}"
+
+
+def _same_mpp(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return all(abs(p - q) <= _MPP_SAME * max(p, q) for p, q in zip(a, b, strict=True))
+
+
+@dataclass(frozen=True)
+class PixelSize:
+    """The pixel size a command uses for one slide, where it came from and what it replaced.
+
+    ``source`` is ``"slide"`` (the slide's own metadata), ``"project"`` (the calibration QuPath
+    stores for the entry), ``"option"`` (the user's value, for a slide that has none) or
+    ``"override"`` (the user's value replacing a known one, which ``replaced`` keeps).
+    ``given_unused`` is True when the user gave a different value that was not used because
+    the slide or project has one (callers say so once for all slides). ``notes`` are what
+    else the user should hear (an implausible stored value skipped, slide and project that
+    disagree); the caller warns with them.
+    """
+
+    mpp_x: float
+    mpp_y: float
+    source: str
+    replaced: float | None = None
+    notes: tuple[str, ...] = ()
+    given_unused: bool = False
+
+    @property
+    def mpp(self) -> float:
+        """Mean of the horizontal and vertical pixel size in µm/px."""
+        return (self.mpp_x + self.mpp_y) / 2
+
+
+def _pair(value: float | tuple[float, float] | None) -> tuple[object, object] | None:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return value[0], value[1]
+    return value, value
+
+
+def choose_pixel_size(
+    native: float | tuple[float, float] | None,
+    project: float | tuple[float, float] | None = None,
+    given: float | None = None,
+    *,
+    override: bool = False,
+    path: str | os.PathLike[str] | None = None,
+) -> PixelSize:
+    """The pixel size to use for a slide: the one rule every command follows.
+
+    ``native`` is the slide's own value (:attr:`Slide.native_mpp`), ``project`` the QuPath
+    entry's ``pixelCalibration`` (:attr:`~qpseg.qupath.project.ProjectEntry.mpp_xy`), ``given``
+    the user's ``--mpp``. The first plausible one of slide, project, given is used; an
+    implausible stored value is skipped with a note. ``override`` makes ``given`` replace a
+    known value (``replaced`` records the old one). Nothing is guessed: with no value at all,
+    or an implausible ``given``, :class:`SlideError` names ``path``.
+    """
+    if given is not None:
+        check_mpp(given, "--mpp", path)
+    if override and given is None:
+        raise SlideError("replacing the pixel size (--mpp-override) needs --mpp", path)
+    notes: list[str] = []
+    known: tuple[float, float] | None = None
+    known_source = ""
+    for source, value in (("slide", _pair(native)), ("project", _pair(project))):
+        if value is None:
+            continue
+        where = ("the slide's own pixel size" if source == "slide"
+                 else "the pixel size set in the QuPath project")
+        bad = [p for p in (mpp_problem(v) for v in value) if p is not None]
+        if bad:
+            notes.append(f"{where} is ignored: {bad[0]}")
+            continue
+        xy = (float(value[0]), float(value[1]))  # type: ignore[arg-type]
+        if known is None:
+            known, known_source = xy, source
+        elif not _same_mpp(known, xy) and not override:
+            notes.append(f"{where} ({_fmt_mpp(xy)} µm/px) differs from the slide's "
+                         f"({_fmt_mpp(known)} µm/px); the slide's is used (pass --mpp "
+                         f"{(xy[0] + xy[1]) / 2:g} --mpp-override to use the project's)")
+    if given is not None:
+        g = float(given)
+        if override and known is not None:
+            return PixelSize(g, g, "override", (known[0] + known[1]) / 2, tuple(notes))
+        if known is None:
+            return PixelSize(g, g, "option", None, tuple(notes))
+    if known is not None:
+        unused = given is not None and known != (float(given), float(given))
+        return PixelSize(known[0], known[1], known_source, None, tuple(notes), unused)
+    reason = "; ".join(notes) if notes else "neither the slide nor the QuPath project gives one"
+    raise SlideError(f"pixel size unknown ({reason}): pass --mpp (µm per pixel at full "
+                     "resolution)", path)
 
 
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -176,6 +322,7 @@ class Slide(ABC):
         self._native_mpp = native_mpp
         self._magnification = magnification
         self._mpp_override = mpp
+        self._chosen_mpp: PixelSize | None = None
         self._closed = False
         self._bounds = self._parse_bounds()
 
@@ -257,7 +404,26 @@ class Slide(ABC):
         """``(mpp_x, mpp_y)`` as stored in the file, unchecked (None when the file has none)."""
         return self._native_mpp
 
+    def choose_mpp(
+        self,
+        project: float | tuple[float, float] | None = None,
+        given: float | None = None,
+        *,
+        override: bool = False,
+    ) -> PixelSize:
+        """Decide this slide's pixel size by :func:`choose_pixel_size` and use it from now on.
+
+        ``project`` is the QuPath entry's calibration, ``given`` the user's ``--mpp``. The
+        result says where the value came from and what an override replaced.
+        """
+        chosen = choose_pixel_size(self._native_mpp, project, given, override=override,
+                                   path=self.path)
+        self._chosen_mpp = chosen
+        return chosen
+
     def _checked_mpp(self) -> tuple[float, float]:
+        if self._chosen_mpp is not None:
+            return self._chosen_mpp.mpp_x, self._chosen_mpp.mpp_y
         if self._mpp_override is not None:
             values, source = (self._mpp_override, self._mpp_override), "given"
         elif self._native_mpp is not None:
@@ -267,16 +433,12 @@ class Slide(ABC):
                 "pixel size unknown: pass --mpp (µm per pixel at full resolution)", self.path)
         out: list[float] = []
         for v in values:
-            try:
-                f = float(v)
-            except (TypeError, ValueError):
-                f = math.nan
-            if not (math.isfinite(f) and 0 < f <= MAX_MPP):
+            problem = mpp_problem(v)
+            if problem is not None:
                 where = "in the slide's metadata" if source == "slide" else "given"
-                raise SlideError(
-                    f"implausible pixel size {v!r} µm/px {where} (must be > 0 and <= {MAX_MPP:g});"
-                    " pass --mpp with the real value", self.path)
-            out.append(f)
+                raise SlideError(f"pixel size {where}: {problem}; pass --mpp with the real "
+                                 "value", self.path)
+            out.append(float(v))
         return out[0], out[1]
 
     @property

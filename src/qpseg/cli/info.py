@@ -14,7 +14,11 @@ def info(
         False, "--open-slides", help="Open every found image to read its pixel size and size."
     ),
 ) -> int:
-    """List a project's entries: id, name, resolved image path, found/missing, pixel size."""
+    """List a project's entries: id, name, resolved image path, found/missing, pixel size.
+
+    The pixel size is the one set in QuPath; with --open-slides, the one every command uses
+    (the slide's own, else QuPath's).
+    """
     from qpseg.cli._common import print_json
     from qpseg.errors import QpsegError
     from qpseg.qupath.project import QuPathProject
@@ -23,21 +27,25 @@ def info(
     rows = []
     for e in qp.entries:
         mpp, dims, problem = e.mpp, e.dimensions, None
+        source = "project" if mpp is not None else None
         if open_slides and e.image_found and e.image_path is not None:
             from qpseg.slide import open_slide
 
             try:
                 with open_slide(e.image_path) as s:
                     dims = s.qupath_dimensions
-                    mpp = s.mpp if s.has_mpp else None
+                    chosen = s.choose_mpp(e.mpp_xy)
+                    mpp, source = chosen.mpp, chosen.source
+                    problem = "; ".join(chosen.notes) or None
             except QpsegError as exc:
-                problem = exc.message
+                mpp, source, problem = None, None, exc.message
         rows.append({
             "id": e.entry_id,
             "name": e.image_name,
             "image": str(e.image_path or e.uri_path or e.uri),
             "found": e.image_found,
             "mpp": mpp,
+            "mpp_source": source,
             "width": dims[0] if dims else None,
             "height": dims[1] if dims else None,
             "provider": e.provider,

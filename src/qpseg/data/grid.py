@@ -123,7 +123,6 @@ def slides_from_manifest(
     :class:`~qpseg.errors.LabelError` when no entry is usable.
     """
     from qpseg.data import DataWarning
-    from qpseg.qupath.geojson import read_geojson
 
     out: list[SlideRecord] = []
     for entry in manifest.entries:
@@ -132,7 +131,7 @@ def slides_from_manifest(
             warnings.warn(f"entry {entry.entry_id} ({entry.image_name}) skipped: "
                           f"{entry.problem or entry.status}", DataWarning, stacklevel=2)
             continue
-        objects = read_geojson(entry.annotation_file) if entry.annotation_file else []
+        objects = manifest.truth_objects(entry)  # the review rule, as at import
         rec = SlideRecord(
             path=entry.slide_path, mpp=float(entry.mpp), width=int(entry.width),
             height=int(entry.height), name=entry.image_name, entry_id=entry.entry_id,

@@ -184,6 +184,27 @@ def path_exists(path: Path) -> bool:
         return False
 
 
+def path_inside(folder: Path, name: str) -> Path | None:
+    """``folder / name`` when that stays inside ``folder``, else None.
+
+    For file names built from project content (an ``imageName``, an entry ID): an absolute
+    name, ``..`` components, a NUL byte, or a symbolic link whose target lies outside
+    ``folder`` all give None, so a crafted project cannot make qpseg read or write elsewhere.
+    Links are followed when deciding (``resolve``), so a link to a file inside is fine.
+    """
+    if not name or "\0" in name:
+        return None
+    candidate = folder / name
+    try:
+        root = folder.resolve()
+        target = candidate.resolve()
+    except (OSError, RuntimeError, ValueError):  # link loops, names the OS cannot represent
+        return None
+    if target == root or not target.is_relative_to(root):
+        return None
+    return candidate
+
+
 # Characters Java's multi-argument URI constructor leaves unescaped in a path (what
 # File.toURI() produces): unreserved, punct and '/', '@'. Parentheses stay raw, as in
 # ``file:/D:/QuPath%20COAD%20Project%20(Annotated)/project.qpproj`` (nedaghohabi__…).

@@ -606,7 +606,7 @@ class QuPathProject:
         self.is_backup: bool = self.path.name.endswith(BACKUP_SUFFIX)
         self._raw: dict[str, Any] = {}
         # images[] as read, so entries skipped as malformed are written back untouched.
-        self._raw_images: list[Any] | None = []
+        self._raw_images: list[Any] = []
         self._entry_at: dict[int, ProjectEntry] = {}  # raw index -> parsed entry
         self._loaded_classes: list[PathClass] | None = None
 
@@ -652,11 +652,12 @@ class QuPathProject:
         if images is None:
             images = []
         if not isinstance(images, list):
-            self._warn(f"'images' is a {_kind(images)}, not a list; no entries read")
-            self._raw_images = None
-            images = []
-        else:
-            self._raw_images = images
+            # QuPath cannot open such a file either: DefaultProject.loadProject (qupath-core,
+            # qupath/lib/projects/DefaultProject.java) reads "images" with
+            # gson.fromJson(..., ArrayList<DefaultProjectImageEntry>), which throws on a non-array.
+            raise ProjectError(f"'images' is a {_kind(images)}, not a list of entries",
+                               self.path)
+        self._raw_images = images
         seen: dict[int, int] = {}
         for i, item in enumerate(images):
             problems: list[str] = []
@@ -786,9 +787,6 @@ class QuPathProject:
 
     def _build(self) -> tuple[dict[str, Any], dict[int, ProjectEntry]]:
         """The JSON to write and, for each written ``images`` index, the entry written there."""
-        if self._raw_images is None:
-            raise ProjectError("'images' in the file is not a list; refusing to overwrite it",
-                               self.path)
         live = {id(e) for e in self.entries}
         images: list[Any] = []
         slots: dict[int, ProjectEntry] = {}
