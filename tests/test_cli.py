@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,48 @@ def test_validate_reports_bad_geojson(tmp_path: Path, capsys: pytest.CaptureFixt
     reports = json.loads(capsys.readouterr().out)
     assert [r["ok"] for r in reports] == [True, False]
     assert reports[0]["counts"] == {"annotation/Tumor": 1}
+
+
+def _feature(coords: list, **props: object) -> dict:
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": coords},
+            "properties": {"objectType": "annotation",
+                           "classification": {"name": "Tumor", "color": [200, 0, 0]}, **props}}
+
+
+SQUARE = [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]
+
+
+@pytest.mark.parametrize("coords", [
+    [[[0, 0], [2, 2], [2, 0], [0, 2], [0, 0]]],                      # self-intersection
+    [SQUARE[0], [[20, 20], [21, 20], [21, 21], [20, 20]]],           # hole outside its shell
+    [[[0, 0], [1e308, 0], [1e308, 10], [0, 10], [0, 0]]],            # out of range
+], ids=["self-intersection", "hole-outside-shell", "out-of-range"])
+def test_validate_problem_exits_1_without_ok(tmp_path: Path, coords: list,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.geojson"
+    path.write_text(json.dumps([_feature(SQUARE), _feature(coords)]))
+    assert main(["validate", str(path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"FAILED {path} (geojson): ") and "1 problem(s)" in lines[0]
+    assert not any(line.startswith("ok") for line in lines)
+    assert lines[1].strip().startswith("error: feature 1: ")
+    assert main(["validate", "--json", str(path)]) == 1
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False and len(report["problems"]) == 1
+
+
+def test_validate_warnings_are_listed_and_exit_0(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "warn.geojson"
+    nan_measurement = _feature(SQUARE, measurements={"Area": None, "Perimeter": math.nan})
+    no_colour = _feature(SQUARE)
+    no_colour["properties"]["classification"] = {"name": "Stroma"}
+    path.write_text(json.dumps([nan_measurement, no_colour]))
+    assert main(["validate", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"ok {path} (geojson): ") and "2 warning(s)" in lines[0]
+    assert "problem" not in lines[0]
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["warning", "warning"]
+    assert main(["validate", "--json", str(path)]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["problems"] == [] and len(report["warnings"]) == 2

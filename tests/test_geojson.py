@@ -605,20 +605,41 @@ def test_validator_reports_each_problem(tmp_path: Path) -> None:
         (9, "invalid-geometry"), (9, "empty-geometry")]
     severities = {p.kind: p.severity for p in report.problems}
     assert severities["skipped-feature"] == "error" and severities["empty-geometry"] == "error"
-    assert severities["invalid-geometry"] == "warning"
+    assert severities["invalid-geometry"] == "error"  # a repair would guess what was drawn
+    assert severities["duplicate-id"] == severities["non-numeric-measurement"] == "error"
     assert severities["missing-colour"] == "warning"
-    assert not report.ok and report.n_errors == 4
+    assert severities["non-finite-measurement"] == "warning"  # QuPath's own "no value"
+    assert severities["unknown-object-type"] == "warning"
+    assert not report.ok and report.n_errors == 8
     assert "'A'" in report.problems[2].message
     assert report.kinds()["invalid-geometry"] == 2
 
 
 def test_validator_ok_with_warnings_only(tmp_path: Path) -> None:
     path = tmp_path / "warn.geojson"
-    path.write_text(json.dumps([_poly_feature(BOWTIE, classification={"name": "X"})]))
+    path.write_text(json.dumps([
+        _poly_feature(SQUARE, classification={"name": "X"}, measurements={"A": math.nan}),
+        _poly_feature(SQUARE, objectType="spaceship")]))
     report = validate_geojson(path)
     assert report.ok and report.n_errors == 0
-    assert [p.kind for p in report.problems] == ["invalid-geometry", "missing-colour"]
+    assert [p.kind for p in report.problems] == ["missing-colour", "non-finite-measurement",
+                                                 "unknown-object-type"]
     assert FeatureProblem(0, "made-up", "?").severity == "warning"
+
+
+# an outline crossing itself, and a hole drawn outside its shell
+HOLE_OUTSIDE = [SQUARE[0], [[20, 20], [21, 20], [21, 21], [20, 20]]]
+
+
+@pytest.mark.parametrize("coords", [BOWTIE, HOLE_OUTSIDE], ids=["bowtie", "hole-outside"])
+def test_validator_invalid_outline_is_an_error(tmp_path: Path, coords: Any) -> None:
+    path = tmp_path / "invalid.geojson"
+    path.write_text(json.dumps([_poly_feature(coords, classification={
+        "name": "Tumor", "color": [200, 0, 0]})]))
+    report = validate_geojson(path)
+    assert [(p.index, p.kind, p.severity) for p in report.problems] == [
+        (0, "invalid-geometry", "error")]
+    assert not report.ok and report.n_errors == 1
 
 
 def test_validator_on_fixtures(qupath_fixtures: Path) -> None:
@@ -975,3 +996,65 @@ def test_stdlib_json_and_orjson_write_the_same_values(tmp_path: Path,
         assert a.geometry.equals_exact(b.geometry, 0) and a.measurements == b.measurements
         assert (a.id, a.classification, a.metadata, a.extra) == (b.id, b.classification,
                                                                  b.metadata, b.extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Out-of-range numbers: one rule for every reader (and the writer)
+# --------------------------------------------------------------------------------------------
+
+# Features whose geometry holds a number no QuPath image can have, each with the index it has
+# in OUT_OF_RANGE_FILE below. 1e200 is finite but its square overflows a double.
+_HUGE_FEATURES: list[tuple[str, dict[str, Any]]] = [
+    ("1e308 polygon", _poly_feature([[[0, 0], [1e308, 0], [1e308, 10], [0, 10], [0, 0]]])),
+    ("square overflows", _poly_feature([[[0, 0], [1e200, 0], [0, 1e200], [0, 0]]])),
+    ("-1e308 point", {"type": "Feature", "geometry": {"type": "Point",
+                                                      "coordinates": [-1e308, 5]}}),
+    ("NaN line", {"type": "Feature", "geometry": {"type": "LineString",
+                                                  "coordinates": [[0, 0], [math.nan, 1]]}}),
+    ("Infinity in a multipolygon", {"type": "Feature", "geometry": {
+        "type": "MultiPolygon", "coordinates": [SQUARE, [[[0, 0], [math.inf, 0], [5, 5]]]]}}),
+    ("integer of 70 bits", _poly_feature([[[0, 0], [2**70, 0], [5, 5], [0, 0]]])),
+    ("just past 2^31", _poly_feature([[[0, 0], [2.0**31 + 1, 0], [5, 5], [0, 0]]])),
+    ("in a hole", _poly_feature([SQUARE[0], [[1, 1], [2, 1], [2, -3e9], [1, 1]]])),
+]
+_ALL_FEATURES = [_poly_feature(SQUARE)] + [f for _, f in _HUGE_FEATURES] + [
+    _poly_feature([[[0, 0], [2.0**31, 0], [2.0**31, 2.0**31], [0, 0]]])]  # the bound itself
+
+
+def test_out_of_range_coordinates_skip_the_feature_with_a_reason(tmp_path: Path) -> None:
+    path = tmp_path / "huge.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": _ALL_FEATURES}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        objs = read_geojson(path)
+    # the good square and the polygon reaching exactly 2^31 are read; nothing else
+    assert [o.geometry.bounds for o in objs] == [(0, 0, 10, 10), (0, 0, 2.0**31, 2.0**31)]
+    assert all(math.isfinite(o.area) for o in objs)
+    messages = [str(w.message) for w in caught if issubclass(w.category, GeoJSONWarning)]
+    assert len(messages) == len(_HUGE_FEATURES)
+    for i, ((what, _), msg) in enumerate(zip(_HUGE_FEATURES, messages, strict=True), start=1):
+        assert msg.startswith(f"{path}: feature {i}: "), what
+        assert "out of range" in msg or "non-finite" in msg, (what, msg)
+        assert msg.endswith("skipped"), (what, msg)
+
+
+def test_out_of_range_coordinates_are_validation_errors(tmp_path: Path) -> None:
+    path = tmp_path / "huge.geojson"
+    path.write_text(json.dumps(_ALL_FEATURES))
+    report = validate_geojson(path)
+    assert report.n_features == len(_ALL_FEATURES) and report.n_objects == 2
+    bad = [(p.index, p.kind, p.severity) for p in report.problems]
+    assert bad == [(i, "out-of-range-coordinates", "error")
+                   for i in range(1, len(_HUGE_FEATURES) + 1)]
+    assert not report.ok
+
+
+def test_out_of_range_nucleus_is_dropped_and_reported() -> None:
+    cell = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": SQUARE},
+            "nucleusGeometry": {"type": "Polygon",
+                                "coordinates": [[[1, 1], [1e300, 1], [2, 2], [1, 1]]]},
+            "properties": {"objectType": "cell"}}
+    with pytest.warns(GeoJSONWarning, match=r"feature 0: .*out of range.*nucleus ignored"):
+        (obj,) = parse_features([cell])
+    assert obj.object_type == "cell" and obj.nucleus_geometry is None
+

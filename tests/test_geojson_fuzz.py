@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import shapely
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shapely.errors import GEOSException
@@ -18,6 +20,7 @@ from shapely.geometry import MultiPolygon, Polygon, shape
 
 from qpseg.errors import GeoJSONError
 from qpseg.qupath.geojson import (
+    MAX_COORDINATE,
     OBJECT_TYPES,
     QuPathObject,
     parse_features,
@@ -119,6 +122,13 @@ FEATURES = st.lists(GOOD_FEATURE | GOOD_GEOMETRY, max_size=4) | FEATURES
 COLLECTION = FEATURES.map(lambda fs: {"type": "FeatureCollection", "features": fs})
 
 
+def _assert_in_range(geom: Any) -> None:
+    """Every coordinate of ``geom`` is a number QuPath can hold (see MAX_COORDINATE)."""
+    xy = shapely.get_coordinates(geom)
+    assert (np.abs(xy) <= MAX_COORDINATE).all(), xy
+    assert math.isfinite(geom.area) and math.isfinite(geom.length)
+
+
 def _parse_or_error(data: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -131,6 +141,9 @@ def _parse_or_error(data: Any) -> None:
     for obj in objs:
         assert isinstance(obj, QuPathObject) and not obj.geometry.is_empty
         assert obj.object_type in OBJECT_TYPES
+        _assert_in_range(obj.geometry)
+        if obj.nucleus_geometry is not None:
+            _assert_in_range(obj.nucleus_geometry)
         # whatever was read can be written, or is refused with a warning; never a crash
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -224,10 +237,16 @@ def test_written_polygons_are_valid(geometry: Any, object_type: str, nucleus: An
 # make sense of goes back to the one-by-one reader. Both must give the same objects and
 # the same problems. (JSON booleans among numbers are left out: numpy reads them as 1/0
 # where the one-by-one reader may refuse them; either is a fine reading of nonsense.)
-BULK_NUMBER = (st.floats(-1e4, 1e4) | st.integers(-50, 50) | st.sampled_from(
-    [math.nan, math.inf, 2**70, "1", None]))
+# Out-of-range numbers (beyond ±2^31, a square that overflows, NaN, infinity, 70-bit
+# integers) must be refused alike by both paths; 2^31 itself is the largest accepted.
+OUT_OF_RANGE = st.sampled_from([math.nan, math.inf, -math.inf, 2**70, -(2**70), 1e308, -1e308,
+                                1e200, 2.0**31 + 1, -(2**31) - 1, 3e9, 2**63])
+EDGE = st.sampled_from([2.0**31, -(2**31), 2**31, 2147483647.5])
+BULK_NUMBER = (st.floats(-1e4, 1e4) | st.integers(-50, 50) | OUT_OF_RANGE | EDGE
+               | st.sampled_from(["1", None]))
 BULK_POSITION = (st.lists(st.floats(-1e4, 1e4) | st.integers(-50, 50), min_size=2, max_size=2)
-                 | st.lists(BULK_NUMBER, min_size=0, max_size=3))
+                 | st.lists(BULK_NUMBER, min_size=0, max_size=3)
+                 | st.lists(st.integers(0, 20) | OUT_OF_RANGE | EDGE, min_size=2, max_size=2))
 BULK_RING = (st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)).map(list),
                       min_size=3, max_size=6)
              .flatmap(lambda r: st.sampled_from([r, [*r, r[0]]]))   # open or closed
@@ -292,6 +311,48 @@ def test_bulk_polygons_known_answers() -> None:
     assert list(first.exterior.coords)[-1] == (0.0, 0.0) and not first.has_z
     assert objects[1][1].nucleus_geometry.area == 0.5
     assert [(p.index, p.kind) for p in problems] == [(1, "skipped-feature"),
-                                                     (2, "skipped-feature")]
+                                                     (2, "out-of-range-coordinates")]
     assert "fewer than 3 distinct positions" in problems[0].message
     assert "non-finite" in problems[1].message
+
+
+@FUZZ
+@given(st.lists(GOOD_RING, min_size=1, max_size=3), st.data(), st.sampled_from(
+    ["geometry", "nucleusGeometry"]))
+def test_out_of_range_numbers_are_refused_by_both_readers(rings: list[Any], data: Any,
+                                                          where: str) -> None:
+    """One bad number anywhere in a polygon: the bulk and the one-by-one reader both refuse
+    the geometry (the feature, or the cell's nucleus) and say it is out of range."""
+    from qpseg.qupath import geojson as gj
+
+    ring = data.draw(st.integers(0, len(rings) - 1))
+    pos = data.draw(st.integers(0, len(rings[ring]) - 1))
+    axis = data.draw(st.integers(0, 1))
+    bad = [[list(p) for p in r] for r in rings]
+    bad[ring][pos][axis] = data.draw(OUT_OF_RANGE)
+    square = [[[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]]
+    if where == "geometry":
+        feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": bad}}
+    else:
+        feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square},
+                   "nucleusGeometry": {"type": "Polygon", "coordinates": bad},
+                   "properties": {"objectType": "cell"}}
+    features = [feature, {"type": "Feature",
+                          "geometry": {"type": "Polygon", "coordinates": square}}]
+    for bulk in (True, False):
+        if bulk:
+            _, objects, problems = gj._parse(features, "fuzz.geojson")
+        else:
+            objects, problems = [], []
+            for index, item in enumerate(features):
+                notes: list[tuple[str, str]] = []
+                obj = gj._parse_one(index, item, notes, problems, None)
+                if obj is not None:
+                    objects.append((index, obj))
+                    problems.extend(gj.FeatureProblem(index, k, m) for k, m in notes)
+        assert [(p.index, p.kind) for p in problems] == [(0, "out-of-range-coordinates")]
+        if where == "geometry":
+            assert [i for i, _ in objects] == [1]
+        else:
+            assert [i for i, _ in objects] == [0, 1]
+            assert objects[0][1].nucleus_geometry is None

@@ -25,6 +25,7 @@ from qpseg.objects import (
     MAX_DIAMETER,
     PERIMETER,
     PROBABILITY,
+    REVIEW_DEFAULTS,
     SIZE_CATEGORY,
     MapGeometry,
     PredictionsExistError,
@@ -45,8 +46,19 @@ UNIT = MapGeometry(0.0, 0.0, 1.0, 1.0)  # map pixel == QuPath pixel == 1 µm
 
 
 def _poly(m: Any, geometry: MapGeometry = UNIT, **kw: Any) -> list:
+    """polygonise, keeping every object and hole unless asked (tiny test maps)."""
     kw.setdefault("provenance", PROV)
+    kw.setdefault("min_area_um2", 0)
+    kw.setdefault("fill_holes_um2", 0)
     return polygonise(m, geometry, CLASSES, **kw)
+
+
+def _cells(inst: Any, geometry: MapGeometry = UNIT, **kw: Any) -> list:
+    """polygonise_instances, keeping every nucleus and hole unless asked."""
+    kw.setdefault("provenance", PROV)
+    kw.setdefault("min_area_um2", 0)
+    kw.setdefault("fill_holes_um2", 0)
+    return polygonise_instances(inst, geometry, CLASSES, **kw)
 
 
 def _coords(g: Any) -> set[tuple[float, float]]:
@@ -75,9 +87,11 @@ def test_rectangle_exact_coordinates_with_offset_and_fractional_downsample() -> 
 
 
 class _FakeSlide:
-    """The two things MapGeometry.from_slide needs from a Slide (bounds offset 1000, 2000)."""
+    """What MapGeometry.from_slide needs from a Slide (bounds offset 1000, 2000; the QuPath
+    image, the bounds, is 500 x 300 px)."""
 
     mpp = 0.25
+    qupath_dimensions = (500, 300)
 
     def level0_to_qupath(self, x: float, y: float) -> tuple[float, float]:
         return x - 1000, y - 2000
@@ -92,6 +106,77 @@ def test_from_slide_removes_bounds_offset_once() -> None:
     (obj,) = _poly(m, geo)
     assert obj.geometry.bounds == (408.0, 104.0, 412.0, 108.0)
     assert geo.tile(2, 1).to_qupath(0, 0) == geo.to_qupath(2, 1) == (408.0, 104.0)
+    assert geo.image_size == geo.tile(2, 1).image_size == (500.0, 300.0)
+
+
+# ------------------------------------------------------------------ objects inside the image
+
+
+def test_coarse_map_is_clipped_to_the_image() -> None:
+    # a 10 x 7 px image, a map 4x coarser: 3 x 2 map pixels cover 12 x 8 px, 2 px too wide
+    # and 1 px too high. Every object stays inside [0, 10] x [0, 7] and is measured there.
+    slide_mpp = 0.5
+    geo = MapGeometry(0.0, 0.0, 4.0, slide_mpp).within(10, 7)
+    m = np.ones((2, 3), np.uint8)
+    (obj,) = _poly(m, geo)
+    assert obj.geometry.equals(box(0, 0, 10, 7)) and obj.geometry.bounds == (0, 0, 10, 7)
+    assert obj.measurements[AREA] == pytest.approx(70 * slide_mpp**2, rel=1e-12)
+    assert obj.measurements[PERIMETER] == pytest.approx(34 * slide_mpp, rel=1e-12)
+    assert obj.measurements[MAX_DIAMETER] == pytest.approx(math.hypot(10, 7) * slide_mpp)
+    # without a size nothing is clipped (the map's own extent)
+    (unclipped,) = _poly(m, MapGeometry(0.0, 0.0, 4.0, slide_mpp))
+    assert unclipped.geometry.bounds == (0, 0, 12, 8)
+    # an object wholly in the part past the image is dropped; one at the edge is cut
+    m = np.zeros((4, 4), np.uint8)
+    m[:, 3] = 1   # x 12..16: outside a 12 x 10 image
+    m[3, :2] = 2  # y 12..16, x 0..8: cut at y = 13
+    objs = _poly(m, MapGeometry(0.0, 0.0, 4.0, 1.0).within(12, 13))
+    assert [(o.classification, o.geometry.bounds) for o in objs] == [
+        ("Stroma", (0.0, 12.0, 8.0, 13.0))]
+
+
+def test_real_slide_shape_no_vertex_past_the_edge() -> None:
+    # cmu_small_region.svs: 2220 x 2967 px at 0.499 µm/px, a 2 µm/px map: 554 x 741 map
+    # pixels reach y = 741 * 2 / 0.499 = 2969.9 (the bug seen in QuPath); offsets at a tile
+    # origin and several blocks must not matter.
+    w, h, slide_mpp, map_mpp = 2220, 2967, 0.499, 2.0
+    geo = MapGeometry.from_mpp(map_mpp, slide_mpp).within(w, h)
+    rows, cols = math.ceil(h / geo.downsample), math.ceil(w / geo.downsample)
+    assert (rows, cols) == (741, 554) and rows * geo.downsample > h + 2.9
+    rng = np.random.default_rng(5)
+    m = (ndimage.uniform_filter(rng.random((rows, cols)), 9) > 0.52).astype(np.uint8)
+    m[-3:, :] = 1  # a band along the bottom and right edges
+    m[:, -3:] = 2
+    for simplify in (None, 0.0):
+        objs = polygonise(m, geo, CLASSES, provenance=PROV, block_size=200, min_area_um2=0,
+                          fill_holes_um2=0, simplify_um=simplify)
+        xy = np.concatenate([shapely.get_coordinates(o.geometry) for o in objs])
+        assert xy.min() >= 0 and xy[:, 0].max() == w and xy[:, 1].max() == h
+        assert all(o.geometry.is_valid for o in objs)
+    for o in objs:  # exact outlines: the area measured is the clipped area
+        assert o.measurements[AREA] == pytest.approx(o.geometry.area * slide_mpp**2, rel=1e-9)
+
+
+def test_expanded_cells_are_clipped_to_the_image() -> None:
+    inst = np.zeros((12, 12), np.int32)
+    inst[5:7, 10:12] = 1  # a nucleus at the right edge of a 12 x 12 px image
+    inst[1:3, 1:3] = 2    # and one by the top-left corner
+    geo = MapGeometry(0.0, 0.0, 1.0, 1.0).within(12, 12)
+    cells = polygonise_instances(inst, geo, CLASSES, provenance=PROV, cell_expansion_um=3,
+                                 min_area_um2=0, fill_holes_um2=0)
+    assert len(cells) == 2
+    for c in cells:
+        (x0, y0, x1, y1) = c.geometry.bounds
+        assert x0 >= 0 and y0 >= 0 and x1 <= 12 and y1 <= 12
+        assert c.measurements["Cell: Area \u00b5m^2"] == pytest.approx(c.geometry.area)
+    assert max(c.geometry.bounds[2] for c in cells) == 12
+
+
+def test_image_size_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="image width"):
+        MapGeometry(0.0, 0.0, 1.0, 1.0, image_size=(0, 5))
+    with pytest.raises(ConfigError, match="width, height"):
+        MapGeometry(0.0, 0.0, 1.0, 1.0, image_size=(5,))  # type: ignore[arg-type]
 
 
 def test_single_pixel_is_its_square_even_with_simplification() -> None:
@@ -446,7 +531,7 @@ def test_instances_to_cells() -> None:
     cmap[4:6, 6:9] = 2           # 6 px class 1, 6 px class 2: tie -> lowest index
     nuc_p = np.full((20, 20), 0.5)
     nuc_p[12:15, 12:15] = 1.0
-    cells = polygonise_instances(inst, UNIT, CLASSES, provenance=PROV, class_map=cmap,
+    cells = _cells(inst, class_map=cmap,
                                  default_class="Tumor", probabilities=nuc_p, simplify_um=0)
     assert len(cells) == 3
     a, b, c = cells  # raster order of the first pixel: 70000, 5, 9
@@ -466,7 +551,7 @@ def test_cell_expansion_stays_off_other_nuclei() -> None:
     inst[5:9, 5:9] = 1
     inst[5:9, 11:15] = 2
     inst[20:23, 20:23] = 3
-    cells = polygonise_instances(inst, UNIT, CLASSES, provenance=PROV, cell_expansion_um=3,
+    cells = _cells(inst, cell_expansion_um=3,
                                  simplify_um=0)
     assert [c.classification for c in cells] == [None, None, None]
     for i, c in enumerate(cells):
@@ -483,8 +568,8 @@ def test_cell_expansion_stays_off_other_nuclei() -> None:
 def test_instances_blockwise_equals_whole() -> None:
     rng = np.random.default_rng(3)
     inst = np.kron(rng.integers(0, 40, (12, 12)), np.ones((7, 7), np.int64))
-    whole = polygonise_instances(inst, UNIT, CLASSES, provenance=PROV, block_size=1000)
-    blocks = polygonise_instances(inst, UNIT, CLASSES, provenance=PROV, block_size=16)
+    whole = _cells(inst, block_size=1000)
+    blocks = _cells(inst, block_size=16)
     assert len(whole) == len(np.unique(inst)) - 1
     assert _signature(whole) == _signature(blocks)
 
@@ -495,7 +580,7 @@ def test_instance_holes_filled_without_swallowing_cells() -> None:
     inst[4:6, 4:6] = 0       # a 4 px hole ...
     inst[3:7, 7:9] = 0       # ... and a 8 px one holding another nucleus
     inst[4:6, 7:8] = 2
-    cells = polygonise_instances(inst, UNIT, CLASSES, provenance=PROV, fill_holes_um2=5,
+    cells = _cells(inst, fill_holes_um2=5,
                                  simplify_um=0)
     assert len(cells) == 2
     big = next(c for c in cells if c.measurements["Nucleus: Area µm^2"] > 10)
@@ -507,12 +592,12 @@ def test_instance_holes_filled_without_swallowing_cells() -> None:
 
 def test_instance_errors() -> None:
     with pytest.raises(LabelError):
-        polygonise_instances(np.array([[-1, 0]]), UNIT, CLASSES, provenance=PROV)
+        _cells(np.array([[-1, 0]]))
     with pytest.raises(ConfigError):
-        polygonise_instances(np.ones((2, 2), int), UNIT, CLASSES, provenance=PROV,
+        _cells(np.ones((2, 2), int),
                              default_class="Necrosis")
     with pytest.raises(LabelError):
-        polygonise_instances(np.ones((2, 2), int), UNIT, CLASSES, provenance=PROV,
+        _cells(np.ones((2, 2), int),
                              class_map=np.ones((3, 2), np.uint8))
 
 
@@ -638,3 +723,76 @@ def test_write_predictions_roundtrip(tmp_path: Path) -> None:
 def test_metadata_path_names() -> None:
     assert metadata_path("a/12.geojson").as_posix() == "a/12.metadata.json"
     assert metadata_path("12.geojson.gz").name == "12.metadata.json"
+
+
+# ------------------------------------------------------------------ reviewable defaults
+
+
+def _square(m: np.ndarray, r: int, c: int, side: int, value: int) -> None:
+    m[r:r + side, c:c + side] = value
+
+
+def test_review_defaults_per_output_type() -> None:
+    # 1 µm/px: a square of side s is s² µm². Tumor is a lesion class (50 / 50 µm²), Stroma a
+    # tissue class (1000 / 1000 µm²).
+    assert REVIEW_DEFAULTS == {"lesion": (50.0, 50.0), "tissue": (1000.0, 1000.0),
+                               "nucleus": (10.0, 400.0)}
+    m = np.zeros((200, 200), np.uint8)
+    _square(m, 0, 0, 7, 1)        # Tumor 49 µm²: dropped
+    _square(m, 0, 10, 8, 1)       # Tumor 64 µm²: kept
+    _square(m, 0, 30, 20, 1)      # Tumor 400 µm², hole 36 µm² (filled), hole 64 (kept)
+    _square(m, 2, 32, 6, 0)
+    _square(m, 10, 40, 8, 0)
+    _square(m, 60, 0, 31, 2)      # Stroma 961 µm²: dropped
+    _square(m, 60, 40, 40, 2)     # Stroma 1600 µm² with a 900 µm² hole: filled
+    _square(m, 65, 45, 30, 0)
+    _square(m, 120, 0, 60, 2)     # Stroma 3600 µm² with a 1024 µm² hole: kept
+    _square(m, 130, 10, 32, 0)
+    m[199, 199] = 2               # a 1 µm² speck: dropped
+    objs = polygonise(m, UNIT, CLASSES, provenance=PROV, lesion_classes=["Tumor"],
+                      simplify_um=0)
+    got = sorted((o.classification, o.measurements[AREA], len(o.geometry.interiors))
+                 for o in objs)
+    assert got == [("Stroma", 1600.0, 0), ("Stroma", 3600.0 - 1024.0, 1),
+                   ("Tumor", 64.0, 0), ("Tumor", 400.0 - 64.0, 1)]
+    for o in objs:  # each object records the thresholds it was made with
+        expected = "50.0" if o.classification == "Tumor" else "1000.0"
+        assert o.metadata["qpseg_min_area_um2"] == o.metadata["qpseg_fill_holes_um2"] == expected
+    # without lesion classes Tumor is a tissue class too; 0 keeps everything
+    assert {o.classification for o in polygonise(m, UNIT, CLASSES, provenance=PROV,
+                                                 simplify_um=0)} == {"Stroma"}
+    everything = polygonise(m, UNIT, CLASSES, provenance=PROV, min_area_um2=0, fill_holes_um2=0,
+                            simplify_um=0)
+    assert len(everything) == 7
+    assert sum(len(o.geometry.interiors) for o in everything) == 4
+
+
+def test_review_defaults_for_nuclei() -> None:
+    inst = np.zeros((40, 40), np.int32)
+    _square(inst, 0, 0, 3, 1)      # 9 µm²: below QuPath's 10 µm² minimum, dropped
+    _square(inst, 0, 10, 4, 2)     # 16 µm²: kept
+    _square(inst, 10, 10, 20, 3)   # 400 µm² with a 64 µm² hole: filled
+    _square(inst, 16, 16, 8, 0)
+    cells = polygonise_instances(inst, UNIT, CLASSES, provenance=PROV, simplify_um=0)
+    assert sorted(c.measurements["Nucleus: Area \u00b5m^2"] for c in cells) == [16.0, 400.0]
+    assert all(len(c.nucleus_geometry.interiors) == 0 for c in cells)
+    assert cells[0].metadata["qpseg_min_area_um2"] == "10.0"
+    assert cells[0].metadata["qpseg_fill_holes_um2"] == "400.0"
+    assert len(_cells(inst, simplify_um=0)) == 3
+
+
+def test_review_defaults_remove_specks_of_a_noisy_map() -> None:
+    # the pattern seen on a real slide with --min-area-um2 0: most objects 1-pixel specks
+    rng = np.random.default_rng(7)
+    m = np.zeros((300, 300), np.uint8)
+    for r, c in rng.integers(10, 250, (6, 2)):
+        _square(m, int(r), int(c), 40, 1)
+    specks = rng.integers(0, 300, (400, 2))
+    m[specks[:, 0], specks[:, 1]] = rng.integers(1, 3, 400).astype(np.uint8)
+    geo = MapGeometry(0.0, 0.0, 2.0, 0.5)  # a 1 µm/px map: one map pixel is 1 µm²
+    raw = polygonise(m, geo, CLASSES, provenance=PROV, min_area_um2=0, fill_holes_um2=0,
+                     lesion_classes=["Tumor"])
+    reviewable = polygonise(m, geo, CLASSES, provenance=PROV, lesion_classes=["Tumor"])
+    assert sum(o.measurements[AREA] <= 4 for o in raw) > len(raw) // 2
+    assert reviewable and all(o.measurements[AREA] >= 50 for o in reviewable)
+    assert len(reviewable) <= 6

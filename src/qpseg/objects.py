@@ -4,6 +4,11 @@ Geometry
     A map pixel ``(col, row)`` covers QuPath ``x ∈ [x0 + col·ds, x0 + (col+1)·ds)`` and likewise
     ``y`` (:class:`MapGeometry`; ``ds = map_mpp / slide_mpp``). The caller applies the OpenSlide
     bounds offset once, through :meth:`MapGeometry.from_slide` (``Slide.level0_to_qupath``).
+    A map at a coarser pixel size than the image usually has a last row/column that reaches
+    past the image; with ``image_size`` (the QuPath image's width and height, which
+    ``from_slide`` and :meth:`MapGeometry.within` set) every object is clipped to the image,
+    ``0 ≤ x ≤ width``, ``0 ≤ y ≤ height``, before it is measured, so no written vertex lies
+    outside the image and areas count only the image's part.
 
 Polygons: pixel-edge (staircase) tracing, then simplification
     Each connected component (``connectivity`` 2 = 8-connected, as the lesion metrics count
@@ -15,7 +20,9 @@ Polygons: pixel-edge (staircase) tracing, then simplification
     repaired by :func:`qpseg.qupath.geojson.repair_polygonal`); rings are ordered by pointer
     jumping, with no Python loop per object. Then, per object: holes smaller than
     ``fill_holes_um2`` are filled (objects of the same class inside a filled hole become part of
-    it; other classes stay, overlapping), objects smaller than ``min_area_um2`` are dropped, and
+    it; other classes stay, overlapping), objects smaller than ``min_area_um2`` are dropped
+    (both default to :data:`REVIEW_DEFAULTS` for the object's output type: lesion, tissue class
+    or nucleus, sizes a pathologist can review; 0 keeps every hole / object), and
     the outline is simplified with GEOS Douglas-Peucker at ``simplify_um`` (default one map
     pixel, so the outline stays within one output pixel of the exact one; the topology-preserving
     variant where plain DP gives an invalid polygon). When simplifying would change
@@ -77,7 +84,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,6 +104,7 @@ __all__ = [
     "MAX_SIMPLIFY_AREA_CHANGE",
     "PERIMETER",
     "PROBABILITY",
+    "REVIEW_DEFAULTS",
     "SIZE_CATEGORY",
     "SIZE_CATEGORY_CODES",
     "SIZE_CATEGORY_LABELS",
@@ -127,6 +135,26 @@ SIZE_CATEGORY_LABELS: dict[str, str] = {
 }
 #: simplification is undone for an object whose area it changes by more than this fraction
 MAX_SIMPLIFY_AREA_CHANGE = 0.1
+
+#: ``(min_area_um2, fill_holes_um2)`` per output type, used where the caller gives None: the
+#: objects a pathologist reviews in QuPath, without specks (a model's 1 µm² pixels) or
+#: pinholes. ``lesion``: classes of ``lesion_classes``; ``tissue``: every other class of a
+#: class map; ``nucleus``: cells of an instance map. ``qpseg infer --help`` repeats these.
+REVIEW_DEFAULTS: dict[str, tuple[float, float]] = {
+    # 50 µm² is about one tumour cell (a disc 8 µm across): isolated tumour cells, the smallest
+    # metastases khalil2022 segments (§1: ITCs, <= 0.2 mm, down to single cells), are kept;
+    # a hole smaller than one cell is not another tissue.
+    "lesion": (50.0, 50.0),
+    # 1,000 µm² is a region about 32 µm across (a few cells, a small gland's cross-section):
+    # the smallest tissue region a pathologist outlines when reviewing at 10x (ho2021 tissue
+    # subtypes, pedersen2022 tumour region); smaller islands and holes are map noise.
+    "tissue": (1000.0, 1000.0),
+    # QuPath's cell detection drops nuclei under 10 µm² and over 400 µm² (qupath-core-processing
+    # WatershedCellDetection.java, v0.5.1 lines 461-464) and its nuclei are filled outlines
+    # (getFilledPolygonROIs, line 798); lagree2021 (Methods) likewise fills missing pixels and
+    # removes small artifacts: so holes up to the largest nucleus (400 µm²) are filled.
+    "nucleus": (10.0, 400.0),
+}
 DEFAULT_BLOCK_SIZE = 2048
 MARKER_KEY = "qpseg_model"
 
@@ -174,6 +202,9 @@ class MapGeometry:
     y0: float
     downsample: float
     slide_mpp: float
+    #: QuPath image ``(width, height)`` in full-resolution pixels; objects are clipped to
+    #: ``[0, width] × [0, height]``. None: not clipped.
+    image_size: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("x0", "y0"):
@@ -183,6 +214,14 @@ class MapGeometry:
             object.__setattr__(self, name, float(v))
         object.__setattr__(self, "downsample", _positive(self.downsample, "map downsample"))
         object.__setattr__(self, "slide_mpp", _positive(self.slide_mpp, "slide pixel size (mpp)"))
+        if self.image_size is not None:
+            try:
+                w, h = self.image_size
+            except (TypeError, ValueError):
+                raise ConfigError(f"image size must be (width, height), not "
+                                  f"{self.image_size!r}") from None
+            object.__setattr__(self, "image_size", (_positive(w, "image width"),
+                                                    _positive(h, "image height")))
 
     @property
     def map_mpp(self) -> float:
@@ -203,24 +242,44 @@ class MapGeometry:
         """The geometry of a map of ``slide`` at ``map_mpp`` whose pixel (0, 0) starts at level-0
         file coordinates ``origin_level0``; the bounds offset is removed here, once."""
         x0, y0 = slide.level0_to_qupath(float(origin_level0[0]), float(origin_level0[1]))
-        return cls.from_mpp(map_mpp, slide.mpp, x0, y0)
+        return cls.from_mpp(map_mpp, slide.mpp, x0, y0).within(*slide.qupath_dimensions)
+
+    def within(self, width: float, height: float) -> MapGeometry:
+        """This geometry, with objects clipped to a QuPath image of ``width`` × ``height``
+        full-resolution pixels (``Slide.qupath_dimensions``: bounds-cropped when OpenSlide
+        reports bounds)."""
+        return replace(self, image_size=(width, height))
 
     def tile(self, col: int, row: int) -> MapGeometry:
         """The geometry of a tile of this map whose pixel (0, 0) is this map's ``(col, row)``."""
         return MapGeometry(self.x0 + col * self.downsample, self.y0 + row * self.downsample,
-                           self.downsample, self.slide_mpp)
+                           self.downsample, self.slide_mpp, self.image_size)
+
+    def image_box(self) -> tuple[float, float, float, float] | None:
+        """The image as ``(xmin, ymin, xmax, ymax)`` in map pixels (None without a size)."""
+        if self.image_size is None:
+            return None
+        w, h = self.image_size
+        ds = self.downsample
+        return -self.x0 / ds, -self.y0 / ds, (w - self.x0) / ds, (h - self.y0) / ds
 
     def to_qupath(self, col: float, row: float) -> tuple[float, float]:
         """QuPath coordinates of the map point ``(col, row)`` (a pixel corner when integral)."""
         return self.x0 + col * self.downsample, self.y0 + row * self.downsample
 
     def transform(self, geoms: Any) -> Any:
-        """Shapely geometry (or array of them) in map pixels -> QuPath coordinates."""
+        """Shapely geometry (or array of them) in map pixels -> QuPath coordinates.
+
+        With ``image_size``, coordinates are also limited to the image (geometry clipped in
+        map pixels can land a rounding error past the edge when scaled)."""
         import numpy as np
         import shapely
 
         ds, origin = self.downsample, np.array([self.x0, self.y0])
-        return shapely.transform(geoms, lambda xy: xy * ds + origin)
+        if self.image_size is None:
+            return shapely.transform(geoms, lambda xy: xy * ds + origin)
+        high = np.array(self.image_size)
+        return shapely.transform(geoms, lambda xy: np.clip(xy * ds + origin, 0.0, high))
 
 
 # -------------------------------------------------------------------------------- provenance
@@ -820,17 +879,17 @@ def _merge(p: _Pieces) -> _Objects:
 # ------------------------------------------------------------------------ object finishing
 
 
-def _fill_holes(obj: _Objects, cls: np.ndarray, max_hole_px: float, width: int,
+def _fill_holes(obj: _Objects, cls: np.ndarray, max_hole_px: np.ndarray, width: int,
                 absorb: bool) -> np.ndarray:
-    """Fill holes below ``max_hole_px`` (px²); returns a keep mask. With ``absorb``, objects of
-    the same class inside a filled hole are merged into its owner (their pixels and
-    probabilities); cells never absorb other cells."""
+    """Fill holes below ``max_hole_px`` (px², per object); returns a keep mask. With
+    ``absorb``, objects of the same class inside a filled hole are merged into its owner (their
+    pixels and probabilities); cells never absorb other cells."""
     import numpy as np
     import shapely
     from shapely.geometry import MultiPolygon, Polygon
 
     keep = np.ones(len(obj.geom), dtype=bool)
-    if max_hole_px <= 0 or not len(obj.geom):
+    if not len(obj.geom) or not (max_hole_px > 0).any():
         return keep
     has_holes = np.flatnonzero(shapely.get_num_interior_rings(obj.geom) > 0)
     # MultiPolygons report 0 interior rings: look at their parts too
@@ -846,7 +905,7 @@ def _fill_holes(obj: _Objects, cls: np.ndarray, max_hole_px: float, width: int,
             kept = []
             for ring in part.interiors:
                 hole = Polygon(ring)
-                if hole.area < max_hole_px:
+                if hole.area < max_hole_px[i]:
                     filled.append(hole)
                     owner.append(int(i))
                     changed = True
@@ -932,6 +991,28 @@ def _simplify(exact: np.ndarray, tol_px: float) -> np.ndarray:
     return simple
 
 
+def _clip_to_image(geoms: np.ndarray, geometry: MapGeometry) -> np.ndarray:
+    """``geoms`` (map pixels) with every part outside the image cut off, in place; a geometry
+    wholly outside becomes empty. Only geometries reaching past the image are touched."""
+    import numpy as np
+    import shapely
+
+    from qpseg.qupath.geojson import repair_polygonal
+
+    bounds_box = geometry.image_box()
+    if bounds_box is None or not len(geoms):
+        return geoms
+    xmin, ymin, xmax, ymax = bounds_box
+    b = shapely.bounds(geoms)
+    past = (b[:, 0] < xmin) | (b[:, 1] < ymin) | (b[:, 2] > xmax) | (b[:, 3] > ymax)
+    idx = np.flatnonzero(past)
+    if len(idx):
+        clipped = shapely.clip_by_rect(geoms[idx], xmin, ymin, xmax, ymax)
+        for i, g in zip(idx.tolist(), clipped.tolist(), strict=True):
+            geoms[i] = shapely.normalize(repair_polygonal(g))
+    return geoms
+
+
 def _repair_invalid(geoms: np.ndarray) -> np.ndarray:
     import numpy as np
     import shapely
@@ -965,24 +1046,44 @@ def _category_name(category: str, diameter_um: float) -> str:
 
 @dataclass(frozen=True)
 class _Settings:
-    min_area_um2: float
-    fill_holes_um2: float
+    min_area_um2: tuple[float, ...]     # per class index (class maps) or one value (cells)
+    fill_holes_um2: tuple[float, ...]   # likewise
     simplify_um: float
     connectivity: int
     instances: bool = False
 
-    def as_metadata(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"min_area_um2": self.min_area_um2,
-                               "fill_holes_um2": self.fill_holes_um2,
+    def per_object(self, values: tuple[float, ...], cls: np.ndarray) -> np.ndarray:
+        """The value of each object (of class ``cls``; cells all share one)."""
+        import numpy as np
+
+        if len(values) == 1:
+            return np.full(len(cls), values[0])
+        return np.asarray(values)[cls]
+
+    def as_metadata(self, cls: int) -> dict[str, Any]:
+        """The thresholds an object of class index ``cls`` was made with."""
+        k = 0 if len(self.min_area_um2) == 1 else cls
+        out: dict[str, Any] = {"min_area_um2": self.min_area_um2[k],
+                               "fill_holes_um2": self.fill_holes_um2[k],
                                "simplify_um": self.simplify_um}
         if not self.instances:
             out["connectivity"] = self.connectivity
         return out
 
 
-def _settings(geometry: MapGeometry, min_area_um2: float, fill_holes_um2: float,
-              simplify_um: float | None, connectivity: int,
+def _thresholds(value: float | None, what: str, kinds: Sequence[str],
+                which: int) -> tuple[float, ...]:
+    """``value`` for each output type in ``kinds``, or :data:`REVIEW_DEFAULTS` when None."""
+    if value is None:
+        return tuple(REVIEW_DEFAULTS[k][which] for k in kinds)
+    v = _non_negative(value, what)
+    return tuple(v for _ in kinds)
+
+
+def _settings(geometry: MapGeometry, min_area_um2: float | None, fill_holes_um2: float | None,
+              simplify_um: float | None, connectivity: int, kinds: Sequence[str],
               instances: bool = False) -> _Settings:
+    """Checked options; ``kinds``: the output type of each class index (or ``["nucleus"]``)."""
     if not isinstance(geometry, MapGeometry):
         raise ConfigError(f"map geometry must be a MapGeometry, not {type(geometry).__name__}")
     if connectivity not in (1, 2):
@@ -990,9 +1091,9 @@ def _settings(geometry: MapGeometry, min_area_um2: float, fill_holes_um2: float,
                           f"{connectivity!r}")
     simplify = geometry.map_mpp if simplify_um is None else _non_negative(simplify_um,
                                                                           "simplify tolerance")
-    return _Settings(_non_negative(min_area_um2, "minimum area"),
-                     _non_negative(fill_holes_um2, "hole-filling area"), simplify, connectivity,
-                     instances)
+    return _Settings(_thresholds(min_area_um2, "minimum area", kinds, 0),
+                     _thresholds(fill_holes_um2, "hole-filling area", kinds, 1), simplify,
+                     connectivity, instances)
 
 
 def _prepare(values: Any, geometry: MapGeometry, classes: ClassMap, probs: _Probs,
@@ -1005,6 +1106,7 @@ def _prepare(values: Any, geometry: MapGeometry, classes: ClassMap, probs: _Prob
     pieces = _scan(values, classes=classes, instances=instances, connectivity=st.connectivity,
                    block_size=_check_block_size(block_size), probs=probs, class_map=class_map)
     obj = _merge(pieces)
+    _clip_to_image(obj.geom, geometry)  # a coarse map's last row/column reaches past the image
     width = _shape2d(values, "map")[1]
     if instances:
         cls = np.where(obj.hist.sum(axis=1) > 0, obj.hist.argmax(axis=1),
@@ -1012,9 +1114,10 @@ def _prepare(values: Any, geometry: MapGeometry, classes: ClassMap, probs: _Prob
     else:
         cls = obj.key.copy()
     mpp = geometry.map_mpp
-    keep = _fill_holes(obj, cls, st.fill_holes_um2 / (mpp * mpp), width, not instances)
+    keep = _fill_holes(obj, cls, st.per_object(st.fill_holes_um2, cls) / (mpp * mpp), width,
+                       not instances)
     area_px = shapely.area(obj.geom)
-    keep &= area_px * mpp * mpp >= st.min_area_um2
+    keep &= area_px * mpp * mpp >= st.per_object(st.min_area_um2, cls)
     keep &= area_px > 0
     idx = np.flatnonzero(keep)
     exact = obj.geom[idx]
@@ -1044,8 +1147,8 @@ def polygonise(
     *,
     provenance: Mapping[str, Any],
     probabilities: Any = None,
-    min_area_um2: float = 0.0,
-    fill_holes_um2: float = 0.0,
+    min_area_um2: float | None = None,
+    fill_holes_um2: float | None = None,
     simplify_um: float | None = None,
     as_type: str = "annotation",
     lesion_classes: Sequence[str] = (),
@@ -1060,15 +1163,20 @@ def polygonise(
     class index or name -> ``(H, W)`` array, or one ``(H, W)`` array (the probability of each
     pixel's predicted class); floats in [0, 1] or uint8 (0-255). ``simplify_um`` None means one
     map pixel. ``as_type``: ``"annotation"`` or ``"detection"``. ``lesion_classes``: class
-    names that get the khalil2022 size category. Objects come in raster order of their first
-    pixel; see the module docstring for every rule.
+    names that get the khalil2022 size category. ``min_area_um2`` / ``fill_holes_um2`` None:
+    :data:`REVIEW_DEFAULTS` (``lesion`` for ``lesion_classes``, ``tissue`` for the others);
+    0 keeps every object / hole. Objects come in raster order of their first pixel; see the
+    module docstring for every rule.
     """
     import numpy as np
     import shapely
 
-    st = _settings(geometry, min_area_um2, fill_holes_um2, simplify_um, connectivity)
+    lesions = _lesion_set(lesion_classes, classes)
+    kinds = ["lesion" if i in lesions else "tissue" for i in range(len(classes))]
+    st = _settings(geometry, min_area_um2, fill_holes_um2, simplify_um, connectivity, kinds)
     kind = _object_type(as_type)
-    meta = _object_metadata(provenance, geometry, st.as_metadata())
+    metas = {c: _object_metadata(provenance, geometry, st.as_metadata(c))
+             for c in range(len(classes))}
     shape = _shape2d(class_map, "class map")
     probs = _Probs(probabilities, classes, shape)
     simple, cls, area_um2, diam_um, prob = _prepare(
@@ -1076,7 +1184,6 @@ def polygonise(
     mpp = geometry.map_mpp
     perim_um = shapely.length(simple) * mpp
     out_geom = _repair_invalid(geometry.transform(simple))
-    lesions = _lesion_set(lesion_classes, classes)
     infos = classes.classes
     objects: list[QuPathObject] = []
     for i in range(len(out_geom)):
@@ -1094,7 +1201,8 @@ def polygonise(
             name = _category_name(cat, float(diam_um[i]))
         objects.append(QuPathObject(
             geometry=out_geom[i], object_type=kind, classification=info.name,
-            class_color=info.color, name=name, measurements=m, metadata=dict(meta)))
+            class_color=info.color, name=name, measurements=m,
+            metadata=dict(metas[info.index])))
     return objects
 
 
@@ -1137,8 +1245,8 @@ def polygonise_instances(
     class_map: Any = None,
     default_class: str | None = None,
     probabilities: Any = None,
-    min_area_um2: float = 0.0,
-    fill_holes_um2: float = 0.0,
+    min_area_um2: float | None = None,
+    fill_holes_um2: float | None = None,
     simplify_um: float | None = None,
     cell_expansion_um: float = 0.0,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -1150,12 +1258,14 @@ def polygonise_instances(
     class of ``class_map`` (same shape, optional) inside the nucleus, else ``default_class``
     (a class name of ``classes``; None = unclassified). ``probabilities`` as for
     :func:`polygonise`; a single 2-D map gives each nucleus its mean (e.g. nucleus probability).
+    ``min_area_um2`` / ``fill_holes_um2`` (of the nucleus) None: ``REVIEW_DEFAULTS["nucleus"]``.
     """
     import numpy as np
     import shapely
 
-    st = _settings(geometry, min_area_um2, fill_holes_um2, simplify_um, 1, instances=True)
-    meta = _object_metadata(provenance, geometry, st.as_metadata())
+    st = _settings(geometry, min_area_um2, fill_holes_um2, simplify_um, 1, ["nucleus"],
+                   instances=True)
+    meta = _object_metadata(provenance, geometry, st.as_metadata(0))
     shape = _shape2d(instances, "instance map")
     default_idx: int | None = None
     if default_class is not None:
@@ -1168,7 +1278,7 @@ def polygonise_instances(
         class_map=class_map, default_class=default_idx)
     mpp = geometry.map_mpp
     expansion_px = _non_negative(cell_expansion_um, "cell expansion") / mpp
-    cells = _expand_cells(simple, expansion_px)
+    cells = _clip_to_image(_expand_cells(simple, expansion_px), geometry)
     nuc_perim = shapely.length(simple) * mpp
     cell_area = area_um2 if expansion_px <= 0 else shapely.area(cells) * mpp * mpp
     cell_perim = shapely.length(cells) * mpp
@@ -1303,7 +1413,7 @@ def write_predictions(path: str | os.PathLike[str], objects: Iterable[QuPathObje
                                     "(the previous file is kept as .bak)", path)
     try:
         if summary is not None:
-            write_json_atomic(metadata_path(path), summary_metadata(summary), backup=overwrite)
+            write_json_atomic(metadata_path(path), summary_metadata(summary), backup=True)
         return write_geojson(path, objects, backup=True)
     except OSError as exc:
         raise QpsegError(f"cannot write predictions ({exc.strerror or exc})", path) from exc

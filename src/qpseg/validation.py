@@ -18,7 +18,14 @@ GEOJSON_SUFFIXES = (".geojson", ".geojson.gz", ".json")
 
 @dataclass
 class FileReport:
-    """What ``validate`` found in one file."""
+    """What ``validate`` found in one file.
+
+    ``problems`` make the file fail (``ok`` is False exactly when there are any): a feature
+    lost or changed by a guess (see ``qpseg.qupath.geojson.PROBLEM_SEVERITY``), a project or
+    classes file QuPath would not read as written. ``warnings`` are listed but do not fail:
+    things QuPath itself reads the same way (NaN measurements, missing class colours) and
+    notes such as images not found on this machine.
+    """
 
     path: Path
     kind: str  # "geojson" | "project" | "classes" | "unreadable"
@@ -26,11 +33,16 @@ class FileReport:
     summary: str
     problems: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ok = self.ok and not self.problems
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for ``--json``."""
         return {"path": str(self.path), "kind": self.kind, "ok": self.ok,
-                "summary": self.summary, "problems": self.problems, "counts": self.counts}
+                "summary": self.summary, "problems": self.problems,
+                "warnings": self.warnings, "counts": self.counts}
 
 
 def _is_project(p: Path) -> bool:
@@ -64,14 +76,19 @@ def _validate_geojson(path: Path) -> FileReport:
     rep = validate_geojson(path)
     counts = {f"{t}/{c or 'Unclassified'}": n for (t, c), n in sorted(
         rep.counts.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1])))}
-    problems = [f"feature {p.index}: {p.kind}: {p.message}" for p in rep.problems]
+    problems = [f"feature {p.index}: {p.kind}: {p.message}" for p in rep.problems
+                if p.severity == "error"]
+    warned = [f"feature {p.index}: {p.kind}: {p.message}" for p in rep.problems
+              if p.severity != "error"]
     n_objects = sum(rep.counts.values())
     summary = f"{n_objects} object(s) in {rep.n_features} feature(s)"
     if counts:
         summary += " (" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")"
     if problems:
         summary += f", {len(problems)} problem(s)"
-    return FileReport(path, "geojson", rep.ok, summary, problems, counts)
+    if warned:
+        summary += f", {len(warned)} warning(s)"
+    return FileReport(path, "geojson", rep.ok, summary, problems, counts, warned)
 
 
 def _validate_project(path: Path) -> FileReport:
@@ -84,12 +101,12 @@ def _validate_project(path: Path) -> FileReport:
     errors = [w for w in caught if not issubclass(w.category, MissingImageWarning)]
     problems = [f"error: {w.message}" for w in errors]
     missing = qp.missing_images()
-    problems += [f"note: entry {e.entry_id} ({e.image_name}): image not found at {e.uri}"
-                 for e in missing]
+    notes = [f"note: entry {e.entry_id} ({e.image_name}): image not found at {e.uri}"
+             for e in missing]
     summary = (f"QuPath {qp.version or '?'}, {len(qp.entries)} entries, {len(missing)} image(s) "
                f"missing, {len(qp.classes)} classes")
     counts = {"entries": len(qp.entries), "missing_images": len(missing)}
-    return FileReport(path, "project", not errors, summary, problems, counts)
+    return FileReport(path, "project", not errors, summary, problems, counts, notes)
 
 
 def _validate_classes(path: Path) -> FileReport:

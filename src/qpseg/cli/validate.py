@@ -13,7 +13,12 @@ def validate(
 ) -> int:
     """Report object counts per type and class and every problem (with its feature index).
 
-    Exits non-zero when a file cannot be read or holds invalid objects.
+    Exits 1 when any file cannot be read or has a problem: a feature skipped (unreadable,
+    NaN/infinite or out-of-range coordinates), an empty or wrong-type geometry, an invalid
+    outline (self-intersection, hole outside its shell: qpseg would have to guess what was
+    drawn), a non-numeric measurement, a duplicate object id. Warnings are listed and keep
+    exit 0: NaN measurements (QuPath's own "no value"), classes without a colour, unknown
+    object types and ignored properties, images of a project not found on this machine.
     """
     from qpseg.cli._common import print_json
     from qpseg.validation import validate_paths
@@ -24,11 +29,11 @@ def validate(
     else:
         for r in reports:
             typer.echo(f"{'ok' if r.ok else 'FAILED'} {r.path} ({r.kind}): {r.summary}")
-            errors = [p for p in r.problems if not p.startswith("note:")]
-            notes = [p for p in r.problems if p.startswith("note:")]
-            for p in errors[:50] + notes[:3]:
-                typer.echo(f"    {p}")
-            hidden = max(0, len(errors) - 50) + max(0, len(notes) - 3)
+            for p in r.problems[:50]:
+                typer.echo(f"    {p if p.startswith('error:') else 'error: ' + p}")
+            for p in r.warnings[:10]:
+                typer.echo(f"    {p if p.startswith('note:') else 'warning: ' + p}")
+            hidden = max(0, len(r.problems) - 50) + max(0, len(r.warnings) - 10)
             if hidden:
                 typer.echo(f"    ... and {hidden} more (use --json for all)")
     return 0 if all(r.ok for r in reports) else 1

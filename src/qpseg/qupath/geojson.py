@@ -6,8 +6,10 @@ a FeatureCollection, a bare list of Features, a single Feature or a bare Geometr
 ``{name|names, color:[r,g,b(,a)]}`` (0.4+), ``{name, colorRGB, parentClass}`` (0.3) or a plain
 string; measurements as an object (0.4+) or a list of ``{name, value}`` (0.3); ``.geojson.gz``
 files. A feature that cannot be read is skipped with a :class:`GeoJSONWarning` naming the file
-and the feature's index; geometry is never changed while reading (invalid polygons are kept as
-they are and flagged by :func:`validate_geojson`).
+and the feature's index; so is one with a coordinate no QuPath image can have (NaN, infinity or
+beyond ``±MAX_COORDINATE``), the one rule for out-of-range numbers every command reads through.
+Geometry is never changed while reading (invalid polygons are kept as they are and flagged by
+:func:`validate_geojson`).
 
 Writing produces the 0.4+ dialect QuPath 0.4 - 0.7 imports: a FeatureCollection of Features with
 a UUID ``id``, ``objectType``, a ``classification`` that always carries a colour (QuPath refuses
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # shapely and numpy are imported lazily: the CLI must start f
 
 __all__ = [
     "GEOMETRY_TYPES",
+    "MAX_COORDINATE",
     "OBJECT_TYPES",
     "PROBLEM_SEVERITY",
     "FeatureProblem",
@@ -106,21 +109,38 @@ _GEOMETRY_MEMBERS = frozenset({"type", "coordinates", "geometries", "bbox"})
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                       r"[0-9a-fA-F]{12}$")
 _MAX_GEOMETRY_DEPTH = 16   # nested GeometryCollections; deeper is not a QuPath file
+#: The largest coordinate magnitude (px) read or written; anything beyond it, NaN or infinity
+#: makes a feature unreadable. QuPath image sizes are Java ints (qupath-core
+#: ImageServerMetadata.java, v0.5.1 lines 117-118), so no pixel lies at or past 2^31, and ROI
+#: vertices are float32 (qupath-core roi/DefaultVertices.java, v0.5.1 lines 53-54), in which
+#: 2^31 is exact. Within ±2^31 a product of two coordinates stays below 2^64, so areas,
+#: lengths and rasterisation never overflow a double (1e200 is finite, its square is not).
+MAX_COORDINATE = 2.0**31
 _MAX_JSON_DEPTH = 64       # nesting allowed in ``extra`` values written back
 
-# Problem kinds reported by validate_geojson, and whether they make a file unusable.
+# Problem kinds reported by validate_geojson. "error": the object is lost, or what it is would
+# be qpseg's guess (a self-intersecting outline, a hole outside its shell, a value dropped, an
+# id that no longer names one object); ``qpseg validate`` exits 1. "warning": the object is
+# read as QuPath itself reads it and nothing the labels or metrics use changes; listed, exit 0.
 PROBLEM_SEVERITY: dict[str, str] = {
     "skipped-feature": "error",          # the feature cannot be read at all
+    "out-of-range-coordinates": "error",  # NaN, infinity or beyond MAX_COORDINATE: skipped
     "empty-geometry": "error",           # nothing left to draw (as read, or after repair)
     "wrong-geometry-type": "error",      # e.g. a cell that is a line: cannot be written
     "unrepairable-geometry": "error",    # make_valid failed
-    "invalid-geometry": "warning",       # self-intersections etc.; repaired on write
+    "invalid-geometry": "error",         # self-intersections, holes outside the shell etc.:
+                                         # make_valid repairs them, but the area it keeps is a
+                                         # guess at what was meant; fix the outline in QuPath
+    "non-numeric-measurement": "error",  # a value that is not a number: dropped while reading
+    "duplicate-id": "error",             # two objects share one UUID: matching by id (review
+                                         # round trip, re-import) cannot tell them apart
+    "non-finite-measurement": "warning",  # NaN is QuPath's own "no value" (GsonTools writes
+                                          # NaN/Infinity: serializeSpecialFloatingPointValues,
+                                          # qupath-core GsonTools.java v0.5.1 line 82); dropped
+                                          # on write, as QuPath shows an empty cell
     "missing-colour": "warning",         # classified without a colour; default used on write
-    "non-finite-measurement": "warning",  # NaN/inf; dropped on write
-    "non-numeric-measurement": "warning",  # dropped while reading
     "unknown-object-type": "warning",    # read as an annotation (as QuPath does)
     "bad-property": "warning",           # a malformed property that was ignored
-    "duplicate-id": "warning",           # two objects share one UUID
 }
 
 
@@ -416,9 +436,33 @@ def _positions(value: Any, what: str) -> np.ndarray:
         xy = arr[:, :2].astype(np.float64)
     else:
         xy = _positions_slow(value, what)
-    if not np.isfinite(xy).all():
-        raise _Skip(f"{what} has non-finite coordinates (NaN or infinity)")
+    _check_range(xy, what)
     return xy
+
+
+def _in_range(xy: np.ndarray) -> np.ndarray:
+    """Per position (row of ``xy``): whether both coordinates are within ±MAX_COORDINATE
+    (False for NaN and infinity)."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore"):
+        return (np.abs(xy) <= MAX_COORDINATE).all(axis=1)
+
+
+def _check_range(xy: np.ndarray, what: str) -> None:
+    """_Skip (kind ``out-of-range-coordinates``) when a coordinate is not a usable number."""
+    import numpy as np
+
+    bad = ~_in_range(xy)
+    if not bad.any():
+        return
+    values = xy[bad]
+    if not np.isfinite(values).all():
+        raise _Skip(f"{what} has non-finite coordinates (NaN or infinity)",
+                    "out-of-range-coordinates")
+    worst = float(np.abs(values).max())
+    raise _Skip(f"{what} has a coordinate out of range ({worst:.6g}; QuPath coordinates lie "
+                "within ±2^31 px)", "out-of-range-coordinates")
 
 
 def _positions_slow(value: list[Any], what: str) -> np.ndarray:
@@ -752,7 +796,8 @@ def _parse_feature(item: Any, notes: list[tuple[str, str]],
         try:
             nucleus = _geometry(raw_nucleus, "nucleusGeometry")
         except _Skip as exc:
-            notes.append(("bad-property", f"{exc.message}; nucleus ignored"))
+            kind = exc.kind if exc.kind == "out-of-range-coordinates" else "bad-property"
+            notes.append((kind, f"{exc.message}; nucleus ignored"))
         else:
             if nucleus.is_empty:
                 nucleus = None
@@ -805,7 +850,7 @@ def _build_polygon_chunk(ring_lists: list[list[Any]]) -> list[Any]:
     starts = np.zeros(len(lens), np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
     ends = starts + lens - 1
-    ring_bad = np.add.reduceat(~np.isfinite(xy).all(axis=1), starts) > 0
+    ring_bad = np.add.reduceat(~_in_range(xy), starts) > 0  # _positions says why
     is_open = (xy[starts] != xy[ends]).any(axis=1)
     closed_lens = lens + is_open
     ring_bad |= closed_lens < 4
@@ -1599,7 +1644,8 @@ def _check_object(index: int, obj: QuPathObject) -> list[FeatureProblem]:
     if not geom.is_valid:
         problems.append(FeatureProblem(index, "invalid-geometry",
                                        f"invalid {geom.geom_type} "
-                                       f"({shapely.is_valid_reason(geom)}); repaired on write"))
+                                       f"({shapely.is_valid_reason(geom)}); qpseg would repair "
+                                       "it (make_valid), a guess at what was drawn"))
     prepared = _prepare_geometry(geom, obj.object_type)
     if prepared.geometry is None:
         problems.append(FeatureProblem(index, prepared.kind,
@@ -1608,8 +1654,8 @@ def _check_object(index: int, obj: QuPathObject) -> list[FeatureProblem]:
     if nucleus is not None and not nucleus.is_valid:
         problems.append(FeatureProblem(index, "invalid-geometry",
                                        f"invalid nucleus {nucleus.geom_type} "
-                                       f"({shapely.is_valid_reason(nucleus)}); repaired on "
-                                       "write"))
+                                       f"({shapely.is_valid_reason(nucleus)}); qpseg would "
+                                       "repair it (make_valid)"))
     if obj.classification is not None and obj.class_color is None:
         problems.append(FeatureProblem(index, "missing-colour",
                                        f"class {obj.classification!r} has no colour; QuPath "
