@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CLASSES", "DEMO_TRAIN_CONFIG", "DemoResult", "Example", "build_example",
-           "held_out_dice", "run_demo"]
+__all__ = ["CLASSES", "DEMO_MARKER", "DEMO_TRAIN_CONFIG", "DemoResult", "Example",
+           "build_example", "claim_demo_folder", "held_out_dice", "run_demo"]
 
 CLASSES = ("Tumor", "Stroma", "Necrosis")
 EXAMPLE_VERSION = "1"
+#: The file that marks a folder as the demo's own: only there does the demo replace outputs.
+DEMO_MARKER = ".qpseg-demo"
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,37 @@ def build_example(
                    folder / "qpseg" / "ground_truth")
 
 
+def _is_demo_folder(folder: Path) -> bool:
+    """Whether ``folder`` was made by the demo: its marker, or (demos from before the marker)
+    the example stamp that only :func:`build_example` writes."""
+    return (folder / DEMO_MARKER).is_file() or (folder / "project" / "qpseg" / "example.json"
+                                                ).is_file()
+
+
+def claim_demo_folder(out: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Make ``out`` the demo's folder, refusing one that holds anything the demo did not make.
+
+    The demo replaces ``project/``, ``labels/``, ``model/`` and ``evaluation/`` inside its
+    folder, so a folder that is neither new, empty nor marked as the demo's own (the
+    ``.qpseg-demo`` file written here) is refused with ``OutputError`` unless ``force``.
+    """
+    from qpseg._io import ensure_writable_dir, write_json_atomic
+    from qpseg.errors import OutputError
+
+    folder = Path(out)
+    if folder.is_dir() and not force and not _is_demo_folder(folder) and any(folder.iterdir()):
+        raise OutputError("is not empty and was not made by `qpseg demo` (no .qpseg-demo file); "
+                          "the demo would replace its project/, labels/, model/ and evaluation/: "
+                          "choose a new or empty folder, or pass --force", folder)
+    ensure_writable_dir(folder)
+    if not (folder / DEMO_MARKER).is_file():
+        write_json_atomic(folder / DEMO_MARKER, {
+            "made_by": "qpseg demo",
+            "note": "qpseg demo may replace everything in this folder when it runs again"},
+            backup=False)
+    return folder
+
+
 @dataclass
 class DemoResult:
     """What the demo measured and where it wrote it."""
@@ -171,14 +204,16 @@ def run_demo(
     out: str | os.PathLike[str],
     *,
     device: str = "auto",
+    force: bool = False,
     progress: Progress | None = None,
     train_callback: Callable[[Any], None] | None = None,
     infer_progress: Callable[[Any], None] | None = None,
 ) -> DemoResult:
     """Build the example under ``out/project`` and run import -> train -> infer -> evaluate.
 
-    A previous demo's model and evaluation under ``out`` are replaced (they are the demo's
-    own outputs); the example project is reused when it was built with the same settings.
+    ``out`` must be new, empty or a previous demo's folder (see :func:`claim_demo_folder`;
+    ``force`` lifts that); a previous demo's model and evaluation there are replaced, and the
+    example project is reused when it was built with the same settings.
     ``progress(step, info)`` is called as each step starts and ends; ``train_callback`` and
     ``infer_progress`` receive the training and inference events of those commands.
     """
@@ -190,7 +225,7 @@ def run_demo(
     from qpseg.manifest import import_project
     from qpseg.training.run import train
 
-    out = Path(out)
+    out = claim_demo_folder(out, force=force)
     report = progress or (lambda step, info: None)
     from qpseg.devices import resolve_device
 

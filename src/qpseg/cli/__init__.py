@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import typer
 
 from qpseg import __version__
-from qpseg.cli import demo, evaluate, import_project, infer, info, models, train, validate
+from qpseg.cli import demo, evaluate, groovy, import_project, infer, info, models, train, validate
 from qpseg.errors import EXIT_CODES, OutputError, QpsegError
 
 __all__ = ["app", "main"]
@@ -60,6 +60,7 @@ app.command("infer")(infer.infer)
 app.command("evaluate")(evaluate.evaluate)
 app.command("evaluate-edits")(evaluate.evaluate_edits)
 app.command("demo")(demo.demo)
+app.command("groovy")(groovy.groovy)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -26,9 +26,16 @@ def demo(
         0.8, "--min-dice", help="Exit 1 when the held-out tumour Dice is below this."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON at the end."),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Use --out even when it holds files the demo did not make (they may be replaced).",
+    ),
 ) -> int:
     """Build an example project, then import -> train -> infer -> evaluate on it (a few minutes
-    on a CPU). Prints per-slide scores and how to open the result in QuPath."""
+    on a CPU). Prints per-slide scores and how to open the result in QuPath.
+
+    --out must be new, empty or a folder an earlier demo made (it holds a .qpseg-demo file):
+    the demo replaces its project/, labels/, model/ and evaluation/ there."""
     import json
     import sys
     import time
@@ -37,7 +44,11 @@ def demo(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from qpseg.demo import held_out_dice, run_demo
+    from qpseg.cli.groovy import SCRIPTS, write_scripts
+    from qpseg.demo import claim_demo_folder, held_out_dice, run_demo
+
+    # Refuse a folder the demo did not make before any progress bar or slow import.
+    claim_demo_folder(out, force=force)
 
     stream = sys.stderr if as_json else sys.stdout
     # Logs and CI are not terminals: give tables room instead of Rich's 80-column default.
@@ -67,8 +78,8 @@ def demo(
 
     start = time.perf_counter()
     with bars:
-        result = run_demo(out, device=device, progress=on_step, train_callback=on_train,
-                          infer_progress=on_infer)
+        result = run_demo(out, device=device, force=force, progress=on_step,
+                          train_callback=on_train, infer_progress=on_infer)
     wall = time.perf_counter() - start
     dice = held_out_dice(result)
 
@@ -99,14 +110,21 @@ def demo(
     from qpseg._io import write_json_atomic
 
     write_json_atomic(Path(out) / "demo_summary.json", summary, backup=False)
+    # The folder is the demo's own: its copy of the QuPath scripts is simply refreshed.
+    scripts = Path(out).resolve() / "groovy"
+    write_scripts(scripts, overwrite=True)
+    import_script = scripts / SCRIPTS[1]
     console.print(f"\nHeld-out tumour Dice: [bold]{dice:.3f}[/] (demo total {wall:.0f} s)")
     console.print(f"QuPath project:   {ex.project}")
     console.print(f"Predictions:      {result.paths['predictions']} (GeoJSON, overlays, heatmaps)")
     console.print(f"Metrics:          {result.paths['evaluation']}/per_slide.csv, summary.csv, "
                   "report.html")
     console.print(f"Model package:    {result.paths['model']}")
-    console.print("Open in QuPath:   File > Open project > project.qpproj, then Automate > "
-                  "Script editor > groovy/import_predictions.groovy > Run for project")
+    # Whole paths on one line each (no wrapping, no markup), so they can be copied.
+    console.print(f"QuPath scripts:   {scripts} (QuPath 0.5-0.7)", soft_wrap=True, markup=False)
+    console.print("Open in QuPath:   File > Open project > the project above, then Automate > "
+                  f"Script editor > File > Open > {import_script} > Run > Run for project",
+                  soft_wrap=True, markup=False)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
     if not dice >= min_dice:

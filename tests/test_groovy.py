@@ -1,0 +1,603 @@
+"""The QuPath scripts: shipped inside the package, written by `qpseg groovy`, and their rules.
+
+QuPath cannot run here, so the scripts' rules are checked on their text. Each rule rests on
+QuPath's own source; ``QUPATH_CLAIMS`` lists those lines, the scripts must cite them, and when
+``QUPATH_SOURCE`` names a git clone of github.com/qupath/qupath the lines are checked there.
+Where a ``groovy`` command is installed, the scripts also run against stand-in QuPath classes.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from qpseg.cli import main
+from qpseg.cli.groovy import SCRIPTS, packaged_script, write_scripts
+
+ROOT = Path(__file__).resolve().parents[1]
+HOME = ROOT / "groovy"  # the scripts' home in the repository
+EXPORT, IMPORT = SCRIPTS
+
+
+def _text(name: str) -> str:
+    return (HOME / name).read_text(encoding="utf-8")
+
+
+def _code(name: str) -> str:
+    """The script without comments (/* */ blocks and // to the end of a line)."""
+    text = re.sub(r"/\*.*?\*/", "", _text(name), flags=re.S)
+    return "\n".join(re.sub(r"\s*//.*$", "", line) for line in text.splitlines())
+
+
+def _function(code: str, signature: str) -> str:
+    """The body of the Groovy method whose declaration starts with ``signature``."""
+    start = code.index(signature)
+    depth, i = 0, code.index("{", start)
+    for j in range(i, len(code)):
+        depth += {"{": 1, "}": -1}.get(code[j], 0)
+        if depth == 0:
+            return code[i:j + 1]
+    raise AssertionError(f"unbalanced braces after {signature}")
+
+
+# --- shipped with the package --------------------------------------------------------------------
+
+
+def test_scripts_home_is_the_top_level_folder() -> None:
+    assert sorted(p.name for p in HOME.glob("*.groovy")) == sorted(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_installed_copy_is_identical_to_groovy_folder(name: str) -> None:
+    # src/qpseg/groovy/ is what the package carries; groovy/ is where the scripts are edited.
+    assert packaged_script(name) == (HOME / name).read_bytes(), (
+        f"copy groovy/{name} to src/qpseg/groovy/{name}")
+
+
+@pytest.mark.slow
+def test_built_wheel_carries_the_scripts(tmp_path: Path) -> None:
+    # Build from a copy so the shared tree gets no build/ or egg-info churn; no network needed.
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for name in ("src", "groovy"):
+        shutil.copytree(ROOT / name, src / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                          "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("qpseg-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        for name in SCRIPTS:
+            assert zf.read(f"qpseg/groovy/{name}") == (HOME / name).read_bytes()
+
+
+# --- qpseg groovy --out DIR ----------------------------------------------------------------------
+
+
+def test_groovy_command_writes_the_scripts(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "scripts"
+    assert main(["groovy", "--out", str(out)]) == 0
+    for name in SCRIPTS:
+        assert (out / name).read_bytes() == (HOME / name).read_bytes()
+    printed = capsys.readouterr().out
+    assert f"written: {out / IMPORT}" in printed
+    # Again: nothing to do, nothing refused.
+    assert main(["groovy", "--out", str(out)]) == 0
+    assert f"unchanged: {out / EXPORT}" in capsys.readouterr().out
+    assert not list(out.glob("*.bak"))
+
+
+def test_groovy_command_refuses_to_replace_an_edited_script(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "scripts"
+    out.mkdir()
+    edited = out / IMPORT
+    edited.write_text("// my REPLACE_PREVIOUS = false\n")
+    assert main(["groovy", "--out", str(out)]) == 8
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {edited}: ") and "--overwrite" in err[0]
+    assert edited.read_text() == "// my REPLACE_PREVIOUS = false\n"
+    assert not (out / EXPORT).exists()  # nothing written when one file is refused
+    assert main(["groovy", "--out", str(out), "--overwrite"]) == 0
+    assert edited.read_bytes() == (HOME / IMPORT).read_bytes()
+    assert (out / f"{IMPORT}.bak").read_text() == "// my REPLACE_PREVIOUS = false\n"
+
+
+def test_write_scripts_reports_each_file(tmp_path: Path) -> None:
+    assert write_scripts(tmp_path) == [(tmp_path / n, "written") for n in SCRIPTS]
+    (tmp_path / EXPORT).write_text("old")
+    assert write_scripts(tmp_path, overwrite=True) == [(tmp_path / EXPORT, "replaced"),
+                                                        (tmp_path / IMPORT, "unchanged")]
+
+
+def test_messages_that_send_users_to_a_script_say_how_to_get_it() -> None:
+    # A pip-installed qpseg has no groovy/ folder: every error or warning naming a script must
+    # also name the command that writes it.
+    bad = []
+    for path in sorted((ROOT / "src" / "qpseg").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if not (name.endswith("Error") or name == "warn"):
+                continue
+            text = " ".join(c.value for a in node.args for c in ast.walk(a)
+                            if isinstance(c, ast.Constant) and isinstance(c.value, str))
+            if ".groovy" in text and "qpseg groovy" not in text:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text[:80]}")
+    assert bad == []
+
+
+# --- the scripts' rules --------------------------------------------------------------------------
+
+#: (tag, file, line, text on that line): the QuPath source lines the scripts rest on.
+QUPATH_CLAIMS = [
+    # 0.4's GeoJSON reader keeps metadata only on a MetadataStore, i.e. TMA cores.
+    ("v0.4.4", "qupath-core/src/main/java/qupath/lib/io/QuPathTypeAdapters.java", 619,
+     "pathObject instanceof MetadataStore"),
+    ("v0.4.4", "qupath-core/src/main/java/qupath/lib/objects/TMACoreObject.java", 46,
+     "implements MetadataStore"),
+    # 0.5+: every object's metadata, filled from GeoJSON.
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/objects/PathObject.java", 1076,
+     "public Map<String, String> getMetadata()"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/io/QuPathTypeAdapters.java", 625,
+     "pathObject.getMetadata().put"),
+    # getMetadata() allocates; hasMetadata() from 0.6; retrieveMetadataValue in 0.5.
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/objects/PathObject.java", 1078,
+     "metadata = new MetadataMap()"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/objects/PathObject.java", 1040,
+     "protected Object retrieveMetadataValue"),
+    ("v0.6.0", "qupath-core/src/main/java/qupath/lib/objects/PathObject.java", 1102,
+     "public boolean hasMetadata()"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/objects/PathObject.java", 1100,
+     "public boolean hasMetadata()"),
+    # GeoJSON id and isLocked are kept.
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/io/QuPathTypeAdapters.java", 601,
+     "pathObject.setID(uuid)"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/io/QuPathTypeAdapters.java", 618,
+     "pathObject.setLocked(isLocked)"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/objects/PathObject.java", 928,
+     "public UUID getID()"),
+    # importObjectsFromFile = readObjects + addObjects.
+    ("v0.5.1", "qupath-core-processing/src/main/java/qupath/lib/scripting/QP.java", 2865,
+     "PathIO.readObjects(new File(path))"),
+    ("v0.7.0", "qupath-core-processing/src/main/java/qupath/lib/scripting/QP.java", 3119,
+     "PathIO.readObjects(new File(path))"),
+    # Headless -p: the image is read outside the try in 0.5/0.6, inside it in 0.7; the project
+    # file is synced after -s only from 0.6.
+    ("v0.5.1", "qupath-app/src/main/java/qupath/QuPath.java", 373,
+     "imageData = entry.readImageData();"),
+    ("v0.6.0", "qupath-app/src/main/java/qupath/QuPath.java", 386,
+     "imageData = entry.readImageData();"),
+    ("v0.7.0", "qupath-app/src/main/java/qupath/QuPath.java", 391,
+     "try (var imageData = entry.readImageData())"),
+    ("v0.6.0", "qupath-app/src/main/java/qupath/QuPath.java", 404, "project.syncChanges();"),
+    # GUI "Run for project": ProjectTask saves image data, never the project file.
+    ("v0.5.1", "qupath-gui-fx/src/main/java/qupath/lib/gui/scripting/DefaultScriptEditor.java",
+     1673, "class ProjectTask"),
+    ("v0.7.0", "qupath-gui-fx/src/main/java/qupath/lib/gui/scripting/DefaultScriptEditor.java",
+     1699, "class ProjectTask"),
+    # No image (headless without -p): no project entry.
+    ("v0.5.1", "qupath-core-processing/src/main/java/qupath/lib/scripting/QP.java", 890,
+     "if (project == null || imageData == null)"),
+    ("v0.7.0", "qupath-core-processing/src/main/java/qupath/lib/scripting/QP.java", 955,
+     "if (project == null || imageData == null)"),
+    # Closing an image: lazily opened from 0.6, opened by readImageData() in 0.5.
+    ("v0.6.0", "qupath-core/src/main/java/qupath/lib/images/ImageData.java", 584,
+     "public void close() throws Exception"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/images/ImageData.java", 583,
+     "public void close() throws Exception"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/projects/DefaultProject.java", 693,
+     "server = getServerBuilder().build();"),
+    # The export's GeoJSON writer with the FEATURE_COLLECTION option.
+    ("v0.6.0", "qupath-core-processing/src/main/java/qupath/lib/scripting/QP.java", 3083,
+     "public static void exportObjectsToGeoJson("),
+    ("v0.7.0", "qupath-core-processing/src/main/java/qupath/lib/scripting/QP.java", 3087,
+     "public static void exportObjectsToGeoJson("),
+]
+
+
+def _citations(text: str) -> set[tuple[str, int, int, str]]:
+    """(file, first line, last line, tag) of each "File.java:N[-M] at vX" in the comments;
+    ":N at vX" right after such a citation is another line of the same file."""
+    found = set()
+    last_file = None
+    comments = " ".join(re.findall(r"//(.*)", text))
+    for m in re.finditer(r"(\w+\.java)?:(\d+)(?:-(\d+))?\s+at\s+(v\d+(?:\.\d+)*)", comments):
+        last_file = m.group(1) or last_file
+        first = int(m.group(2))
+        if last_file:
+            found.add((last_file, first, int(m.group(3) or first), m.group(4)))
+    return found
+
+
+def test_every_qupath_claim_is_cited_in_a_script() -> None:
+    cited = _citations(_text(EXPORT)) | _citations(_text(IMPORT))
+    missing = [(Path(f).name, line, tag) for tag, f, line, _ in QUPATH_CLAIMS
+               if not any(c[0] == Path(f).name and c[1] <= line <= c[2] and c[3] == tag
+                          for c in cited)]
+    assert missing == []
+    assert {c[3] for c in cited} <= {"v0.4.4", "v0.5.1", "v0.6.0", "v0.7.0"}
+
+
+def test_citations_hold_in_qupath_source() -> None:
+    src = os.environ.get("QUPATH_SOURCE")
+    if not src or not Path(src).exists():
+        pytest.skip("set QUPATH_SOURCE to a git clone of github.com/qupath/qupath")
+    for tag, f, line, expected in QUPATH_CLAIMS:
+        text = subprocess.run(["git", "-C", src, "show", f"{tag}:{f}"], capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+        assert expected in text[line - 1], (tag, f, line, text[line - 1])
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_stop_on_qupath_04(name: str) -> None:
+    code = _code(name)
+    # The first statement after the imports refuses QuPath without PathObject.getMetadata().
+    check = re.search(r"if \(!PathObject\.class\.getMethods\(\)\.any \{ it\.name == "
+                      r"'getMetadata' && it\.parameterCount == 0 \}\) \{\s*throw new "
+                      r"\w+\(\"qpseg: QuPath \$\{GeneralTools\.getVersion\(\)\} is not \"", code)
+    assert check, "no QuPath 0.4 check"
+    assert "need QuPath 0.5 or later" in code[check.end():check.end() + 200]
+    header = _text(name).split("*/")[0]
+    assert "Needs QuPath 0.5.x - 0.7.x" in header and "0.4 is refused" in header
+    assert "0.4.x" not in header
+
+
+def test_readme_says_what_the_scripts_support() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "QuPath 0.5–0.7" in readme and "0.4–0.7" not in readme
+    assert "qpseg groovy --out" in readme
+    # Every headless command in the README runs the scripts in project mode (per entry).
+    for line in re.findall(r"QuPath script .*\.groovy", readme):
+        assert "--args" in line and " -p " not in line, line
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_metadata_is_read_without_allocating(name: str) -> None:
+    code = _code(name)
+    reader = _function(code, "Closure<String> markerReader()")
+    # 0.6+: ask hasMetadata() before getMetadata(); 0.5: retrieveMetadataValue.
+    assert "p.hasMetadata() ? p.getMetadata().get(MARKER) : null" in reader
+    assert "p.retrieveMetadataValue(MARKER)" in reader
+    assert reader.index("hasMetadata") < reader.index("retrieveMetadataValue")
+    # Outside the reader, no object's metadata is touched directly.
+    rest = code.replace(reader, "")
+    assert re.findall(r"\.getMetadata\(|retrieveMetadataValue", rest) == []
+    assert "qpsegValue.call(" in rest
+
+
+def test_import_keeps_locked_objects_without_duplicates() -> None:
+    body = _function(_code(IMPORT), "String importEntry(")
+    # Unlocked qpseg objects go; locked ones stay and their ids are remembered ...
+    assert re.search(r"if \(REPLACE_PREVIOUS && !p\.isLocked\(\)\)\s*previous << p\s*else\s*"
+                     r"keptIds << p\.getID\(\)", body)
+    assert "qpsegValue.call(p) == null" in body  # ... only qpseg's objects are considered
+    # ... and a prediction with one of those ids is not added.
+    assert re.search(r"def objects = PathIO\.readObjects\(predictions\)\s*"
+                     r"def added = objects\.findAll \{ !keptIds\.contains\(it\.getID\(\)\) \}\s*"
+                     r"hierarchy\.addObjects\(added\)", body)
+    assert "importObjectsFromFile" not in _code(IMPORT)  # it would add every object
+    assert body.index("hierarchy.removeObjects(previous, true)") < body.index("addObjects")
+
+
+def test_import_saves_the_project_file_after_entry_metadata() -> None:
+    body = _function(_code(IMPORT), "String importEntry(")
+    put = body.index("entry.putMetadataValue(")
+    save = body.index("entry.saveImageData(imageData)")
+    sync = body.index("project.syncChanges()")
+    assert put < save < sync
+
+
+@pytest.mark.parametrize(("name", "work"), [(EXPORT, "exportEntry(entry, imageData, baseDir)"),
+                                            (IMPORT, "importEntry(project, entry, imageData, "
+                                                     "baseDir)")])
+def test_project_mode_handles_each_entry(name: str, work: str) -> None:
+    code = _code(name)
+    mode = code[code.index("if (scriptArgs && getProjectEntry() == null) {"):]
+    loop = _function(mode, "for (entry in project.getImageList())")
+    # Reading the image and the work are inside a per-entry try; a failure is recorded.
+    attempt = _function(loop, "try")
+    assert "entry.readImageData()" in attempt and work in attempt
+    assert re.search(r"finally \{\s*closeImage\(imageData\)\s*\}", attempt)
+    assert re.search(r"\}\s*catch \(Exception e\) \{\s*failed << ", loop)
+    assert 'println "qpseg: FAILED ${failed[-1]}"' in loop
+    # After the loop: fail the run (non-zero exit) naming every failed entry.
+    after = mode[mode.index(loop) + len(loop):]
+    assert re.match(r"\s*if \(failed\)\s*throw new RuntimeException\(", after)
+    assert "ProjectIO.loadProject(" in mode
+
+
+def test_export_writes_annotations_and_only_qpseg_detections() -> None:
+    body = _function(_code(EXPORT), "String exportEntry(")
+    assert "hierarchy.getDetectionObjects().findAll { qpsegValue.call(it) != null }" in body
+    assert ("exportObjectsToGeoJson(annotations + aiDetections, tmp.toString(), "
+            "'FEATURE_COLLECTION')") in body
+    assert body.index("exportObjectsToGeoJson") < body.index("Files.move(tmp, target")
+
+
+# --- the scripts run, on a stand-in for QuPath's classes -----------------------------------------
+# QuPath itself cannot be installed here; where a `groovy` is on PATH, the scripts run against
+# small Groovy classes with the QuPath methods they call, shaped like QuPath 0.4, 0.5 and 0.6+
+# (which methods exist, what allocates), so their logic runs for real.
+
+_STUB_PATH_OBJECT = """package qupath.lib.objects
+class PathObject {
+    static int allocations = 0
+    UUID id = UUID.randomUUID()
+    boolean locked = false
+    boolean root = false
+    String kind = 'annotation'
+    Map<String, String> store = null
+    UUID getID() { id }
+    boolean isLocked() { locked }
+    boolean isRootObject() { root }
+    %(methods)s
+}
+"""
+_METHODS = {
+    "0.4": "",
+    "0.5": """Map<String, String> getMetadata() { if (store == null) { store = [:]; allocations++ }
+                                            store }
+    protected Object retrieveMetadataValue(String key) { store == null ? null : store.get(key) }""",
+    "0.6": """Map<String, String> getMetadata() { if (store == null) { store = [:]; allocations++ }
+                                            store }
+    boolean hasMetadata() { store != null && !store.isEmpty() }""",
+}
+_STUBS = {
+    "qupath/lib/objects/PathObjects.groovy": """package qupath.lib.objects
+class PathObjects {
+    static PathObject createAnnotationObject(Object roi) { new PathObject() }
+}""",
+    "qupath/lib/objects/Hierarchy.groovy": """package qupath.lib.objects
+class Hierarchy {
+    PathObject rootObject = new PathObject(root: true, kind: 'root')
+    List<PathObject> objects = []
+    List<PathObject> getFlattenedObjectList(Object ignored) { [rootObject] + objects }
+    void removeObjects(Collection<PathObject> gone, boolean keepChildren) {
+        objects.removeAll(gone) }
+    boolean addObjects(Collection<PathObject> more) { objects.addAll(more) }
+    Collection<PathObject> getAnnotationObjects() { objects.findAll { it.kind == 'annotation' } }
+    Collection<PathObject> getDetectionObjects() { objects.findAll { it.kind == 'detection' } }
+}""",
+    "qupath/lib/objects/Server.groovy": """package qupath.lib.objects
+class Server { boolean closed = false; void close() { closed = true } }""",
+    "qupath/lib/objects/ImageData.groovy": """package qupath.lib.objects
+class ImageData %(closeable)s {
+    Hierarchy hierarchy = new Hierarchy()
+    Server server = new Server()
+    Hierarchy getHierarchy() { hierarchy }
+    Server getServer() { server }
+    %(close)s
+}""",
+    "qupath/lib/objects/Entry.groovy": """package qupath.lib.objects
+class Entry {
+    String id
+    String imageName
+    ImageData data
+    boolean unreadable = false
+    Map<String, String> metadata = [:]
+    int saves = 0
+    String getID() { id }
+    String getImageName() { imageName }
+    ImageData readImageData() {
+        if (unreadable) throw new IOException("cannot open " + imageName)
+        data }
+    String putMetadataValue(String k, String v) { metadata.put(k, v) }
+    void saveImageData(ImageData d) { assert d.is(data); saves++ }
+}""",
+    "qupath/lib/objects/Project.groovy": """package qupath.lib.objects
+class Project {
+    java.nio.file.Path path
+    List<Entry> imageList = []
+    int syncs = 0
+    java.nio.file.Path getPath() { path }
+    List<Entry> getImageList() { imageList }
+    void syncChanges() { syncs++ }
+}""",
+    "qupath/lib/projects/ProjectIO.groovy": """package qupath.lib.projects
+class ProjectIO {
+    static Map<String, Object> projects = [:]
+    static Object loadProject(File file, Class cls) { projects[file.getCanonicalPath()] }
+}""",
+    "qupath/lib/io/PathIO.groovy": """package qupath.lib.io
+import qupath.lib.objects.PathObject
+class PathIO {
+    static List<PathObject> readObjects(File file) {
+        new groovy.json.JsonSlurper().parse(file).features.collect { f ->
+            new PathObject(id: UUID.fromString(f.id), kind: f.properties.objectType,
+                           locked: f.properties.isLocked ?: false,
+                           store: f.properties.metadata ? new HashMap(f.properties.metadata) : null)
+        }
+    }
+}""",
+    "qupath/lib/common/GeneralTools.groovy": """package qupath.lib.common
+class GeneralTools { static String getVersion() { '0.4.4' } }""",
+    "qupath/lib/regions/ImagePlane.groovy": """package qupath.lib.regions
+class ImagePlane { static Object getDefaultPlane() { null } }""",
+    "qupath/lib/roi/ROIs.groovy": """package qupath.lib.roi
+class ROIs { static Object createRectangleROI(a, b, c, d, e) { null } }""",
+    "qupath/lib/scripting/QP.groovy": """package qupath.lib.scripting
+class QP {
+    static Object project
+    static Object imageData
+    static Object getProject() { project }
+    static Object getCurrentImageData() { imageData }
+    static Object getProjectEntry() {
+        project == null || imageData == null ? null
+            : project.imageList.find { it.data.is(imageData) } }
+    // What the scripts of earlier qpseg versions called, so they run here too.
+    static String PROJECT_BASE_DIR = '{%PROJECT}'
+    static String buildFilePath(String... parts) {
+        parts.collect { it == PROJECT_BASE_DIR ? project.path.parent.toString() : it }
+             .join(File.separator) }
+    static void mkdirs(String path) { new File(path).mkdirs() }
+    static Object getCurrentHierarchy() { imageData.hierarchy }
+    static Collection getAnnotationObjects() { imageData.hierarchy.annotationObjects }
+    static Collection getDetectionObjects() { imageData.hierarchy.detectionObjects }
+    static boolean importObjectsFromFile(String path) {
+        imageData.hierarchy.addObjects(qupath.lib.io.PathIO.readObjects(new File(path))) }
+    static void exportObjectsToGeoJson(Collection objs, String path, String option) {
+        assert option == 'FEATURE_COLLECTION'
+        new File(path).text = groovy.json.JsonOutput.toJson(objs.collect { it.getID().toString() })
+    }
+}""",
+}
+_DRIVER = r"""
+import groovy.json.JsonOutput
+import org.codehaus.groovy.control.CompilerConfiguration
+import org.codehaus.groovy.control.customizers.ImportCustomizer
+import qupath.lib.objects.*
+import qupath.lib.projects.ProjectIO
+import qupath.lib.scripting.QP
+
+def (scriptFile, mode, base) = [new File(args[0]), args[1], new File(args[2])]
+def marked = { Map m -> new PathObject(m + [store: ['qpseg_model': 'm1']]) }
+def uid = { String s -> UUID.nameUUIDFromBytes(s.bytes) }
+def project = new Project(path: new File(base, 'project.qpproj').toPath())
+ProjectIO.projects[new File(base, 'project.qpproj').getCanonicalPath()] = project
+def entries = (1..3).collect { new Entry(id: "$it", imageName: "slide$it", data: new ImageData()) }
+project.imageList.addAll(entries)
+entries[1].unreadable = mode == 'project'
+def h = entries[0].data.hierarchy
+h.objects.addAll([new PathObject(id: uid('user')), marked(id: uid('old'), kind: 'detection'),
+                  marked(id: uid('locked'), kind: 'detection', locked: true)])
+h.objects.addAll((1..1000).collect { new PathObject(kind: 'detection') })
+PathObject.allocations = 0
+
+def config = new CompilerConfiguration()
+config.addCompilationCustomizers(new ImportCustomizer().addStaticStars('qupath.lib.scripting.QP'))
+def binding = new Binding()
+if (mode == 'project') {
+    binding.setVariable('args', [new File(base, 'project.qpproj').path] as String[])
+} else {
+    binding.setVariable('args', new String[0])
+    QP.project = project
+    QP.imageData = entries[0].data
+}
+def error = null
+try {
+    new GroovyShell(this.class.classLoader, binding, config).evaluate(scriptFile)
+} catch (Exception e) {
+    error = e.getClass().getSimpleName() + ': ' + e.getMessage()
+}
+println JsonOutput.toJson([
+    error: error,
+    ids: h.objects.findAll { it.store != null }.collect { it.getID().toString() },
+    n_objects: h.objects.size(),
+    allocations: PathObject.allocations,
+    syncs: project.syncs,
+    saves: entries.collect { it.saves },
+    closed: entries.collect { it.data.server.closed },
+    metadata: entries.collect { it.metadata },
+])
+"""
+
+
+def _run_stubbed(tmp_path: Path, version: str, script: str, mode: str) -> dict:
+    import json
+    import shutil
+    import uuid
+
+    groovy = shutil.which("groovy")
+    if groovy is None:
+        pytest.skip("no `groovy` on PATH to run the scripts against stand-in QuPath classes")
+    stubs = tmp_path / f"stubs{version}"
+    closeable = version == "0.6"
+    sources = dict(_STUBS)
+    sources["qupath/lib/objects/PathObject.groovy"] = _STUB_PATH_OBJECT % {
+        "methods": _METHODS[version]}
+    sources["qupath/lib/objects/ImageData.groovy"] = sources[
+        "qupath/lib/objects/ImageData.groovy"] % {
+        "closeable": "implements AutoCloseable" if closeable else "",
+        "close": "void close() { server.close() }" if closeable else ""}
+    for rel, text in sources.items():
+        (stubs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stubs / rel).write_text(text)
+    (tmp_path / "driver.groovy").write_text(_DRIVER)
+    base = tmp_path / "project"
+
+    def uid(s: str) -> str:
+        return str(uuid.UUID(bytes=__import__("hashlib").md5(s.encode()).digest(), version=3))
+
+    preds = base / "qpseg" / "predictions"
+    preds.mkdir(parents=True)
+    feats = [{"type": "Feature", "id": uid(n), "geometry": None,
+              "properties": {"objectType": "detection", "metadata": {"qpseg_model": "m2"}}}
+             for n in ("new1", "locked", "new2")]
+    (preds / "1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    (preds / "1.metadata.json").write_text(json.dumps({"qpseg_objects": "3"}))
+    (base / "project.qpproj").write_text("{}")
+    env = {**os.environ, "JAVA_HOME": os.environ.get("JAVA_HOME") or str(
+        Path(os.path.realpath(shutil.which("java") or "/usr/bin/java")).parents[1])}
+    out = subprocess.run([groovy, "-cp", str(stubs), str(tmp_path / "driver.groovy"),
+                          str(HOME / script), mode, str(base)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["uid"] = {n: uid(n) for n in ("user", "old", "locked", "new1", "new2")}
+    result["stdout"] = out.stdout
+    return result
+
+
+@pytest.mark.slow
+def test_import_runs_on_qupath_06_in_the_gui(tmp_path: Path) -> None:
+    r = _run_stubbed(tmp_path, "0.6", IMPORT, "image")
+    u = r["uid"]
+    assert r["error"] is None, r["stdout"]
+    # The old unlocked prediction went, the locked one stayed, and its id was not re-imported.
+    assert sorted(r["ids"]) == sorted([u["locked"], u["new1"], u["new2"]])
+    assert r["n_objects"] == 1 + 1000 + 3  # the user's annotation and plain detections stay
+    assert r["allocations"] == 0  # hasMetadata() first: no map for 1000 plain detections
+    assert r["syncs"] == 1 and r["saves"] == [1, 0, 0]
+    assert r["metadata"][0] == {"qpseg_objects": "3"}
+    assert "kept 1 locked, imported 2 of 3" in r["stdout"]
+
+
+@pytest.mark.slow
+def test_import_project_mode_on_qupath_05_carries_on_past_a_bad_entry(tmp_path: Path) -> None:
+    r = _run_stubbed(tmp_path, "0.5", IMPORT, "project")
+    u = r["uid"]
+    assert r["error"].startswith("RuntimeException: qpseg: 1 of 3 entries failed: 'slide2'")
+    assert "FAILED 'slide2' (entry 2): IOException: cannot open slide2" in r["stdout"]
+    assert "no predictions for 'slide3'" in r["stdout"]  # the entry after it still ran
+    assert sorted(r["ids"]) == sorted([u["locked"], u["new1"], u["new2"]])
+    assert r["allocations"] == 0  # 0.5: the protected retrieveMetadataValue, no new maps
+    assert r["saves"] == [1, 0, 0] and r["syncs"] == 1
+    assert r["closed"] == [True, False, True]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_stop_on_qupath_04_when_run(tmp_path: Path, script: str) -> None:
+    r = _run_stubbed(tmp_path, "0.4", script, "image")
+    assert r["error"].startswith("UnsupportedOperationException: qpseg: QuPath 0.4.4 is not "
+                                 "supported")
+    assert r["n_objects"] == 1003 and r["saves"] == [0, 0, 0]
+
+
+@pytest.mark.slow
+def test_export_runs_on_qupath_06(tmp_path: Path) -> None:
+    import json
+
+    r = _run_stubbed(tmp_path, "0.6", EXPORT, "project")
+    u = r["uid"]
+    assert r["error"].startswith("RuntimeException: qpseg: 1 of 3 entries failed")
+    exported = json.loads((tmp_path / "project" / "qpseg" / "annotations" / "1.geojson")
+                          .read_text())
+    assert sorted(exported) == sorted([u["user"], u["old"], u["locked"]])
+    assert r["allocations"] == 0 and r["saves"] == [0, 0, 0]  # export changes nothing
+    assert not list((tmp_path / "project" / "qpseg" / "annotations").glob("*.tmp"))
