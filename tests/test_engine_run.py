@@ -9,6 +9,7 @@ one again behind an OpenSlide handle that reports bounds.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
@@ -16,6 +17,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ from qpseg.engine import (
     slide_status,
 )
 from qpseg.engine.writers import sha256_file
-from qpseg.errors import ConfigError
+from qpseg.errors import ConfigError, OutputError
 from qpseg.objects import AREA, MAX_DIAMETER, PROBABILITY, SIZE_CATEGORY
 from qpseg.qupath.geojson import read_geojson
 from qpseg.testing.synthetic import SyntheticSlide, make_plain_image, make_slide
@@ -339,3 +342,195 @@ def test_instance_and_two_stage_models_run(tmp_path: Path) -> None:
     cls = np.load(tmp_path / "h" / "maps" / "s" / "classes.npy")
     assert cls.shape == (48, 64)  # refinement output (64 px) resized to the slide's aspect
     assert r.map_mpp == pytest.approx(0.5 * 512 / 64)
+
+
+# ------------------------------------------------- outputs: never destructive, stale or raced
+
+def test_overwrite_never_writes_through_a_bak_link(data: dict[str, Any], tmp_path: Path) -> None:
+    marker = tmp_path / "precious.txt"
+    marker.write_bytes(b"keep me\n")
+    out = tmp_path / "out"
+    jobs = jobs_from_paths([data["b"].path], out)
+    run_inference(jobs, data["pkg"], out, InferenceParams(run_id="first", min_area_um2=100))
+    first = (out / "b.geojson").read_bytes()
+    (out / "b.geojson.bak").symlink_to(marker)
+    (out / "b.metadata.json.bak").symlink_to(marker)
+    res = run_inference(jobs, data["pkg"], out,
+                        InferenceParams(run_id="second", overwrite=True, min_area_um2=100))
+    assert res.results[0].status == "done", res.results[0].reason
+    assert marker.read_bytes() == b"keep me\n"
+    assert (out / "b.geojson.bak").is_symlink()
+    assert (out / "b.geojson.bak.1").read_bytes() == first
+
+
+def test_an_output_that_is_a_link_fails_the_slide_and_spares_the_target(
+        data: dict[str, Any], tmp_path: Path) -> None:
+    marker = tmp_path / "precious.geojson"
+    marker.write_bytes(b"keep me\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.geojson").symlink_to(marker)
+    res = run_inference(jobs_from_paths([data["b"].path], out), data["pkg"], out,
+                        InferenceParams(overwrite=True, min_area_um2=100))
+    r = res.results[0]
+    assert r.status == "failed"
+    assert r.reason.startswith(f"{out / 'b.geojson'}: ") and "symbolic link" in r.reason
+    assert marker.read_bytes() == b"keep me\n" and (out / "b.geojson").is_symlink()
+
+
+def test_repeated_overwrites_keep_the_users_own_file(data: dict[str, Any],
+                                                     tmp_path: Path) -> None:
+    """A file qpseg did not write keeps its backup however often the slide is redone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    user = b'{"type":"FeatureCollection","features":[]}\n'
+    (out / "b.geojson").write_bytes(user)
+    jobs = jobs_from_paths([data["b"].path], out)
+    for run in ("r1", "r2", "r3"):
+        res = run_inference(jobs, data["pkg"], out,
+                            InferenceParams(run_id=run, overwrite=True, min_area_um2=100))
+        assert res.results[0].status == "done"
+    assert (out / "b.geojson.bak").read_bytes() == user
+    assert {o.metadata["qpseg_run"] for o in read_geojson(out / "b.geojson.bak.1")} == {"r2"}
+    assert not (out / "b.geojson.bak.2").exists()  # qpseg's own versions share one slot
+
+
+def test_two_runs_at_once_do_each_slide_once(data: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    jobs = jobs_from_paths([data["b"].path], out)
+    params = InferenceParams(min_area_um2=100)
+    holding, second_done = threading.Event(), threading.Event()
+    first: list[Any] = []
+
+    def hold(ev: ProgressEvent) -> None:  # the first run stops mid-slide, holding its lock
+        if ev.kind == "tiles" and not holding.is_set():
+            holding.set()
+            assert second_done.wait(120)
+
+    thread = threading.Thread(target=lambda: first.append(
+        run_inference(jobs, data["pkg"], out, params, progress=hold)))
+    thread.start()
+    try:
+        assert holding.wait(120)
+        second = run_inference(jobs, data["pkg"], out, params)
+    finally:
+        second_done.set()
+        thread.join(300)
+    r = second.results[0]
+    assert r.status == "skipped" and r.reason.startswith("being processed by another run")
+    assert f"{os.getpid()}@" in r.reason
+    assert first and first[0].results[0].status == "done"
+    assert not list(out.glob("b.*bak*"))  # nothing was done twice
+    ids = [json.loads(p.read_text())["run_id"]
+           for p in (out / "run_metadata.json", out / "run_metadata.json.bak")]
+    assert ids[0] != ids[1]
+    assert all(re.fullmatch(r"\d{8}T\d{6}Z-\d+-[0-9a-f]{6}", i) for i in ids)
+    assert {o.metadata["qpseg_run"] for o in read_geojson(out / "b.geojson")} == {ids[0]}
+
+
+def test_a_full_disk_fails_the_slide_naming_the_file(data: dict[str, Any], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    real = os.replace
+    full = {"b.heatmap.ome.tif"}
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(dst).name in full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    jobs = jobs_from_paths([data["b"].path], out)
+    res = run_inference(jobs, data["pkg"], out, InferenceParams(min_area_um2=100, heatmap=True))
+    r = res.results[0]
+    assert r.status == "failed"
+    assert r.reason == f"{out / 'b.heatmap.ome.tif'}: no space left on device"
+    assert not (out / "b.geojson").exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp.ome.tif")]
+    full.add("summary.csv")
+    with pytest.raises(OutputError) as info:
+        run_inference(jobs, data["pkg"], out, InferenceParams(min_area_um2=100))
+    assert info.value.one_line() == f"{out / 'summary.csv'}: no space left on device"
+
+
+def test_a_new_model_or_new_options_redo_finished_slides(data: dict[str, Any],
+                                                         tmp_path: Path) -> None:
+    from qpseg.models import save_package
+    from test_engine_support import THRESHOLD
+
+    out = tmp_path / "out"
+    jobs = jobs_from_paths([data["b"].path], out)
+    params = InferenceParams(run_id="r1", min_area_um2=100)
+    run_inference(jobs, data["pkg"], out, params)
+    first = (out / "b.geojson").read_bytes()
+    retrained = save_package(tmp_path / "pkg2", colour_unet(threshold=THRESHOLD - 0.05),
+                             class_names=["Background", "Tumor"], mpp=MODEL_MPP,
+                             mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    res = run_inference(jobs, retrained, out, replace(params, run_id="r2"))
+    r = res.results[0]
+    assert r.status == "done" and r.reason.startswith("model changed"), r.reason
+    assert (out / "b.geojson.bak").read_bytes() == first
+    sha = sha256_file(retrained / "weights.pt")
+    assert {o.metadata["qpseg_model_sha256"] for o in read_geojson(out / "b.geojson")} == {sha}
+    with open(out / "summary.csv", newline="") as fh:
+        assert next(csv.DictReader(fh))["reason"] == r.reason
+    meta = json.loads((out / "run_metadata.json").read_text())
+    assert meta["slides"][0]["reason"] == r.reason
+    # same package, same options: finished
+    res = run_inference(jobs, retrained, out, replace(params, run_id="r3"))
+    assert res.results[0].status == "skipped"
+    # other options: redone, saying which
+    res = run_inference(jobs, retrained, out, replace(params, run_id="r4", tile_px=256,
+                                                      min_area_um2=50))
+    r = res.results[0]
+    assert r.status == "done"
+    assert r.reason == "parameters changed: tile_px 128 -> 256, min_area_um2 100 -> 50"
+    # an execution detail is not an output option
+    res = run_inference(jobs, retrained, out, replace(params, run_id="r5", tile_px=256,
+                                                      min_area_um2=50, batch_size=3))
+    assert res.results[0].status == "skipped"
+    res = run_inference(jobs, retrained, out, replace(params, run_id="r6", tile_px=256,
+                                                      min_area_um2=50, overlay=True))
+    assert res.results[0].reason == "parameters changed: overlay off -> on"
+    assert (out / "b.overlay.png").is_file()
+
+
+def test_predictions_never_go_into_the_annotation_export_folder(data: dict[str, Any],
+                                                                tmp_path: Path) -> None:
+    ann = tmp_path / "proj" / "qpseg" / "annotations"
+    ann.mkdir(parents=True)
+    (ann / "b.geojson").write_bytes(b"pathologist\n")
+    jobs = jobs_from_paths([data["b"].path], ann)
+    for out in (ann, ann / "sub"):
+        with pytest.raises(OutputError, match="annotation export folder") as info:
+            run_inference(jobs, data["pkg"], out, InferenceParams(overwrite=True))
+        assert info.value.path == out and "\n" not in info.value.one_line()
+    link = tmp_path / "link"
+    link.symlink_to(ann)
+    with pytest.raises(OutputError, match="annotation export folder"):
+        run_inference(jobs, data["pkg"], link, InferenceParams(overwrite=True))
+    assert (ann / "b.geojson").read_bytes() == b"pathologist\n"
+    assert sorted(p.name for p in ann.iterdir()) == ["b.geojson"]
+
+
+def test_size_options_are_bounded_by_memory(data: dict[str, Any], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from qpseg.engine import run as run_module
+
+    jobs = jobs_from_paths([data["b"].path], tmp_path / "o")
+    for params in (InferenceParams(tile_px=1_000_000_000), InferenceParams(batch_size=10 ** 9),
+                   InferenceParams(workers=10 ** 6)):
+        with pytest.raises(ConfigError, match=r"GiB.*more than half of"):
+            run_inference(jobs, data["pkg"], tmp_path / "o", params)
+    monkeypatch.setattr(run_module, "_host_memory", lambda: (1 << 30, "test memory"))
+    with pytest.raises(ConfigError) as info:
+        run_inference(jobs, data["pkg"], tmp_path / "o",
+                      InferenceParams(tile_px=2048, batch_size=16))
+    msg = info.value.message
+    m = re.search(r"use --batch-size (\d+) or less at 2048 px tiles", msg)
+    assert m and "test memory (1.0 GiB" in msg, msg
+    allowed = int(m.group(1))
+    assert 1 <= allowed < 16
+    with pytest.raises(ConfigError, match="or less with --batch-size 1"):
+        run_inference(jobs, data["pkg"], tmp_path / "o", InferenceParams(tile_px=16384))
+    assert not list((tmp_path / "o").glob("*.geojson"))  # refused before any slide

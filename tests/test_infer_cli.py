@@ -58,7 +58,9 @@ def test_project_run_then_skip(env: dict[str, Any]) -> None:
         assert (pred / f"{eid}.geojson").is_file()
         assert (pred / f"{eid}.metadata.json").is_file()
         assert (pred / f"{eid}.overlay.png").is_file()
-    res = _run(str(env["project"].parent), "--model", str(env["pkg"]), "--json")
+    # the same options (an overlay already there need not be asked for again): skipped
+    res = _run(str(env["project"].parent), "--model", str(env["pkg"]), "--json",
+               "--min-area-um2", "50")
     assert res.return_value == 0
     data = json.loads(res.stdout)
     assert data["counts"] == {"done": 0, "skipped": 2, "failed": 0}
@@ -171,13 +173,13 @@ def test_write_to_project_puts_each_entry_in(env: dict[str, Any], tmp_path: Path
     calls: list[tuple[int, int, dict[str, str]]] = []
     fail_on: set[int] = set()
 
-    def fake(project: Path, entry_id: int, objects: list[Any],
-             metadata: dict[str, str]) -> tuple[int, int]:
-        assert project == env["project"]
+    def fake(session: Any, entry_id: int, objects: list[Any],
+             metadata: dict[str, str]) -> tuple[int, int, int]:
+        assert session.path == env["project"].resolve()
         if entry_id in fail_on:
-            raise ProjectError("QuPath could not store the objects", project)
+            raise ProjectError("QuPath could not store the objects", session.path)
         calls.append((entry_id, len(objects), metadata))
-        return 5, len(objects)
+        return 5, len(objects), 0
 
     monkeypatch.setattr(paquo_backend, "qupath_available", lambda: True)
     monkeypatch.setattr(project_writeback, "_paquo_replace", fake)
@@ -196,9 +198,45 @@ def test_write_to_project_puts_each_entry_in(env: dict[str, Any], tmp_path: Path
     calls.clear()
     fail_on.add(ids[1])
     res = _run(str(env["project"]), "--model", str(env["pkg"]), "--out", str(out),
-               "--write-to-project", "--json")
+               "--write-to-project", "--json", "--min-area-um2", "50")
     assert res.return_value == 1
     data = json.loads(res.stdout)
     assert data["counts"]["skipped"] == 2 and [c[0] for c in calls] == [ids[0]]
     errors = [w["error"] for w in data["written_to_project"]]
     assert errors[0] == "" and "could not store" in errors[1]
+
+
+def test_an_unwritable_out_fails_at_once_in_one_line(env: dict[str, Any],
+                                                     tmp_path: Path) -> None:
+    from qpseg.errors import OutputError
+
+    slide = make_slide(tmp_path / "x.tif", width=64, height=64, mpp=0.5).path
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    for out, what in ((a_file, "is not a folder"), (a_file / "sub", "not a directory")):
+        res = _run(str(slide), "--model", str(env["pkg"]), "--out", str(out))
+        assert isinstance(res.exception, OutputError), res.output
+        assert res.exception.one_line().startswith(f"{out}: ") and what in str(res.exception)
+        assert res.exception.exit_code == 8
+    assert a_file.read_text() == "not a folder"
+
+
+def test_out_may_not_be_the_annotation_export_folder(env: dict[str, Any]) -> None:
+    from qpseg.errors import OutputError
+
+    ann = env["project"].parent / "qpseg" / "annotations"
+    before = {p.name: p.read_bytes() for p in ann.iterdir()}
+    res = _run(str(env["project"]), "--model", str(env["pkg"]), "--out", str(ann),
+               "--overwrite")
+    assert isinstance(res.exception, OutputError)
+    assert "annotation export folder" in str(res.exception)
+    assert {p.name: p.read_bytes() for p in ann.iterdir()} == before
+
+
+@pytest.mark.parametrize("args", [["--tile-px", "1000000000"], ["--batch-size", "1000000000"]])
+def test_absurd_sizes_are_refused_with_the_limit(env: dict[str, Any], tmp_path: Path,
+                                                 args: list[str]) -> None:
+    slide = make_slide(tmp_path / "x.tif", width=64, height=64, mpp=0.5).path
+    res = _run(str(slide), "--model", str(env["pkg"]), "--out", str(tmp_path / "o"), *args)
+    assert isinstance(res.exception, ConfigError)
+    assert "GiB" in str(res.exception) and "more than half of" in str(res.exception)

@@ -84,19 +84,27 @@ def infer(
         None, "--out", help="Output folder (default for a project: "
                             "<project>/qpseg/predictions; required for loose slides)."),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="Redo finished slides (the previous GeoJSON is kept as "
-                                   ".bak)."),
+        False, "--overwrite", help="Redo finished slides (the previous outputs are kept as "
+                                   "numbered .bak files). Slides finished by another model "
+                                   "package or other output options are redone anyway."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
     batch_size: int = typer.Option(8, "--batch-size", help="Tiles per forward pass."),
     shard: str | None = typer.Option(
         None, "--shard", help="i/n: run only share i (0-based) of n, e.g. a Slurm array task."),
-    min_area_um2: float = typer.Option(0.0, "--min-area-um2",
-                                       help="Drop objects smaller than this (µm²)."),
+    min_area_um2: float | None = typer.Option(
+        None, "--min-area-um2",
+        help="Drop objects smaller than this (µm²); 0 keeps every object. Default per output "
+             "type, sizes a pathologist can review: lesions 50 (about one tumour cell, so "
+             "isolated tumour cells stay), tissue classes 1000 (a region about 30 µm across, "
+             "the smallest outlined at 10x), nuclei 10 (QuPath's cell detection minimum)."),
     simplify_um: float | None = typer.Option(
         None, "--simplify-um", help="Outline simplification tolerance in µm (default: one "
                                     "output pixel)."),
-    fill_holes_um2: float = typer.Option(0.0, "--fill-holes-um2",
-                                         help="Fill holes smaller than this (µm²)."),
+    fill_holes_um2: float | None = typer.Option(
+        None, "--fill-holes-um2",
+        help="Fill holes smaller than this (µm²); 0 fills none. Default per output type: "
+             "lesions 50 (smaller than one cell), tissue classes 1000 (as the minimum area), "
+             "nuclei 400 (QuPath's largest nucleus: nuclei have no holes)."),
     as_type: str = typer.Option("annotations", "--as",
                                 help="annotations (lesions) or detections (many small "
                                      "objects); instance models always write cells."),
@@ -157,6 +165,7 @@ def infer(
         jobs_from_project,
         run_inference,
     )
+    from qpseg.engine.run import check_output_dir
     from qpseg.errors import ConfigError
 
     projects = [p for p in inputs if is_project_path(p)]
@@ -186,6 +195,10 @@ def infer(
         overlay=overlay, overwrite=overwrite, keep_maps=keep_maps, mpp=mpp,
         compile=compile_model, run_id=run_id, shard=shard, tile_px=tile_px,
         lesion_classes=lesions)
+    # Before the model loads or a slide is read: bad options, a folder that cannot take the
+    # outputs (or the project's annotation export folder) fail now, in one line.
+    params.validate()
+    check_output_dir(out_dir)
     display = _progress_display(quiet or as_json)
     if display is None:
         result = run_inference(jobs, model, out_dir, params)
@@ -242,6 +255,5 @@ def infer(
         if w.error:
             c.print(f"[red]not written to the project[/]: {w.key}: {w.error}")
         else:
-            c.print(f"written to the project: entry {w.entry_id}: {w.added} object(s) added, "
-                    f"{w.removed} earlier qpseg object(s) replaced")
+            c.print(f"written to the project: entry {w.entry_id}: {w.describe()}")
     return code

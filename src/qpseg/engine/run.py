@@ -23,11 +23,27 @@ optionally ``<key>.heatmap.ome.tif`` and ``<key>.overlay.png``; per run ``summar
 
 Finished, skipped, resumed. Each slide has a state file ``.qpseg_state/<key>.json`` that says
 ``running`` from the moment its outputs start to change and ``done`` (with the outputs'
-SHA-256) once the GeoJSON, written last and atomically, is in place: the done-marker. A slide is
-finished when its GeoJSON exists and its state is not ``running`` (a GeoJSON from elsewhere,
-without state, counts as finished too); finished slides are skipped unless ``overwrite`` (the
-old GeoJSON is then kept as ``.bak``). A run killed mid-slide leaves that slide ``running``, so
-the next run redoes exactly it. Every file is written to a temporary name and renamed.
+SHA-256, the model package's SHA-256 and the options that shape the outputs,
+:func:`output_params`) once the GeoJSON, written last and atomically, is in place: the
+done-marker. A slide is finished when its GeoJSON exists and its state is not ``running`` (a
+GeoJSON from elsewhere, without state, counts as finished too). A finished slide is skipped
+only when it was made by the same package and the same output options; otherwise (or with
+``overwrite``) it is redone, the summary says why (``model changed``, ``parameters changed:
+tile_px 512 -> 1024``) and the old outputs are kept as numbered backups
+(:mod:`qpseg._io`). A run killed mid-slide leaves that slide ``running``, so the next run
+redoes exactly it. Every file is written to a temporary name and renamed, never through a
+symbolic link.
+
+Concurrent runs. A slide is processed under an exclusive lock on
+``.qpseg_state/<key>.lock`` (:class:`qpseg._io.FileLock`, released by the kernel when the
+process ends however it ends, so a dead run never blocks a slide): a second run over the same
+output folder skips a slide another run is processing ("being processed by another run"), and
+run IDs (UTC time, process ID and a random suffix) never coincide.
+
+Output folder. It is created and proven writable before any work starts
+(:func:`check_output_dir`), and it may not lie inside a QuPath project's annotation export
+folder ``qpseg/annotations``, where the pathologist's annotations live. Size options are
+bounded by the memory a batch of tiles needs (ConfigError before any slide is read).
 
 Several processes (torchrun): see :mod:`qpseg.engine.distributed`. A slide bigger than a fair
 share is run by every rank, each stitching its band of map rows into shared map files
@@ -52,6 +68,7 @@ import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import sys
 import time
@@ -65,11 +82,12 @@ from typing import TYPE_CHECKING, Any
 
 from qpseg.devices import resolve_device
 from qpseg.engine.tiling import InferenceWarning
-from qpseg.errors import ConfigError, ModelError, QpsegError
+from qpseg.errors import ConfigError, ModelError, OutputError, QpsegError, os_error_reason
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from qpseg._io import FileLock
     from qpseg.engine.distributed import DistContext
     from qpseg.engine.loader import Opener
     from qpseg.engine.stitch import MapSet
@@ -90,6 +108,7 @@ __all__ = [
     "RunResult",
     "SlideJob",
     "SlideResult",
+    "check_output_dir",
     "jobs_from_paths",
     "jobs_from_project",
     "run_inference",
@@ -106,6 +125,8 @@ _LESION_RE = re.compile(r"^(tumou?r|metasta|carcinoma|cancer|malignan)", re.IGNO
 _ID_NAMESPACE = uuid.UUID("5b0b3c6e-4f0e-4c55-9a52-2d1f6a4c9e11")  # qpseg object IDs
 # A stage-0 heatmap is read whole for the refinement stage; refuse absurd grids.
 _MAX_HEATMAP_PIXELS = 1 << 26
+# Memory of one tile-reading worker process (Python + torch + a slide handle) before it reads.
+_WORKER_BYTES = 256 << 20
 
 
 class _Abort(Exception):
@@ -149,8 +170,8 @@ class InferenceParams:
     tissue: str | None = None
     min_tissue: float = 0.0
     stitch: str = "center"
-    min_area_um2: float = 0.0
-    fill_holes_um2: float = 0.0
+    min_area_um2: float | None = None   # None: qpseg.objects.REVIEW_DEFAULTS per output type
+    fill_holes_um2: float | None = None
     simplify_um: float | None = None
     as_type: str = "annotation"
     lesion_classes: tuple[str, ...] | None = None
@@ -191,13 +212,15 @@ class InferenceParams:
             raise ConfigError(f"precision must be fp32, bf16 or fp16, not {self.precision!r}")
         for name in ("min_area_um2", "fill_holes_um2", "cell_expansion_um", "min_tissue"):
             v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
+            if v is not None and not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, not {v!r}")
         if self.simplify_um is not None and not (math.isfinite(self.simplify_um)
                                                  and self.simplify_um >= 0):
             raise ConfigError(f"--simplify-um must be >= 0, not {self.simplify_um!r}")
-        if self.mpp is not None and not (math.isfinite(self.mpp) and self.mpp > 0):
-            raise ConfigError(f"--mpp must be > 0, not {self.mpp!r}")
+        if self.mpp is not None:  # the one pixel-size plausibility rule (qpseg.slide)
+            from qpseg.slide import check_mpp
+
+            check_mpp(self.mpp, "--mpp", error=ConfigError)
         if not 0 <= self.score_threshold <= 1 or not 0 <= self.mask_threshold <= 1:
             raise ConfigError("score and mask thresholds must be between 0 and 1")
         if not self.max_upsample >= 1:
@@ -358,6 +381,30 @@ def project_output_dir(project: str | os.PathLike[str]) -> Path:
     return folder / "qpseg" / "predictions"
 
 
+def check_output_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Create the output folder and prove it writable (:func:`qpseg._io.ensure_writable_dir`);
+    returns it.
+
+    OutputError when it is not a folder, cannot be written, or lies inside a project's
+    annotation export folder ``<project>/qpseg/annotations`` (groovy/export_annotations.groovy,
+    line 38: ``buildFilePath(PROJECT_BASE_DIR, 'qpseg', 'annotations')``): predictions are
+    named ``<entryID>.geojson`` like the exported annotations and would replace them. The
+    check follows links, so a link to that folder is refused too.
+    """
+    from qpseg._io import ensure_writable_dir
+
+    out = Path(out_dir)
+    resolved = out.resolve()
+    for folder in (resolved, *resolved.parents):
+        if folder.name.casefold() == "annotations" and \
+                folder.parent.name.casefold() == "qpseg":
+            raise OutputError(
+                f"is inside {folder}, a QuPath project's annotation export folder (the "
+                "pathologist's annotations, <entryID>.geojson); predictions never go there - "
+                "leave out --out (<project>/qpseg/predictions) or choose another folder", out)
+    return ensure_writable_dir(out)
+
+
 def jobs_from_project(project: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None
                       = None, entries: Sequence[str] | None = None) -> tuple[list[SlideJob],
                                                                             Path]:
@@ -455,6 +502,162 @@ def _tissue_method(pkg: ModelPackage, params: InferenceParams) -> str:
     return "otsu_od"
 
 
+def output_params(ctx: _Context, job: SlideJob) -> dict[str, Any]:
+    """The options that shape a slide's outputs, as recorded in its done state.
+
+    A finished slide is redone when any of these differ (:func:`_redo_reason`). Options that
+    only change how fast the same answer comes (device, batch size, workers, compile, channels
+    last, arithmetic precision) are left out, so resuming a GPU run on another machine does
+    not redo finished slides. ``heatmap`` / ``overlay`` count only when asked for and missing.
+    """
+    p = ctx.params
+    pkg = ctx.pkg
+    data: dict[str, Any] = {
+        "model_mpp": pkg.mpp, "classes": list(pkg.class_names),
+        "mpp": p.mpp, "entry_mpp": job.mpp, "tile_px": ctx.tile_px, "stitch": p.stitch,
+        "tissue": ctx.tissue_method, "min_tissue": p.min_tissue,
+        "max_upsample": p.max_upsample, "min_area_um2": p.min_area_um2,
+        "fill_holes_um2": p.fill_holes_um2, "simplify_um": p.simplify_um,
+        "as_type": p.as_type, "lesion_classes": list(ctx.lesions),
+        "score_threshold": p.score_threshold, "mask_threshold": p.mask_threshold,
+        "instance_margin": p.instance_margin, "cell_expansion_um": p.cell_expansion_um,
+        "heatmap": p.heatmap, "overlay": p.overlay,
+    }
+    if p.heatmap:
+        data["heatmap_class"] = pkg.class_names[ctx.heat_channel]
+    return dict(json.loads(json.dumps(data)))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def _param_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``name old -> new`` for each recorded option that differs (options missing from
+    ``old``, recorded by an older qpseg, are not compared)."""
+    changes = []
+    for key, value in new.items():
+        if key not in old:
+            continue
+        was = old[key]
+        if key in ("heatmap", "overlay"):  # an extra output asked for now
+            if value and not was:
+                changes.append(f"{key} off -> on")
+        elif was != value:
+            changes.append(f"{key} {_fmt(was)} -> {_fmt(value)}")
+    return changes
+
+
+def _host_memory() -> tuple[int, str]:
+    """Bytes of memory this process may use, and what limits it (RAM or a cgroup limit)."""
+    total, where = 0, "this machine's memory"
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    for limit_file in ("/sys/fs/cgroup/memory.max",
+                       "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text(encoding="ascii").strip()
+            limit = int(text)
+        except (OSError, ValueError):
+            continue
+        if 0 < limit < (total or 1 << 62):
+            total, where = limit, "the memory limit of this container (cgroup)"
+    return (total or 8 << 30), where
+
+
+def _device_memory(device: torch.device) -> tuple[int, str] | None:
+    if device.type != "cuda":
+        return None
+    import torch
+
+    try:
+        props = torch.cuda.get_device_properties(device)
+    except (RuntimeError, AssertionError):
+        return None
+    return int(props.total_memory), f"the memory of {device}"
+
+
+def check_memory(contract: ModelContract, params: InferenceParams, workers: int,
+                 device: torch.device, num_classes: int) -> None:
+    """ConfigError when one batch of tiles cannot fit in memory, before anything is read.
+
+    A lower bound is counted: uint8 tiles held by the readers (one batch per worker plus
+    one in flight), the normalised float inputs, float and uint8 class probabilities, and
+    :data:`_WORKER_BYTES` per reader process. It must fit in half the memory (host RAM or a
+    container limit; a GPU's own memory for what lives there), since the model's activations
+    need at least as much again. ``--tile-px 1000000000`` is refused here instead of meeting
+    the OOM killer.
+    """
+    from qpseg.engine.tiling import inference_contract
+
+    bs = params.batch_size
+
+    def per_tile(c: ModelContract) -> tuple[int, int]:
+        ins = sum(int(s.size_px) ** 2 for s in c.inputs)
+        out = 1 if c.output == "patch" else int(c.output_px) ** 2
+        host = 3 * ins + out * (num_classes + 1)  # uint8 reads; quantised probs + classes
+        dev = 12 * ins + 8 * out * num_classes    # float inputs; float probabilities (x2)
+        return host, dev
+
+    readers = max(workers, 1) + 1
+    host_mem, host_where = _host_memory()
+    dev = _device_memory(device)
+
+    def fits(c: ModelContract, batch: int) -> tuple[bool, int, int, str]:
+        host_t, dev_t = per_tile(c)
+        host_need = batch * host_t * readers + workers * _WORKER_BYTES
+        if dev is None:
+            need = host_need + batch * dev_t
+            return need <= host_mem // 2, need, host_mem, host_where
+        if host_need > host_mem // 2:
+            return False, host_need, host_mem, host_where
+        need = batch * dev_t
+        return need <= dev[0] // 2, need, dev[0], dev[1]
+
+    ok, need, mem, where = fits(contract, bs)
+    if ok:
+        return
+    gib = 1 << 30
+    tile = contract.tile_px
+    hint = ""
+    if workers and workers * _WORKER_BYTES > mem // 2:
+        hint = f"use fewer --workers (each reader process needs about " \
+               f"{_WORKER_BYTES >> 20} MiB)"
+    else:
+        lo, hi = 0, bs
+        while lo < hi:  # the largest batch of these tiles that fits
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(contract, mid)[0] else (lo, mid - 1)
+        if lo >= 1:
+            hint = f"use --batch-size {lo} or less at {tile} px tiles"
+        else:
+            step = max(1, contract.size_multiple)
+            lo_t, hi_t = 0, tile // step
+            while lo_t < hi_t:  # the largest tile size (in steps) of which one tile fits
+                mid = (lo_t + hi_t + 1) // 2
+                try:
+                    c = inference_contract(contract, mid * step)
+                except ModelError:
+                    c = None
+                lo_t, hi_t = (mid, hi_t) if c is not None and fits(c, 1)[0] else \
+                    (lo_t, mid - 1)
+            hint = f"use --tile-px {lo_t * step} or less with --batch-size 1" if lo_t else \
+                "this model's tiles cannot fit"
+    raise ConfigError(
+        f"--tile-px {tile} with --batch-size {bs} (--workers {workers}) needs at least "
+        f"{need / gib:.1f} GiB for one batch of tiles and their class probabilities, more "
+        f"than half of {where} ({mem / gib:.1f} GiB; the model's activations need the "
+        f"rest): {hint}")
+
+
 class _Runner:
     """Forward passes of one model (stage) on batches of uint8 NHWC tiles."""
 
@@ -539,6 +742,7 @@ class _Context:
     run_date: str
     opener: Opener | None
     progress: ProgressFn | None
+    tile_px: int | None = None  # the tile size run (None: two-stage models)
     runners: dict[int, _Runner] = field(default_factory=dict)
 
     def runner(self, stage: int | None) -> _Runner:
@@ -560,10 +764,41 @@ class _Context:
 
 
 class _State:
-    """The per-slide state files (``running`` / ``done``) in ``<out>/.qpseg_state``."""
+    """The per-slide state files (``running`` / ``done``) and locks in ``<out>/.qpseg_state``."""
 
     def __init__(self, out_dir: Path) -> None:
         self.dir = out_dir / STATE_DIR
+        self._locks: dict[str, tuple[FileLock, int]] = {}
+
+    def acquire(self, key: str) -> bool:
+        """Take the slide's lock (re-entrant within this run); False when another run
+        (process or thread) holds it."""
+        from qpseg._io import FileLock
+
+        if key in self._locks:
+            lock, depth = self._locks[key]
+            self._locks[key] = (lock, depth + 1)
+            return True
+        lock = FileLock(self.dir / f"{key}.lock")
+        if not lock.acquire():
+            return False
+        self._locks[key] = (lock, 1)
+        return True
+
+    def release(self, key: str) -> None:
+        """Undo one :meth:`acquire`."""
+        lock, depth = self._locks[key]
+        if depth > 1:
+            self._locks[key] = (lock, depth - 1)
+        else:
+            del self._locks[key]
+            lock.release()
+
+    def holder(self, key: str) -> str:
+        """Who holds (or last held) the slide's lock, for messages."""
+        from qpseg._io import FileLock
+
+        return FileLock(self.dir / f"{key}.lock").holder()
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
@@ -582,10 +817,71 @@ class _State:
 
     def mark(self, job: SlideJob, run_id: str, status: str, **fields: Any) -> None:
         """Record that ``job`` is ``running`` (with its start time) or ``done`` / ``failed``
-        (with its end time and ``fields``)."""
+        (with its end time and ``fields``). A ``running`` or ``failed`` record keeps what
+        made the last finished outputs (``last_done``: model and options), since a failed
+        attempt leaves those outputs in place."""
         when = "started" if status == "running" else "finished"
-        self.write(job.key, {"status": status, "slide": str(job.slide), "run": run_id,
-                             when: _now(), **fields})
+        data: dict[str, Any] = {"status": status, "slide": str(job.slide), "run": run_id,
+                                when: _now(), **fields}
+        if status != "done":
+            last = self.last_done(job.key)
+            if last is not None:
+                data["last_done"] = last
+        self.write(job.key, data)
+
+    def last_done(self, key: str) -> dict[str, Any] | None:
+        """Model and options of the slide's last finished outputs (None: unknown)."""
+        state = self.read(key)
+        if state is None:
+            return None
+        done = state if state.get("status") == "done" else state.get("last_done")
+        if not isinstance(done, dict):
+            return None
+        return {k: done[k] for k in ("model_sha256", "params", "run") if k in done}
+
+
+def _redo_reason(ctx: _Context, job: SlideJob, state: _State) -> str:
+    """Why a finished slide's outputs are stale ("" when they are current or their origin is
+    unknown, e.g. a GeoJSON made elsewhere)."""
+    done = state.last_done(job.key)
+    if done is None:
+        return ""
+    sha = done.get("model_sha256")
+    if isinstance(sha, str) and sha != ctx.pkg.sha256:
+        return f"model changed (package SHA-256 {sha[:12]} -> {ctx.pkg.sha256[:12]})"
+    old = done.get("params")
+    if isinstance(old, dict):
+        changes = _param_changes(old, output_params(ctx, job))
+        if changes:
+            return "parameters changed: " + ", ".join(changes)
+    return ""
+
+
+def _decide(ctx: _Context, job: SlideJob, state: _State) -> tuple[bool, str]:
+    """``(run, reason)``: whether the slide is (re)done, and why it is skipped or redone."""
+    if slide_status(job, ctx.out_dir) != "finished":
+        return True, ""
+    if ctx.params.overwrite:
+        return True, "--overwrite"
+    why = _redo_reason(ctx, job, state)
+    if why:
+        return True, why
+    return False, "finished earlier (--overwrite replaces it)"
+
+
+def _busy(job: SlideJob, state: _State) -> SlideResult:
+    holder = state.holder(job.key)
+    return SlideResult(job.key, job.name, str(job.slide or ""), str(job.output), "skipped",
+                       reason="being processed by another run" + (
+                           f" ({holder})" if holder else ""), entry_id=job.entry_id)
+
+
+def _fresh_dir(folder: Path) -> None:
+    """Remove ``folder`` (a link planted there is removed, never followed)."""
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def slide_status(job: SlideJob, out_dir: str | os.PathLike[str]) -> str:
@@ -801,22 +1097,33 @@ def _process(ctx: _Context, job: SlideJob, index: int, total: int,
              state: _State) -> SlideResult:
     """Run one slide (the caller turns errors into a failed result)."""
     t0 = time.perf_counter()
-    p = ctx.params
     result = SlideResult(job.key, job.name, str(job.slide or ""), str(job.output), "failed",
                          entry_id=job.entry_id)
     if job.error:
         result.reason = job.error
         return result
-    status = slide_status(job, ctx.out_dir)
-    if status == "finished" and not p.overwrite:
+    if not state.acquire(job.key):
+        return _busy(job, state)
+    try:
+        return _process_locked(ctx, job, index, total, state, result, t0)
+    finally:
+        state.release(job.key)
+
+
+def _process_locked(ctx: _Context, job: SlideJob, index: int, total: int, state: _State,
+                    result: SlideResult, t0: float) -> SlideResult:
+    """:func:`_process` once this run holds the slide's lock."""
+    p = ctx.params
+    run, why = _decide(ctx, job, state)
+    if not run:
         result.status = "skipped"
-        result.reason = "finished earlier (--overwrite replaces it)"
+        result.reason = why
         result.summary = _read_existing_summary(job)
         result.n_objects = int(float(result.summary.get("qpseg_n_objects", 0) or 0))
         return result
     state.mark(job, ctx.run_id, "running")
     work = ctx.out_dir / WORK_DIR / job.key
-    shutil.rmtree(work, ignore_errors=True)
+    _fresh_dir(work)
     maps: MapSet | None = None
     try:
         slide, mpp_override = _open(ctx, job)
@@ -833,19 +1140,31 @@ def _process(ctx: _Context, job: SlideJob, index: int, total: int,
     except BaseException as exc:
         if not isinstance(exc, _Abort | KeyboardInterrupt | SystemExit):
             # A failure leaves any earlier GeoJSON untouched (it is written last, atomically).
-            state.mark(job, ctx.run_id, "failed", reason=str(exc))
+            _mark_failed(ctx, job, state, _reason(exc, job))
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - t0
-    state.mark(job, ctx.run_id, "done", outputs=result.outputs, model_sha256=ctx.pkg.sha256)
+    result.reason = "" if why == "--overwrite" else why
+    _mark_done(ctx, job, state, result)
     return result
+
+
+def _mark_done(ctx: _Context, job: SlideJob, state: _State, result: SlideResult) -> None:
+    state.mark(job, ctx.run_id, "done", outputs=result.outputs, model_sha256=ctx.pkg.sha256,
+               params=output_params(ctx, job))
+
+
+def _mark_failed(ctx: _Context, job: SlideJob, state: _State, reason: str) -> None:
+    """Record a failure if the disk allows (the slide's own reason is what gets reported)."""
+    with contextlib.suppress(QpsegError, OSError):
+        state.mark(job, ctx.run_id, "failed", reason=reason)
 
 
 def _keep_maps(ctx: _Context, job: SlideJob, folder: Path, result: SlideResult) -> None:
     """``--keep-maps``: move the slide's map files to ``<out>/maps/<key>``."""
     dest = ctx.out_dir / "maps" / job.key
-    shutil.rmtree(dest, ignore_errors=True)
+    _fresh_dir(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(folder), str(dest))
     result.maps = str(dest)
@@ -855,6 +1174,9 @@ def _reason(exc: BaseException, job: SlideJob) -> str:
     """The one-line reason a slide failed."""
     if isinstance(exc, QpsegError):
         return exc.message if exc.path in (None, job.slide) else exc.one_line()
+    if isinstance(exc, OSError):  # a file that could not be read or written: name it
+        name = exc.filename if exc.filename is not None else job.output
+        return OutputError(os_error_reason(exc), os.fsdecode(name)).one_line()
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
@@ -892,16 +1214,40 @@ def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
     collective calls whatever fails, so a failure fails the slide on all ranks and the run
     goes on. Returns the result on rank 0, None elsewhere.
     """
+    go, why, locked = "run", "", False
+    if dist.is_main:
+        if job.error:
+            go = "alone"
+        else:
+            try:
+                locked = state.acquire(job.key)
+            except QpsegError:  # the lock file cannot be made: _process reports it
+                go = "alone"
+            else:
+                if not locked:
+                    go = "busy"
+                else:
+                    run, why = _decide(ctx, job, state)
+                    go = "run" if run else "alone"
+    go = dist.broadcast(go)
+    try:
+        if go == "busy":
+            return _busy(job, state) if dist.is_main else None
+        if go == "alone":  # failed before starting, or finished: as one process
+            return _process(ctx, job, index, total, state) if dist.is_main else None
+        return _process_shared_locked(ctx, dist, job, index, total, state, why)
+    finally:
+        if locked:
+            state.release(job.key)
+
+
+def _process_shared_locked(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
+                           total: int, state: _State, why: str) -> SlideResult | None:
+    """:func:`_process_shared` once rank 0 holds the slide's lock and decided to run it."""
     from qpseg.engine.stitch import MapSet
     from qpseg.tissue import detect_tissue
 
     t0 = time.perf_counter()
-    go = "run"
-    if dist.is_main and (job.error or (slide_status(job, ctx.out_dir) == "finished"
-                                       and not ctx.params.overwrite)):
-        go = "alone"
-    if dist.broadcast(go) == "alone":  # failed before starting, or finished: as one process
-        return _process(ctx, job, index, total, state) if dist.is_main else None
     result = SlideResult(job.key, job.name, str(job.slide or ""), str(job.output), "failed",
                          entry_id=job.entry_id, ranks=dist.world_size)
     work = ctx.out_dir / WORK_DIR / job.key
@@ -912,7 +1258,7 @@ def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
     try:
         if dist.is_main:
             state.mark(job, ctx.run_id, "running")
-            shutil.rmtree(work, ignore_errors=True)
+            _fresh_dir(work)
         slide, mpp_override = _open(ctx, job)
         method = ctx.tissue_method
         tissue = None if method == "none" else detect_tissue(slide, method)
@@ -943,7 +1289,7 @@ def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
         if errors:
             result.reason = errors[0]
             result.seconds = time.perf_counter() - t0
-            state.mark(job, ctx.run_id, "failed", reason=errors[0])
+            _mark_failed(ctx, job, state, errors[0])
             return result
         assert slide is not None
         geometry = plan.geometry()
@@ -957,15 +1303,15 @@ def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
         if ctx.params.keep_maps:
             _keep_maps(ctx, job, folder, result)
         result.seconds = time.perf_counter() - t0
-        state.mark(job, ctx.run_id, "done", outputs=result.outputs,
-                   model_sha256=ctx.pkg.sha256)
+        result.reason = "" if why == "--overwrite" else why
+        _mark_done(ctx, job, state, result)
         return result
     except _Abort:
         raise
     except Exception as exc:  # rank 0 could not write the outputs: the slide failed
         result.status, result.reason = "failed", _reason(exc, job)
         result.seconds = time.perf_counter() - t0
-        state.mark(job, ctx.run_id, "failed", reason=result.reason)
+        _mark_failed(ctx, job, state, result.reason)
         return result
     finally:
         if slide is not None:
@@ -1014,7 +1360,8 @@ def _write_outputs(ctx: _Context, job: SlideJob, slide: Slide, maps: MapSet,
 
     p = ctx.params
     prov = _provenance(ctx, geometry.map_mpp)
-    objects = _objects(ctx, maps, geometry, prov)
+    # clipped to the image: a coarse map's last row/column reaches past its edge
+    objects = _objects(ctx, maps, geometry.within(*slide.qupath_dimensions), prov)
     # Object IDs from the run, slide and position: a rerun with the same --run-id (or another
     # rank of the same torchrun job) writes byte-identical files.
     for n, obj in enumerate(objects):
@@ -1033,11 +1380,13 @@ def _write_outputs(ctx: _Context, job: SlideJob, slide: Slide, maps: MapSet,
         if src is not None and maps.kind != "instance":
             src = src.channel(ctx.heat_channel)
         if src is not None:
-            outputs["heatmap"] = write_heatmap_ome_tiff(hp, src, mpp=geometry.map_mpp)
+            outputs["heatmap"] = write_heatmap_ome_tiff(hp, src, mpp=geometry.map_mpp,
+                                                        backup=True)
     if p.overlay:
         op = job.output.with_name(f"{job.key}.overlay.png")
         outputs["overlay"] = write_overlay_png(op, slide, maps.classes, geometry.downsample,
-                                               [c.color for c in ctx.classes.classes])
+                                               [c.color for c in ctx.classes.classes],
+                                               backup=True)
     write_predictions(job.output, objects, overwrite=job.output.exists(), summary=summary)
     outputs["geojson"] = job.output
     outputs["metadata"] = metadata_path(job.output)
@@ -1092,8 +1441,11 @@ def _write_run_files(ctx: _Context, dist: DistContext, results: list[SlideResult
     suffix = "" if dist.shard == (0, 1) else f".shard-{dist.shard[0]}-of-{dist.shard[1]}"
     csv_path = ctx.out_dir / f"summary{suffix}.csv"
     meta_path = ctx.out_dir / f"run_metadata{suffix}.json"
-    with atomic_write(csv_path, "w", backup=False) as fh:
-        fh.write(_csv_text(r.row() for r in results))
+    try:
+        with atomic_write(csv_path, "w", backup=False) as fh:
+            fh.write(_csv_text(r.row() for r in results))
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, csv_path) from None
     pkg = ctx.pkg
     counts = {"done": 0, "skipped": 0, "failed": 0}
     for r in results:
@@ -1115,7 +1467,10 @@ def _write_run_files(ctx: _Context, dist: DistContext, results: list[SlideResult
         "counts": counts,
         "slides": [r.to_json() for r in results],
     }
-    write_json_atomic(meta_path, json.loads(json.dumps(meta, default=str)), backup=True)
+    try:
+        write_json_atomic(meta_path, json.loads(json.dumps(meta, default=str)), backup=True)
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, meta_path) from None
     return csv_path, meta_path
 
 
@@ -1143,7 +1498,7 @@ def run_inference(
     from qpseg.models.package import ModelPackage, load_package
 
     params = (params or InferenceParams()).validate()
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)
     dist = setup_distributed(params.shard)
     try:
         device = resolve_device(params.device, dist.local_rank)
@@ -1158,7 +1513,7 @@ def run_inference(
         else:
             workers = 0
         started = _now()
-        run_id = params.run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        run_id = params.run_id or _new_run_id()
         run_id, run_date = dist.broadcast((run_id, started))
         lesions = _lesion_classes(pkg, params)
         ctx = _Context(pkg=pkg, params=params, out_dir=out, device=device, precision=precision,
@@ -1171,10 +1526,13 @@ def run_inference(
             from qpseg.engine.tiling import inference_contract
 
             try:  # a bad --tile-px fails the run, not every slide
-                inference_contract(pkg.contract, params.tile_px)
+                tiled = inference_contract(pkg.contract, params.tile_px)
             except ModelError as exc:
                 raise ConfigError(exc.message) from exc
-        out.mkdir(parents=True, exist_ok=True)
+            ctx.tile_px = tiled.tile_px
+        else:
+            tiled = pkg.contract.stages[0]
+        check_memory(tiled, params, workers, device, pkg.contract.num_classes)
         sizes = []
         for j in jobs:
             try:
@@ -1229,6 +1587,12 @@ def run_inference(
         return RunResult(final, out, csv_path, meta_path)
     finally:
         dist.close()
+
+
+def _new_run_id() -> str:
+    """A run ID no other run shares: UTC start time, process ID and a random suffix."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def _failed(job: SlideJob, reason: str) -> SlideResult:

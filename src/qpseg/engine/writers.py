@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qpseg._io import sha256_file
-from qpseg.errors import QpsegError
+from qpseg._io import replace_file, sha256_file
+from qpseg.errors import OutputError, QpsegError
 
 if TYPE_CHECKING:  # pragma: no cover
     from qpseg.slide import Slide
@@ -47,35 +47,38 @@ __all__ = [
 ]
 
 _MAX_IO = 1 << 30  # bytes per pread/pwrite call (Linux caps one call just below 2 GiB)
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would, for every thread)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, backup: bool = False) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffixes) that is renamed to ``path`` when the
-    block finishes without an exception, and removed otherwise."""
+    block finishes without an exception, and removed otherwise.
+
+    The rename follows :func:`qpseg._io.replace_file`: never through a link, and with
+    ``backup`` the previous file is kept in a numbered backup. OSErrors name ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".ome.tif") else path.suffix
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}",
-                                dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}",
+                                    dir=path.parent)
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, path) from None
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide it from the group
-        os.replace(tmp, path)
+        try:
+            yield tmp
+        except OSError as exc:  # the image writer failed (e.g. the disk is full)
+            if exc.filename is None or os.fspath(exc.filename) == name:
+                raise OutputError.from_os_error(exc, path) from exc
+            raise
+        try:
+            replace_file(tmp, path, backup=backup)
+        except OSError as exc:
+            raise OutputError.from_os_error(exc, path) from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -111,11 +114,20 @@ class MapFile:
                 "shape": shp}
         np.lib.format.write_array_header_2_0(header, meta)
         head = header.getvalue()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A new file (never through a link planted at its name).
+            if os.path.lexists(path):
+                path.unlink()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise OutputError.from_os_error(exc, path) from None
         try:
             os.pwrite(fd, head, 0)
             os.ftruncate(fd, len(head) + math.prod(shp) * dt.itemsize)
+        except OSError as exc:
+            os.close(fd)
+            raise OutputError.from_os_error(exc, path) from None
         except BaseException:
             os.close(fd)
             raise
@@ -193,7 +205,10 @@ class MapFile:
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         while len(data):
-            n = os.pwrite(self._fd, data[:_MAX_IO], offset)
+            try:
+                n = os.pwrite(self._fd, data[:_MAX_IO], offset)
+            except OSError as exc:  # e.g. the disk filled up under a sparse map
+                raise OutputError.from_os_error(exc, self.path) from None
             data = data[n:]
             offset += n
 
@@ -310,15 +325,29 @@ def _tiles(src: Any, tile: int) -> Iterator[np.ndarray]:
 
 
 def write_heatmap_ome_tiff(path: str | os.PathLike[str], heatmap: Any, *, mpp: float,
-                           tile: int = 256, name: str = "probability") -> Path:
+                           tile: int = 256, name: str = "probability",
+                           backup: bool = False) -> Path:
     """Write a 2-D uint8 map (array-like, read in bands) as a pyramidal OME-TIFF.
 
     Levels halve until the longer side fits one tile; the physical pixel size of level 0 is
-    ``mpp`` µm. Written atomically. Returns ``path``.
+    ``mpp`` µm. Written atomically (``backup``: the previous file is kept, see
+    :func:`atomic_path`); a write failure is an OutputError naming ``path``. Returns ``path``.
     """
+    path = Path(path)
+    try:
+        return _write_heatmap(path, heatmap, mpp, tile, name, backup)
+    except OutputError as exc:
+        if exc.path == path:
+            raise
+        raise OutputError(exc.message, path) from exc  # not the vanished pyramid scratch file
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, path) from exc
+
+
+def _write_heatmap(path: Path, heatmap: Any, mpp: float, tile: int, name: str,
+                   backup: bool) -> Path:
     import tifffile
 
-    path = Path(path)
     h, w = int(heatmap.shape[-2]), int(heatmap.shape[-1])
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".heatmap.") as tmpdir:
         levels: list[Any] = [heatmap]
@@ -336,7 +365,7 @@ def write_heatmap_ome_tiff(path: str | os.PathLike[str], heatmap: Any, *, mpp: f
                                    "photometric": "minisblack", "resolutionunit": "CENTIMETER",
                                    "dtype": np.uint8}
         try:
-            with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True,
+            with atomic_path(path, backup=backup) as tmp, tifffile.TiffWriter(tmp, bigtiff=True,
                                                                ome=True) as tif:
                 meta = {"axes": "YX", "Name": name, "PhysicalSizeX": mpp,
                         "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
@@ -357,9 +386,10 @@ def write_heatmap_ome_tiff(path: str | os.PathLike[str], heatmap: Any, *, mpp: f
 
 def write_overlay_png(path: str | os.PathLike[str], slide: Slide, class_map: Any,
                       map_downsample: float, colors: Sequence[Sequence[int]], *,
-                      max_size: int = 1024, alpha: float = 0.45) -> Path:
+                      max_size: int = 1024, alpha: float = 0.45, backup: bool = False) -> Path:
     """A thumbnail of the slide (QuPath's image region, longer side ``max_size``) with every
-    non-background class of ``class_map`` painted in its colour. Written atomically."""
+    non-background class of ``class_map`` painted in its colour. Written atomically
+    (``backup``: the previous file is kept, see :func:`atomic_path`)."""
     from PIL import Image
 
     path = Path(path)
@@ -385,6 +415,6 @@ def write_overlay_png(path: str | os.PathLike[str], slide: Slide, class_map: Any
     out = rgb.astype(np.float64)
     out[paint] = (1 - alpha) * out[paint] + alpha * lut[labels[paint]]
     img = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, backup=backup) as tmp:
         img.save(tmp, format="PNG")
     return path
