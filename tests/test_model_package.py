@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -267,7 +268,30 @@ def test_pickled_object_is_refused_and_not_executed(package: Path, tmp_path: Pat
     _edit(package, weights_sha256=None)
     err = _error(package)
     assert err.path == package / "weights.pt"
-    assert "weights_only" in err.message
+    assert "pickled Python objects" in err.message and "never runs pickled code" in err.message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_pickle_error_never_advises_the_unsafe_loader(package: Path, tmp_path: Path,
+                                                      protocol: int) -> None:
+    # torch's own message says to retry with weights_only=False "if you trust the source":
+    # that advice would run the payload, so none of torch's text reaches the user.
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
+
+    with open(package / "weights.pt", "wb") as fh:
+        pickle.dump({"head.weight": Evil()}, fh, protocol=protocol)
+    _edit(package, weights_sha256=None)
+    msg = _error(package).one_line()
+    assert "False" not in msg and "trust" not in msg.lower() and "can still be" not in msg
+    assert msg.startswith(f"{package / 'weights.pt'}: not a plain state dict of tensors: it "
+                          "holds pickled Python objects")
+    if protocol == 2:  # torch names the callable it refused for this protocol
+        assert re.search(r"objects \((builtins\.)?exec\)", msg), msg
     assert not marker.exists()
 
 
@@ -283,7 +307,7 @@ def test_truncated_weights(package: Path) -> None:
     data = (package / "weights.pt").read_bytes()
     (package / "weights.pt").write_bytes(data[: len(data) // 2])
     assert "SHA-256" in _error(package).message
-    with pytest.raises(ModelError, match="weights_only=True failed") as err:
+    with pytest.raises(ModelError, match="not a readable torch file") as err:
         load_package(package, check_sha256=False)
     assert err.value.path == package / "weights.pt"
 
@@ -341,3 +365,81 @@ def test_invalid_config_values(package: Path, changes: dict[str, Any],
         return
     err = _error(package)
     assert fragment in err.message
+
+
+# ------------------------------------------------------------------------ links out of a package
+
+
+def _outside_copy(package: Path, name: str, tmp_path: Path) -> Path:
+    """Move ``package/name`` outside the package and leave a link to it in its place."""
+    outside = tmp_path / "elsewhere" / name
+    outside.parent.mkdir(exist_ok=True)
+    (package / name).rename(outside)
+    (package / name).symlink_to(outside)
+    return outside
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "config.json"])
+def test_link_leading_out_of_the_package_is_refused(package: Path, tmp_path: Path,
+                                                    name: str) -> None:
+    outside = _outside_copy(package, name, tmp_path)  # a perfectly valid file, but not ours
+    err = _error(package)
+    assert err.path == package / name
+    assert f"is a link to {outside}, outside the model package" in err.message
+    with pytest.raises(ModelError, match="outside the model package"):
+        read_package_config(package) if name == "config.json" else validate_package(package)
+
+
+def test_safetensors_link_out_of_the_package_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    directory = _save(tmp_path, _trained_like("tiny_unet", 2), weights_format="safetensors")
+    _outside_copy(directory, "weights.safetensors", tmp_path)
+    err = _error(directory)
+    assert err.path == directory / "weights.safetensors" and "outside" in err.message
+
+
+def test_links_inside_the_package_and_a_linked_package_folder_load(package: Path,
+                                                                   tmp_path: Path) -> None:
+    (package / "weights.pt").rename(package / "real.pt")
+    (package / "weights.pt").symlink_to("real.pt")  # relative, stays inside
+    linked = tmp_path / "linked_pkg"
+    linked.symlink_to(package, target_is_directory=True)
+    assert load_package(linked).sha256 == load_package(package).sha256
+
+
+def test_dangling_or_looping_weights_link(package: Path) -> None:
+    (package / "weights.pt").unlink()
+    (package / "weights.pt").symlink_to(package / "weights.pt")  # a loop
+    _edit(package, weights="weights.pt")
+    assert "missing" in _error(package).message
+    (package / "config.json").rename(package / "cfg.json")
+    (package / "config.json").symlink_to(package / "gone.json")
+    assert "missing config.json" in _error(package).message
+
+
+# ------------------------------------------------------------------------ writing a package
+
+
+def test_save_package_write_failure_is_an_output_error(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from qpseg.errors import OutputError
+
+    model = _trained_like("tiny_unet", 2)
+
+    def full(src: Any, dst: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OutputError) as err:
+        _save(tmp_path, model)
+    assert err.value.path == tmp_path / "pkg" / "weights.pt"
+    assert err.value.one_line() == f"{tmp_path / 'pkg' / 'weights.pt'}: no space left on device"
+    assert not [p.name for p in (tmp_path / "pkg").iterdir()]  # no temp file left behind
+    monkeypatch.undo()
+    (tmp_path / "blocker").write_text("a file")
+    with pytest.raises(OutputError) as err2:  # a package folder under a regular file
+        save_package(tmp_path / "blocker" / "pkg", model, class_names=["a", "b"], mpp=0.5)
+    assert err2.value.path is not None and "blocker" in str(err2.value.path)

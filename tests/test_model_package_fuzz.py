@@ -116,3 +116,47 @@ def test_corrupt_weights_are_model_error(base_package: Path, blob: bytes, keep: 
             load_package(directory)
         except ModelError as exc:
             assert exc.path == directory / "weights.pt"
+
+
+class _Payload:
+    """Pickles as a call of ``fn(*args)``: what a hostile weights file runs when unpickled."""
+
+    def __init__(self, fn: Any, args: tuple[Any, ...]) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.fn, self.args)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(which=st.integers(0, 3), protocol=st.sampled_from(["torch", 0, 2, 4, 5]),
+       extra=json_values)
+def test_pickled_payload_weights_never_run(base_package: Path, which: int, protocol: Any,
+                                           extra: Any) -> None:
+    import builtins
+    import os
+    import pickle
+
+    config = json.loads((base_package / "config.json").read_text())
+    config.pop("weights_sha256")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "pkg"
+        directory.mkdir()
+        marker = Path(tmp) / "pwned"
+        payload = [_Payload(exec, (f"open({str(marker)!r}, 'w').close()",)),
+                   _Payload(os.system, (f"touch '{marker}'",)),
+                   _Payload(builtins.open, (str(marker), "w")),
+                   _Payload(Path.touch, (marker,))][which]
+        state = {"head.weight": payload, "extra": extra}
+        (directory / "config.json").write_text(json.dumps(config))
+        if protocol == "torch":
+            torch.save(state, directory / "weights.pt")
+        else:
+            with open(directory / "weights.pt", "wb") as fh:
+                pickle.dump(state, fh, protocol=protocol)
+        with pytest.raises(ModelError) as err:
+            load_package(directory)
+        assert not marker.exists()
+        msg = err.value.one_line()
+        assert err.value.path == directory / "weights.pt" and "\n" not in msg
+        assert "never runs pickled code" in msg and "False" not in msg

@@ -18,7 +18,7 @@ from shapely.geometry import Point, box
 from typer.testing import CliRunner
 
 from qpseg.data import DataWarning
-from qpseg.errors import ConfigError, LabelError, ModelError, SlideError
+from qpseg.errors import ConfigError, LabelError, ModelError, OutputError, SlideError
 from qpseg.manifest import import_project
 from qpseg.models import load_package
 from qpseg.qupath.geojson import QuPathObject, read_geojson, write_geojson
@@ -152,6 +152,35 @@ def test_out_folder_rules(project: tuple[SyntheticProject, Path], tmp_path: Path
         train(manifest, tmp_path / "x")
     with pytest.raises(ModelError, match="non-learned"):
         train(manifest, tmp_path / "y", model="otsu_threshold")
+    with pytest.raises(OutputError, match="is not a folder"):  # before any work starts
+        train(manifest, out / "config.json", model="tiny_unet", config=_cfg())
+
+
+def test_batches_beyond_memory_are_refused_before_training(
+        project: tuple[SyntheticProject, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import qpseg.training.config as config
+
+    _, manifest = project
+    monkeypatch.setattr(config, "physical_memory", lambda: 1 << 30)  # 256 MiB per batch
+    # tiny_unet's own tile (256 px) is not in the config: the model's contract is checked.
+    # 1024 x 3 x 256² x 4 bytes = 768 MiB.
+    with pytest.raises(ConfigError) as err:
+        train(manifest, tmp_path / "a", model="tiny_unet",
+              config={"train": {"batch_size": 1024}}, dry_run=True)
+    assert err.value.message.startswith("tiny_unet (tile_px 256) with train.batch_size: a batch "
+                                        "of 1024 tile(s) of 256 px needs 0.75 GiB")
+    train(manifest, tmp_path / "a", model="tiny_unet", config={"train": {"batch_size": 256}},
+          dry_run=True)  # 192 MiB fits
+    # Each stage of a two-stage model with its own batch size: the refinement network reads
+    # an image and a heatmap (3 + 1 channels) of 256 px: 256 x 4 x 256² x 4 bytes = 256 MiB + .
+    cfg = {"model_kwargs": {"patch_kwargs": {"width_mult": 0.25, "tile_px": 64, "hidden": 8},
+                            "refine_kwargs": {"filters": [4, 8, 8], "tile_px": 256}},
+           "stages": {"patch": {"train": {"batch_size": 4}},
+                      "refine": {"train": {"batch_size": 257}}}}
+    with pytest.raises(ConfigError, match=r"^h2g_refine_unet \(tile_px 256\) with "
+                       r"stages\.refine\.train\.batch_size: a batch of 257"):
+        train(manifest, tmp_path / "b", model="h2g_net", config=cfg, dry_run=True)
 
 
 def test_early_stopping_and_selection(project: tuple[SyntheticProject, Path],
@@ -199,8 +228,7 @@ def test_config_classes_must_exist(project: tuple[SyntheticProject, Path],
         train(manifest, tmp_path / "c", model="tiny_unet",
               config=_cfg(classes=["Tumor", "Lymphocyte"]), dry_run=True)
     proj, _ = project
-    with pytest.warns(UserWarning, match="Lymphocyte"), \
-            pytest.raises(ConfigError, match="not annotated anywhere"):
+    with pytest.raises(ConfigError, match="'Lymphocyte' are not annotated anywhere"):
         train(proj.path, tmp_path / "c2", model="tiny_unet",
               config=_cfg(classes=["Tumor", "Lymphocyte"]), dry_run=True)
     # A subset is fine: the other annotations become unlabelled.
@@ -325,6 +353,7 @@ def test_h2g_net_trains_in_two_stages(project: tuple[SyntheticProject, Path],
     result = train(manifest, out, model="h2g_net", config=cfg)
     assert [s.name for s in result.stages] == ["patch", "refine"]
     assert len(list((out / "refine_data").glob("*.npz"))) == 4
+    assert sorted(p.name for p in out.rglob("*") if ".tmp" in p.name) == []  # written atomically
     with np.load(next((out / "refine_data").glob("*.npz"))) as d:
         assert d["image"].shape == (64, 64, 3) and d["heatmap"].shape == (64, 64)
         assert float(d["heatmap"].min()) >= 0.0 and float(d["heatmap"].max()) <= 1.0

@@ -24,6 +24,7 @@ from qpseg.training.checkpoint import (
 )
 from qpseg.training.config import (
     GENERIC_DEFAULTS,
+    check_batch_memory,
     deep_merge,
     load_config_file,
     paper_defaults,
@@ -87,6 +88,62 @@ def test_unknown_keys_are_named_with_a_suggestion(tmp_path: Path) -> None:
 def test_invalid_values(bad: dict) -> None:
     with pytest.raises(ConfigError):
         resolve_config("tiny_unet", bad)
+
+
+@pytest.mark.parametrize("layer, key", [
+    ({"data": {"tile_px": 1_000_000_000}}, "data.tile_px 1000000000"),
+    ({"model_kwargs": {"tile_px": 1_000_000_000}}, "model_kwargs.tile_px 1000000000"),
+    ({"stages": {"patch": {"data": {"tile_px": 10**9}}}}, "stages.patch.data.tile_px"),
+])
+def test_tile_size_beyond_memory_is_refused_when_the_config_is_read(layer: dict,
+                                                                    key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve_config("tiny_unet", layer)
+    msg = err.value.message
+    assert msg.startswith(key), msg
+    assert "GiB of memory for its input alone (batch x channels x px² x 4 bytes" in msg
+    assert "25% of this machine's" in msg
+
+
+def test_batch_memory_limit_known_answers() -> None:
+    gib = 1 << 30
+    # 4 GiB of RAM: a batch may take 1 GiB. 16 x 3 x 4096² x 4 bytes = 3 GiB: refused, and the
+    # largest tile for batch 16 is isqrt(2^30 / (4 x 16 x 3)) = 2364 px.
+    with pytest.raises(ConfigError) as err:
+        check_batch_memory(16, [(3, 4096)], "data.tile_px 4096", memory=4 * gib)
+    assert err.value.message.startswith("data.tile_px 4096: a batch of 16 tile(s) of 4096 px "
+                                        "needs 3 GiB of memory")
+    assert "over the limit of 1 GiB (25% of this machine's 4 GiB" in err.value.message
+    assert err.value.message.endswith("tiles can be at most 2364 px")
+    check_batch_memory(16, [(3, 2364)], "x", memory=4 * gib)  # just fits
+    with pytest.raises(ConfigError):
+        check_batch_memory(16, [(3, 2365)], "x", memory=4 * gib)
+    # Several inputs add up (DMMN's three magnifications): 3 x 3 x 512² x 4 x 1024 = 9 GiB.
+    with pytest.raises(ConfigError, match="needs 9 GiB"):
+        check_batch_memory(1024, [(3, 512)] * 3, "x", memory=16 * gib)
+    check_batch_memory(64, [(3, 512)] * 3, "x", memory=16 * gib)
+
+
+def test_paper_batches_fit_a_small_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import qpseg.training.config as config
+
+    monkeypatch.setattr(config, "physical_memory", lambda: 8 << 30)  # an 8 GiB laptop
+    from qpseg.models import create_model, get_entry
+    from qpseg.training.run import _check_memory
+
+    for path in sorted(EXAMPLES.glob("*.yaml")) + sorted(EXAMPLES.glob("*.json")):
+        layer = load_config_file(path)
+        arch = layer.get("model") or "tiny_unet"
+        cfg = resolve_config(arch, layer, path=path)
+        kwargs = {k: v for k, v in cfg["model_kwargs"].items()
+                  if k not in get_entry(arch).init_only and k != "pretrained"}
+        model = create_model(arch, 3, meta=True, **kwargs)
+        for i, stage in enumerate(getattr(model, "stages", None) or [model]):  # the models' own
+            name = list(cfg.get("stages") or {"": None})[i]                    # tile sizes too
+            scfg = stage_config(cfg, name) if name else cfg
+            _check_memory(stage.contract, int(scfg["train"]["batch_size"]), name)
+    monkeypatch.setattr(config, "physical_memory", lambda: None)  # OS does not say: no limit
+    resolve_config("tiny_unet", {"model_kwargs": {"tile_px": 10**9}})
 
 
 def test_merge_order_and_augment_presets() -> None:
@@ -246,8 +303,10 @@ def test_checkpoint_files(tmp_path: Path) -> None:
                                                                   "step-00000006.pt"]
     path, ck = find_checkpoint(tmp_path)
     assert ck["value"] == 6
-    # A truncated newest checkpoint (killed while writing) falls back to the previous one.
+    # Checkpoints are renamed into place complete, so an unreadable newest one was damaged
+    # afterwards: an error naming it, never a silent fall-back to an older step.
     path.write_bytes(path.read_bytes()[:20])
-    path2, ck2 = find_checkpoint(tmp_path)
-    assert ck2["value"] == 4 and path2 != path
+    with pytest.raises(ConfigError, match="cannot be loaded safely") as err:
+        find_checkpoint(tmp_path)
+    assert err.value.path == path
     assert find_checkpoint(tmp_path / "none") is None

@@ -7,13 +7,15 @@ read or written (it is an optional dependency).
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpseg._io import sha256_file
-from qpseg.errors import ModelError
+from qpseg.errors import ModelError, OutputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -26,7 +28,9 @@ __all__ = [
     "load_checked",
     "load_subset",
     "read_state_dict",
+    "save_torch_atomic",
     "sha256_file",
+    "torch_load_refusal",
     "write_state_dict",
 ]
 
@@ -38,6 +42,61 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     msg = text[0] if text else type(exc).__name__
     return msg[:300]
+
+
+# What torch's weights-only unpickler names when it refuses a pickled object, e.g. "Trying to
+# load unsupported GLOBAL posix.system" (torch/_weights_only_unpickler.py, Unpickler.load).
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]{0,100})")
+
+
+def torch_load_refusal(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in qpseg's words.
+
+    Torch's own message advises retrying with the unsafe loader, which would run whatever code
+    the file carries; that text is never passed on. What is said instead: the file holds more
+    than tensors and plain data (naming the pickled callable when torch names one), or it is
+    not a readable torch file at all.
+    """
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        m = _GLOBAL.search(text)
+        what = f" ({m.group(1)})" if m else ""
+        return (f"it holds pickled Python objects{what}, not only tensors and plain data; qpseg "
+                "reads such files with torch.load(weights_only=True) and never runs pickled code")
+    return "it is not a readable torch file (truncated or corrupt)"
+
+
+def _is_torch_write_failure(exc: RuntimeError) -> bool:
+    """True for the RuntimeError torch's zip writer raises when the file system refuses bytes
+    (``PytorchStreamWriter failed writing file ...``, or its ``inline_container.cc`` checks)."""
+    text = str(exc)
+    return any(s in text for s in ("PytorchStreamWriter", "inline_container", "file write failed"))
+
+
+def save_torch_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temp file, fsync, rename); returns ``path``.
+
+    Every torch file qpseg writes (weights, training checkpoints) goes through here. On any
+    failure the temp file is removed and ``path`` is left as it was; an ``OSError`` (read-only
+    folder, disk full, a parent that is a file) or torch's writer failing part-way becomes an
+    :class:`~qpseg.errors.OutputError` naming ``path``.
+    """
+    import torch
+
+    from qpseg._io import atomic_write
+
+    path = Path(path)
+    try:
+        with atomic_write(path, "wb", backup=False) as fh:
+            torch.save(obj, fh)
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, path) from exc
+    except RuntimeError as exc:
+        if not _is_torch_write_failure(exc):
+            raise
+        raise OutputError("the write failed part-way (disk full, or the file system refused "
+                          "it)", path) from exc
+    return path
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -69,8 +128,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 warnings.simplefilter("ignore")
                 data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
-            raise ModelError("not a plain state dict of tensors (torch.load with "
-                             f"weights_only=True failed: {_first_line(exc)})", path) from exc
+            raise ModelError(f"not a plain state dict of tensors: {torch_load_refusal(exc)}",
+                             path) from exc
     if isinstance(data, Mapping):
         for key in ("state_dict", "model"):
             inner = data.get(key)
@@ -90,10 +149,9 @@ def write_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[
     """Write a state dict as ``.safetensors`` (if the suffix says so) or a torch ``.pt`` file.
 
     Tensors are made contiguous CPU copies (safetensors refuses shared storage, and a package
-    must not depend on the device it was saved from). The write is atomic.
+    must not depend on the device it was saved from). The write is atomic; a failure to write
+    is an OutputError naming ``path``.
     """
-    import torch
-
     from qpseg._io import atomic_write
 
     path = Path(path)
@@ -105,11 +163,13 @@ def write_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike[
             raise ModelError("writing .safetensors needs the 'safetensors' package "
                              "(pip install safetensors)", path) from exc
         blob = save(plain)
-        with atomic_write(path, "wb", backup=False) as fh:
-            fh.write(blob)
+        try:
+            with atomic_write(path, "wb", backup=False) as fh:
+                fh.write(blob)
+        except OSError as exc:
+            raise OutputError.from_os_error(exc, path) from exc
     else:
-        with atomic_write(path, "wb", backup=False) as fh:
-            torch.save(plain, fh)
+        save_torch_atomic(plain, path)
 
 
 def _short(keys: Iterable[str], n: int = 3) -> str:

@@ -24,8 +24,9 @@ Layout::
 
 Images are scaled to [0, 1] and then normalised with ``mean``/``std`` before they reach the
 model. The SHA-256 of the weights file is computed on every load (``ModelPackage.sha256``) and
-goes into the provenance of every predicted object. Anything malformed gives a one-line
-:class:`~qpseg.errors.ModelError` naming ``config.json`` or the weights file.
+goes into the provenance of every predicted object. ``config.json`` and the weights are read
+only from inside the package folder: a link that leads out of it is refused. Anything malformed
+gives a one-line :class:`~qpseg.errors.ModelError` naming ``config.json`` or the weights file.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpseg.errors import ModelError
+from qpseg.errors import ModelError, OutputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -269,6 +270,7 @@ def read_package_config(directory: str | os.PathLike[str]) -> PackageConfig:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise ModelError("missing config.json: not a qpseg model package", directory)
+    _check_inside(directory, path)
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text)
@@ -376,6 +378,23 @@ class ModelPackage:
         }
 
 
+def _check_inside(directory: Path, path: Path) -> None:
+    """ModelError naming ``path`` when it is a link that leads outside the package ``directory``.
+
+    A package is a folder someone may have sent; a ``weights.pt`` or ``config.json`` linking to
+    e.g. ``/home/me/.ssh/id_rsa`` or another project's files must not be read (and hashed into
+    provenance) as if it were part of the package.
+    """
+    try:
+        target = path.resolve(strict=True)
+        root = directory.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # a dangling link or a loop of links
+        raise ModelError("is a link that cannot be followed", path) from exc
+    if not target.is_relative_to(root):
+        raise ModelError(f"is a link to {target}, outside the model package; qpseg reads only "
+                         "files inside the package", path)
+
+
 def _find_weights(directory: Path, cfg: PackageConfig, cfg_path: Path) -> Path:
     from qpseg.models._weights import WEIGHT_FILES
 
@@ -384,6 +403,7 @@ def _find_weights(directory: Path, cfg: PackageConfig, cfg_path: Path) -> Path:
         if not path.is_file():
             raise ModelError(f"weights file {cfg.weights!r} named in config.json is missing",
                              cfg_path)
+        _check_inside(directory, path)
         return path
     present = [directory / name for name in WEIGHT_FILES if (directory / name).is_file()]
     if not present:
@@ -391,6 +411,7 @@ def _find_weights(directory: Path, cfg: PackageConfig, cfg_path: Path) -> Path:
     if len(present) > 1:
         raise ModelError("both weights.safetensors and weights.pt are present; name one in "
                          "config.json 'weights'", directory)
+    _check_inside(directory, present[0])
     return present[0]
 
 
@@ -515,7 +536,8 @@ def save_package(directory: str | os.PathLike[str], model: nn.Module, *,
     derived from the contract's scales. ``training`` is a free-form JSON summary (slides, class
     pixel counts, epochs, ...). ``weights_format`` is ``"pt"`` or ``"safetensors"`` (needs the
     optional safetensors package). The config is validated exactly as :func:`load_package`
-    validates it, so whatever is saved loads again. Returns the directory.
+    validates it, so whatever is saved loads again. A file that cannot be written is an
+    :class:`~qpseg.errors.OutputError` naming it. Returns the directory.
     """
     from qpseg import __version__
     from qpseg._io import write_json_atomic
@@ -566,14 +588,21 @@ def save_package(directory: str | os.PathLike[str], model: nn.Module, *,
     cfg = parse_config(data, directory / CONFIG_NAME)
     _check_config_against_contract(cfg, contract, directory / CONFIG_NAME)
 
-    directory.mkdir(parents=True, exist_ok=True)
     weights_path = directory / weights_name
-    write_state_dict(model.state_dict(), weights_path)
-    for other in ("weights.pt", "weights.safetensors"):
-        if other != weights_name:
-            (directory / other).unlink(missing_ok=True)
-    data["weights_sha256"] = sha256_file(weights_path)
-    write_json_atomic(directory / CONFIG_NAME, data, backup=False)
+    current = directory
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_state_dict(model.state_dict(), weights_path)  # OutputError on a failed write
+        for other in ("weights.pt", "weights.safetensors"):
+            if other != weights_name:
+                current = directory / other
+                current.unlink(missing_ok=True)
+        current = weights_path
+        data["weights_sha256"] = sha256_file(weights_path)
+        current = directory / CONFIG_NAME
+        write_json_atomic(current, data, backup=False)
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, current) from exc
     return directory
 
 

@@ -30,7 +30,7 @@ import difflib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -38,15 +38,18 @@ from typing import Any
 from qpseg.errors import ConfigError
 
 __all__ = [
+    "BATCH_MEMORY_SHARE",
     "GENERIC_DEFAULTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PAPER_DEFAULTS",
     "SECTIONS",
+    "check_batch_memory",
     "deep_merge",
     "load_config_file",
     "paper_defaults",
     "paper_of",
+    "physical_memory",
     "resolve_config",
     "stage_config",
 ]
@@ -429,6 +432,63 @@ def _choice(value: Any, name: str, choices: tuple[Any, ...], path: Path | None) 
                           f"{value!r}", path)
 
 
+#: Share of the machine's memory that one batch of input tiles (float32) may take. The network's
+#: activations and gradients need many times the input, so a batch over this share can never
+#: train: refusing it when the config is read beats the kernel's OOM killer later.
+BATCH_MEMORY_SHARE = 0.25
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where the OS does not say)."""
+    try:
+        size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX, or the name is unknown
+        return None
+    return size if size > 0 else None
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.3g} GiB"
+
+
+def check_batch_memory(batch_size: int, inputs: Sequence[tuple[int, int]], what: str,
+                       path: str | os.PathLike[str] | None = None, *,
+                       memory: int | None = None) -> None:
+    """ConfigError when one batch of input tiles cannot fit in memory.
+
+    ``inputs`` is ``(channels, side_px)`` per model input; a batch needs
+    ``batch_size x sum(channels x side_px²) x 4`` bytes as float32, which must stay within
+    :data:`BATCH_MEMORY_SHARE` of ``memory`` (default: this machine's, :func:`physical_memory`).
+    ``what`` names the size option(s) in the message.
+    """
+    ram = physical_memory() if memory is None else memory
+    if ram is None or batch_size < 1 or not inputs:
+        return
+    per_px2 = sum(int(c) * int(px) * int(px) for c, px in inputs)
+    need = int(batch_size) * per_px2 * 4
+    limit = int(ram * BATCH_MEMORY_SHARE)
+    if need <= limit:
+        return
+    channels = sum(int(c) for c, _ in inputs)
+    side = max(int(px) for _, px in inputs)
+    largest = math.isqrt(max(0, limit // (4 * int(batch_size) * max(1, channels))))
+    raise ConfigError(
+        f"{what}: a batch of {batch_size} tile(s) of {side} px needs {_gib(need)} of memory for "
+        f"its input alone (batch x channels x px² x 4 bytes of float32), over the limit of "
+        f"{_gib(limit)} ({BATCH_MEMORY_SHARE:.0%} of this machine's {_gib(ram)}; the network "
+        f"needs many times its input); with this batch size tiles can be at most {largest} px",
+        path)
+
+
+def _int_option(value: Any) -> int | None:
+    """An integer-valued option as an int (None when absent or not an integer)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value)
+
+
 def validate_config(cfg: Mapping[str, Any], path: Path | None = None, *,
                     stage: str | None = None) -> None:
     """Check the values of a resolved config; ConfigError naming the key."""
@@ -515,6 +575,16 @@ def validate_config(cfg: Mapping[str, Any], path: Path | None = None, *,
     _num(tr["steps"], f"{pre}train.steps", path, lo=1, integer=True, allow_none=True)
     _num(tr["batch_size"], f"{pre}train.batch_size", path, lo=1, hi=1 << 16, integer=True)
     _num(tr["accumulate"], f"{pre}train.accumulate", path, lo=1, hi=1 << 12, integer=True)
+    kwargs = cfg["model_kwargs"]
+    tile = _int_option(d["tile_px"])
+    tile_key = f"{pre}data.tile_px"
+    if tile is None:
+        tile, tile_key = _int_option(kwargs.get("tile_px")), "model_kwargs.tile_px"
+    if tile is not None and tile > 0:
+        channels = _int_option(kwargs.get("in_channels"))
+        check_batch_memory(int(tr["batch_size"]), [(channels if channels and channels > 0
+                                                     else 3, tile)],
+                           f"{tile_key} {tile} with {pre}train.batch_size", path)
     _choice(tr["precision"], f"{pre}train.precision", ("auto", "bf16", "fp16", "fp32"), path)
     _num(tr["seed"], f"{pre}train.seed", path, integer=True)
     _num(tr["checkpoint_every"], f"{pre}train.checkpoint_every", path, lo=0, integer=True)

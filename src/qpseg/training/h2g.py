@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpseg.errors import ConfigError, LabelError, QpsegError, SlideError
+from qpseg.errors import ConfigError, LabelError, OutputError, QpsegError, SlideError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -183,12 +183,16 @@ def build_refine_data(patch_model: Any, stage0: Any, refine_size: int, heat_clas
     :class:`~qpseg.training.data.StageData`), computed by slide over the ranks."""
     import numpy as np
 
+    from qpseg._io import atomic_write
     from qpseg.data.splits import Split
     from qpseg.training.data import TrainingWarning
 
     split: Split = stage0.split
     folder = out_dir / "refine_data"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, folder) from exc
     todo = list(stage0.train_slides) + list(stage0.val_slides)
     mine = todo[dist.rank::dist.world_size]
     failed: list[str] = []
@@ -209,9 +213,12 @@ def build_refine_data(patch_model: Any, stage0: Any, refine_size: int, heat_clas
                           TrainingWarning, stacklevel=2)
             failed.append(rec.key)
             continue
-        tmp = folder / f".{target.stem}.tmp.npz"
-        np.savez(tmp, image=sample["image"], heatmap=sample["heatmap"], label=sample["label"])
-        tmp.replace(target)
+        try:  # atomic: a crash or a full disk leaves no half-written sample behind
+            with atomic_write(target, "wb", backup=False) as fh:
+                np.savez(fh, image=sample["image"], heatmap=sample["heatmap"],
+                         label=sample["label"])
+        except OSError as exc:
+            raise OutputError.from_os_error(exc, target) from exc
     dist.barrier()
     failed_all = {k for part in dist.all_gather(failed) for k in part}
 
@@ -266,6 +273,7 @@ def train_two_stage(manifest: Any, out: Path, cfg: Mapping[str, Any], arch: str,
     from qpseg.training.loop import StageSpec, Task, TrainEvent, run_stage
     from qpseg.training.run import (
         TrainResult,
+        _check_memory,
         _finish_metadata,
         _save,
         _start_metadata,
@@ -276,6 +284,8 @@ def train_two_stage(manifest: Any, out: Path, cfg: Mapping[str, Any], arch: str,
     check_two_stage(model.contract)
     check_stages(cfg)
     pcfg, rcfg = stage_config(cfg, "patch"), stage_config(cfg, "refine")
+    _check_memory(model.stages[0].contract, int(pcfg["train"]["batch_size"]), "patch")
+    _check_memory(model.stages[1].contract, int(rcfg["train"]["batch_size"]), "refine")
     seed = int(cfg["train"]["seed"])
     started = __import__("time").time()
     patch, refine = model.stages[0], model.stages[1]

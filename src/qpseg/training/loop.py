@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from qpseg.errors import ConfigError, QpsegError
+from qpseg.errors import ConfigError, OutputError, QpsegError
 
 if TYPE_CHECKING:
     import torch
@@ -474,15 +474,21 @@ class _Logger:
             kept.append(line)
             if rec.get("kind") == "epoch":
                 self.history.append(rec)
-        self.spec.log_path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        try:
+            self.spec.log_path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        except OSError as exc:
+            raise OutputError.from_os_error(exc, self.spec.log_path) from exc
 
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         clean = _finite(record)
-        with open(self.spec.log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(clean, allow_nan=False) + "\n")
+        try:
+            self.spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.spec.log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(clean, allow_nan=False) + "\n")
+        except OSError as exc:  # disk full, folder made read-only mid-run, ...
+            raise OutputError.from_os_error(exc, self.spec.log_path) from exc
         if record.get("kind") == "epoch":
             self.history.append(clean)
             self._write_csv()
@@ -504,8 +510,11 @@ class _Logger:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
         from qpseg._io import atomic_write
 
-        with atomic_write(self.spec.csv_path, "w", backup=False) as fh:
-            fh.write(buf.getvalue())
+        try:
+            with atomic_write(self.spec.csv_path, "w", backup=False) as fh:
+                fh.write(buf.getvalue())
+        except OSError as exc:
+            raise OutputError.from_os_error(exc, self.spec.csv_path) from exc
 
 
 def _finite(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -543,6 +552,7 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
         find_checkpoint,
         get_rng_state,
         prune_checkpoints,
+        save_best,
         save_checkpoint,
         seed_everything,
         set_rng_state,
@@ -620,21 +630,37 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
         try:
             module.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"checkpoint does not fit this model/config: "
                               f"{' '.join(str(exc).split())[:200]}", path) from None
-        scheduler.load_state_dict(ck["scheduler"])
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        sampler.load_state_dict(ck["sampler"])
-        if boost is not None and ck.get("boosting"):
-            boost.load_state_dict(ck["boosting"])
-        state.update(ck["loop"])
-        rngs = ck["rng"]
-        if len(rngs) != dist.world_size:
-            raise ConfigError(f"checkpoint was written by {len(rngs)} process(es), this run has "
-                              f"{dist.world_size}", path)
-        set_rng_state(rngs[dist.rank], task.augmenter.generator)
+        # The rest comes from a file that may have been edited or sent by someone: anything
+        # that does not fit is a ConfigError naming the file, not a traceback.
+        try:
+            scheduler.load_state_dict(ck["scheduler"])
+            if ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+            sampler.load_state_dict(ck["sampler"])
+            if boost is not None and ck.get("boosting"):
+                boost.load_state_dict(ck["boosting"])
+            loop_state = ck["loop"]
+            if not isinstance(loop_state, Mapping) or set(loop_state) - set(state) or any(
+                    v is not None and state[k] is not None and type(v) is not type(state[k])
+                    for k, v in loop_state.items()):
+                raise ValueError("the loop state holds unknown or mistyped entries")
+            state.update(loop_state)
+            rngs = ck["rng"]
+            if not isinstance(rngs, list | tuple):
+                raise ValueError("the random states are not a list")
+            if len(rngs) != dist.world_size:
+                raise ConfigError(f"checkpoint was written by {len(rngs)} process(es), this run "
+                                  f"has {dist.world_size}", path)
+            set_rng_state(rngs[dist.rank], task.augmenter.generator)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, path) from None
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError,
+                IndexError) as exc:
+            raise ConfigError(f"checkpoint does not fit this model/config: "
+                              f"{' '.join(str(exc).split())[:200]}", path) from None
         logger.truncate(int(state["step"]), int(state["epoch"]))
         if emit:
             emit(TrainEvent("resumed", spec.name, state["epoch"], epochs, state["step"],
@@ -684,11 +710,8 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
             state["best_step"] = int(state["step"])
             state["best_epoch"] = int(state["epoch"])
             if dist.is_main:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                tmp = ckpt_dir / ".best.pt.tmp"
-                torch.save({"model": module.state_dict(), "metric": sel_metric,
-                            "value": float(value), "step": int(state["step"])}, tmp)
-                tmp.replace(best_path)
+                save_best(best_path, {"model": module.state_dict(), "metric": sel_metric,
+                                      "value": float(value), "step": int(state["step"])})
 
     def early_stop(metrics: Mapping[str, Any]) -> bool:
         if not es_cfg:
@@ -831,15 +854,19 @@ class _nullcontext:
 
 def _finish(spec: StageSpec, module: Any, state: Mapping[str, Any], logger: _Logger,
             best_path: Path, sel_mode: str, dist: Dist) -> StageResult:
-    import torch
+    from qpseg.training.checkpoint import load_best
 
     best: dict[str, Any] = {"metric": spec.cfg["train"]["select"].get("metric"),
                             "mode": sel_mode, "value": state["best_value"],
                             "step": state["best_step"], "epoch": state["best_epoch"]}
     dist.barrier()
     if sel_mode != "last" and best_path.is_file():
-        data = torch.load(best_path, map_location="cpu", weights_only=True)
-        module.load_state_dict(data["model"])
+        data = load_best(best_path)
+        try:
+            module.load_state_dict(data["model"])
+        except RuntimeError as exc:
+            raise ConfigError("best weights do not fit this model: "
+                              f"{' '.join(str(exc).split())[:200]}", best_path) from None
         best["weights"] = "best"
     else:
         best["weights"] = "last"

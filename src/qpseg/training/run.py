@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpseg.errors import ConfigError, ModelError
+from qpseg.errors import ConfigError, ModelError, OutputError
 
 if TYPE_CHECKING:
     from qpseg.manifest import Manifest
@@ -148,19 +148,25 @@ def _load_layers(config: str | os.PathLike[str] | Mapping[str, Any] | None
 
 
 def _check_out(out: Path, resume: bool, dry_run: bool) -> None:
+    """Refuse an ``--out`` that cannot take this run before any work starts: an earlier run
+    without ``--resume``, nothing to resume, or a folder that cannot be written (a file, a
+    read-only folder, a full disk: OutputError naming it)."""
+    from qpseg._io import ensure_writable_dir
+
     if dry_run:
         return
     if out.exists() and not out.is_dir():
-        raise ConfigError("--out must be a folder", out)
+        raise OutputError("is not a folder (--out must be a folder)", out)
     if resume:
         if not (out / "train_config.json").is_file():
             raise ConfigError("nothing to resume here (no train_config.json from an earlier "
                               "run)", out)
-        return
-    leftovers = [n for n in ("config.json", *_RUN_FILES) if (out / n).exists()]
-    if leftovers or (out / "checkpoints").is_dir():
-        raise ConfigError("holds an earlier training run; pass --resume to continue it or "
-                          "choose another --out", out)
+    else:
+        leftovers = [n for n in ("config.json", *_RUN_FILES) if (out / n).exists()]
+        if leftovers or (out / "checkpoints").is_dir():
+            raise ConfigError("holds an earlier training run; pass --resume to continue it or "
+                              "choose another --out", out)
+    ensure_writable_dir(out)
 
 
 def train(
@@ -235,9 +241,12 @@ def _open(source: str | os.PathLike[str], out: Path, cfg: Mapping[str, Any], dis
                              slide_mpp=d["slide_mpp"], write=False)
     manifest: Manifest | None = None
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        manifest = open_manifest(source, out, classes=cfg.get("classes"),
-                                 slide_mpp=d["slide_mpp"], write=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            manifest = open_manifest(source, out, classes=cfg.get("classes"),
+                                     slide_mpp=d["slide_mpp"], write=True)
+        except OSError as exc:  # the import writes manifest.json into OUT
+            raise OutputError.from_os_error(exc, exc.filename or out / "manifest.json") from exc
     dist.barrier()
     return manifest if manifest is not None else read_manifest(out / "manifest.json")
 
@@ -262,6 +271,18 @@ def _build_model(arch: str, num_classes: int, cfg: Mapping[str, Any], seed: int,
         raise ModelError(f"{arch} is a classical (non-learned) baseline; there is nothing to "
                          "train")
     return model
+
+
+def _check_memory(contract: Any, batch_size: int, stage: str = "") -> None:
+    """ConfigError when one batch of the model's inputs cannot fit in this machine's memory
+    (see :func:`qpseg.training.config.check_batch_memory`): the model's tile size may come from
+    its defaults rather than from an option the config validation saw."""
+    from qpseg.training.config import check_batch_memory
+
+    inputs = [(int(spec.channels), int(spec.size_px)) for spec in contract.inputs]
+    pre = f"stages.{stage}." if stage else ""
+    check_batch_memory(batch_size, inputs, f"{contract.architecture} (tile_px "
+                       f"{contract.tile_px}) with {pre}train.batch_size")
 
 
 def _task_and_spec(name: str, cfg: Mapping[str, Any], module: Any, data: StageData,
@@ -333,7 +354,10 @@ def _clean(value: Any) -> Any:
 def _write_json(path: Path, data: Any) -> None:
     from qpseg._io import write_json_atomic
 
-    write_json_atomic(path, _clean(data), backup=False)
+    try:
+        write_json_atomic(path, _clean(data), backup=False)
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, path) from exc
 
 
 def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch: str,
@@ -350,6 +374,8 @@ def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch:
     class_map = class_map_for(manifest, cfg.get("classes"))
     model = _build_model(arch, len(class_map), cfg, seed, meta=dry_run)
     contract = model.contract
+    if not contract.stages:
+        _check_memory(contract, int(cfg["train"]["batch_size"]))
     if contract.stages:
         from qpseg.training.h2g import train_two_stage
 
@@ -414,7 +440,10 @@ def _start_metadata(out: Path, cfg: Mapping[str, Any], arch: str, manifest: Mani
             "split": data.split.to_json(),
             "summary": summary,
         }
-        data.split.save(out / "split.json")
+        try:
+            data.split.save(out / "split.json")
+        except OSError as exc:
+            raise OutputError.from_os_error(exc, out / "split.json") from exc
         _write_json(out / "train_config.json", cfg)
         _write_json(out / "run_metadata.json", meta)
     if dist.is_main and dist.distributed:
