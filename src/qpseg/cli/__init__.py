@@ -17,6 +17,7 @@ import typer
 
 from qpseg import __version__
 from qpseg.cli import demo, evaluate, groovy, import_project, infer, info, models, train, validate
+from qpseg.cli.project import app as project_app
 from qpseg.errors import EXIT_CODES, OutputError, QpsegError
 
 __all__ = ["app", "main"]
@@ -61,6 +62,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("evaluate-edits")(evaluate.evaluate_edits)
 app.command("demo")(demo.demo)
 app.command("groovy")(groovy.groovy)
+app.add_typer(project_app, name="project")
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -326,6 +326,10 @@ PROVIDER_ARGS: dict[str, list[str]] = {
     "imagej": [],
 }
 
+# QuPath's PixelType names, the "pixelType" of image metadata (qupath-core
+# qupath/lib/images/servers/PixelType.java, v0.5.1 lines 35-63).
+PIXEL_TYPES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "FLOAT64")
+
 
 def provider_short_name(class_name: object) -> str | None:
     """``openslide`` / ``bioformats`` / ``imagej`` / ``omero`` for a providerClassName, else None.

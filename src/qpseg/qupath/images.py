@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from qpseg.qupath.bioformats import bioformats_layout
 from qpseg.qupath.project import ImageMetadata, ProjectEntry, QuPathProject
 
 if TYPE_CHECKING:
@@ -29,13 +30,23 @@ def image_metadata(slide: Slide) -> ImageMetadata:
     mpp_x = mpp_y = None
     if slide.has_mpp:
         mpp_x, mpp_y = slide.mpp_x, slide.mpp_y
-    provider = "openslide" if slide.backend == "openslide" else "imagej"
-    tile = 512 if slide.backend != "openslide" else 256
-    tw = int(slide.properties.get("openslide.level[0].tile-width", tile) or tile)
-    th = int(slide.properties.get("openslide.level[0].tile-height", tile) or tile)
+    if slide.backend == "openslide":
+        tw = int(slide.properties.get("openslide.level[0].tile-width", 256) or 256)
+        th = int(slide.properties.get("openslide.level[0].tile-height", 256) or 256)
+        return ImageMetadata(
+            width=int(width), height=int(height), levels=levels, mpp_x=mpp_x, mpp_y=mpp_y,
+            tile_width=tw, tile_height=th, provider="openslide",
+            magnification=slide.magnification,
+        )
+    # Anything else goes to QuPath's Bio-Formats reader (ImageJ's would load it whole), with
+    # metadata only where qpseg knows what Bio-Formats reports for the file.
+    layout = bioformats_layout(slide.path, int(width), int(height))
+    tw, th = layout.tile if layout is not None else (512, 512)
     return ImageMetadata(
         width=int(width), height=int(height), levels=levels, mpp_x=mpp_x, mpp_y=mpp_y,
-        tile_width=tw, tile_height=th, provider=provider, magnification=slide.magnification,
+        tile_width=tw, tile_height=th, provider="bioformats", magnification=slide.magnification,
+        pixel_type=layout.pixel_type if layout is not None else "UINT8",
+        channels=layout.channels if layout is not None else None, store=layout is not None,
     )
 
 

@@ -189,6 +189,10 @@ class ImageMetadata:
     ``(downsample, width, height)``, full resolution first; empty means a single level.
     ``mpp_x``/``mpp_y`` are µm per pixel (None: uncalibrated, written in pixels as QuPath does;
     one given means both). ``provider`` is "openslide", "bioformats" or "imagej".
+    ``pixel_type`` is QuPath's PixelType name and ``channels`` the ``(name, packed ARGB)`` of
+    each channel; ``channels`` None means an RGB image (isRGB, UINT8, QuPath's Red/Green/Blue).
+    ``store`` False writes a server builder without ``metadata``: QuPath then reads it from the
+    image when it opens it (for images whose layout qpseg cannot predict).
     """
 
     width: int
@@ -201,6 +205,9 @@ class ImageMetadata:
     provider: str = "openslide"
     magnification: float | None = None
     name: str | None = None  # metadata "name"; default: the image's file name
+    pixel_type: str = "UINT8"
+    channels: list[tuple[str, int]] | None = None
+    store: bool = True
 
     def validate(self, where: Path) -> None:
         """Raise :class:`ProjectError` (about file ``where``) if a field is unusable."""
@@ -239,6 +246,15 @@ class ImageMetadata:
                 raise bad("level downsamples must increase")
         if self.name is not None and not isinstance(self.name, str):
             raise bad(f"name must be a string, not {self.name!r}")
+        if self.pixel_type not in compat.PIXEL_TYPES:
+            raise bad(f"pixel_type must be one of {', '.join(compat.PIXEL_TYPES)}, "
+                      f"not {self.pixel_type!r}")
+        if self.channels is None and self.pixel_type != "UINT8":
+            raise bad("an RGB image (channels None) must be UINT8")
+        if self.channels is not None and (not self.channels or any(
+                not isinstance(n, str) or isinstance(c, bool) or not isinstance(c, int)
+                or not -(1 << 31) <= c < (1 << 31) for n, c in self.channels)):
+            raise bad("channels must be (name, 32-bit packed ARGB int) pairs")
 
     def to_qupath(self, default_name: str) -> dict[str, Any]:
         """The serverBuilder ``metadata`` object, keys in QuPath 0.5's order."""
@@ -258,10 +274,11 @@ class ImageMetadata:
             "sizeZ": 1,
             "sizeT": 1,
             "channelType": "DEFAULT",
-            "isRGB": True,
-            "pixelType": "UINT8",
+            "isRGB": self.channels is None,
+            "pixelType": self.pixel_type,
             "levels": [{"downsample": float(d), "width": w, "height": h} for d, w, h in levels],
-            "channels": copy.deepcopy(_RGB_CHANNELS),
+            "channels": copy.deepcopy(_RGB_CHANNELS) if self.channels is None else
+            [{"name": n, "color": c} for n, c in self.channels],
             "pixelCalibration": {
                 "pixelWidth": quantity(mx),
                 "pixelHeight": quantity(my),
@@ -753,8 +770,9 @@ class QuPathProject:
             "providerClassName": compat.PROVIDER_CLASSES[metadata.provider],
             "uri": compat.path_to_file_uri(path),
             "args": list(compat.PROVIDER_ARGS[metadata.provider]),
-            "metadata": metadata.to_qupath(path.name),
         }
+        if metadata.store:
+            builder_raw["metadata"] = metadata.to_qupath(path.name)
         raw: dict[str, Any] = {
             "serverBuilder": builder_raw,
             "entryID": self.last_id,
