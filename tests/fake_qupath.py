@@ -114,6 +114,10 @@ class JList(list[Any]):
     def size(self) -> int:
         return len(self)
 
+    def add(self, value: Any) -> bool:
+        self.append(value)
+        return True
+
 
 class JPath:
     def __init__(self, path: str | Path) -> None:
@@ -310,9 +314,31 @@ class _Gson:
                                      f"be cast to class qupath.lib.objects.{cls.__name__}")
         return obj
 
-    def toJson(self, objects: Any) -> str:
-        return json.dumps([{"type": "Feature", "id": str(o.getID()), "geometry": o._roi,
-                            "properties": {"objectType": o.KIND}} for o in objects])
+    def toJson(self, value: Any) -> str:
+        """One object as a Feature, a collection as a list of them (Gson writes a collection
+        element by element with the PathObject adapter)."""
+        if isinstance(value, PathObject):
+            return json.dumps(feature_of(value))
+        return json.dumps([feature_of(o) for o in value])
+
+
+def feature_of(o: PathObject) -> dict[str, Any]:
+    """An object as QuPath's PathObject adapter writes it (``QuPathTypeAdapters.java``,
+    ``PathObjectTypeAdapter.write``): ``id``, ``geometry``, a cell's nucleus as
+    ``nucleusGeometry`` beside it, then ``properties`` with ``objectType``, ``classification``
+    when classified, ``isLocked`` only when locked and ``metadata`` when there is some."""
+    props: dict[str, Any] = {"objectType": o.KIND}
+    if o._class is not None:
+        props["classification"] = {"name": o._class, "color": [200, 0, 0]}
+    if o._locked:
+        props["isLocked"] = True
+    if o._metadata:
+        props["metadata"] = dict(o._metadata)
+    out: dict[str, Any] = {"type": "Feature", "id": str(o._id), "geometry": o._roi}
+    if isinstance(o, PathCellObject) and o._nucleus is not None:
+        out["nucleusGeometry"] = o._nucleus
+    out["properties"] = props
+    return out
 
 
 class GsonTools:
@@ -606,6 +632,7 @@ def _module(state: State) -> types.ModuleType:
         "PathAnnotationObject": PathAnnotationObject,
         "PathDetectionObject": PathDetectionObject, "PathCellObject": PathCellObject,
         "PathTileObject": PathTileObject, "LogManager": None, "PathClassFactory": None,
+        "ArrayList": JList,
         "System": _System, "ByteArrayOutputStream": _Buffer,
         "PrintStream": _Anything,
         "StandardCharsets": types.SimpleNamespace(UTF_8=types.SimpleNamespace(

@@ -221,3 +221,20 @@ def test_fuzz_tile_reader(data: object) -> None:
     except QpsegError:
         return
     assert all(isinstance(t, Tile) for t in tiles)
+
+
+@pytest.mark.parametrize("mpp", [0.0, 0.001, 352.8, float("nan"), float("inf")])
+def test_pixel_sizes_are_checked_by_the_one_rule(mpp: float) -> None:
+    """A slide record, a tile grid and a tile dataset refuse what slide.mpp_problem refuses:
+    352.8 (a 72-dpi tag) and 0.001 (nm taken for µm) passed the old "> 0" checks."""
+    from qpseg.data.dataset import TileDataset
+
+    cm = ClassMap.from_names(["Tumor"])
+    with pytest.raises(ConfigError, match="plausible pixel size"):
+        SlideRecord("/x.tif", mpp=mpp, width=10, height=10)
+    for base_mpp, tile_mpp in ((mpp, 0.5), (0.5, mpp)):
+        with pytest.raises(ConfigError, match="plausible pixel size"):
+            tile_grid([], cm, image_size=(100, 100), base_mpp=base_mpp, tile_px=8,
+                      mpp=tile_mpp, select="all")
+    with pytest.raises(ConfigError, match="plausible pixel size"):
+        TileDataset([], [], cm, tile_px=8, mpp=mpp)

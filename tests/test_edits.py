@@ -244,3 +244,31 @@ def test_detections_missing_from_annotation_export() -> None:
     # the export script now includes qpseg's detections: a reviewed, unchanged one is kept
     res = compare_edits(a, [a[0], user(box(100, 100, 200, 200), "Other")])
     assert (res.row()["n_kept"], res.row()["n_deleted"]) == (1, 0) and not res.notes
+
+
+def test_the_slides_own_pixel_size_wins_over_mpp(project: SyntheticProject,
+                                                  tmp_path: Path) -> None:
+    """The slides say 0.5 µm/px: --mpp 0.25 does not replace that (the rule of every command:
+    the slide's own, else the project's, else --mpp), so the µm² columns use 0.5; before,
+    --mpp was used first. --mpp-override replaces it, and the CLI prints old -> new."""
+    from qpseg.errors import QpsegWarning
+
+    path = write_pair(project, tmp_path)
+    with pytest.warns(QpsegWarning, match=r"--mpp 0.25 is not used for 2 slide\(s\)"):
+        res = evaluate_edits(path, mpp=0.25, ai_objects="all-in")
+    first = res.rows()[0]
+    assert (first["mpp"], first["mpp_source"], first["mpp_replaced"]) == (0.5, "slide", None)
+    assert first["ai_area_um2"] == pytest.approx(42500 * 0.25)
+    code, output, exc = run_cli([str(path), "--out", str(tmp_path / "o"), "--mpp", "0.25",
+                                 "--mpp-override", "--ai-objects", "all-in"])
+    assert exc is None and code == 0, output
+    first = pd.read_csv(tmp_path / "o" / "edits.csv").iloc[0]
+    assert (first.mpp, first.mpp_source, first.mpp_replaced) == (0.25, "override", 0.5)
+    assert first.ai_area_um2 == pytest.approx(42500 * 0.25 * 0.25)
+    assert "pixel size replaced: slide_00.tif: 0.5 -> 0.25 µm/px (--mpp-override)" in \
+        " ".join(output.split())
+    for bad in (0.0, 352.8):
+        with pytest.raises(ConfigError, match=r"--mpp: .*plausible"):
+            evaluate_edits(path, mpp=bad)
+    with pytest.raises(ConfigError, match="--mpp-override needs --mpp"):
+        evaluate_edits(path, mpp_override=True)

@@ -571,3 +571,112 @@ def test_worker_processes_give_the_same_results(tmp_path: Path) -> None:
         k: v for k, v in two.summary().items() if k != "files"}
     with pytest.raises(ConfigError, match="--workers"):
         evaluate(tmp_path / "t", tmp_path / "p", mpp=0.5, workers=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# pixel size: the slide's own, else the project's, else --mpp; --mpp-override replaces
+
+
+@pytest.fixture(scope="module")
+def project_0499(tmp_path_factory: pytest.TempPathFactory) -> SyntheticProject:
+    """One slide whose own pixel size is 0.499 µm/px, a truth export and a prediction."""
+    p = make_project(tmp_path_factory.mktemp("p0499"), n_slides=1, width=2000, height=1000,
+                     mpp=0.499, annotations=False)
+    eid = p.entry_ids[0]
+    for sub, dx in (("annotations", 0), ("predictions", 40)):
+        (p.folder / "qpseg" / sub).mkdir(parents=True, exist_ok=True)
+        write_geojson(p.folder / "qpseg" / sub / f"{eid}.geojson",
+                      [ann(box(dx, 0, 1996 + dx, 998), "Tumor")] if sub == "predictions" else
+                      [ann(box(0, 0, 1996, 998), "Region*"), ann(box(0, 0, 998, 998), "Tumor")])
+    return p
+
+
+def test_the_slides_own_pixel_size_wins_over_mpp(project_0499: SyntheticProject,
+                                                  tmp_path: Path) -> None:
+    """--mpp 0.5 for a slide that says 0.499: the slide's value is used (as import-project
+    does). The raster spans the slide's 2000 px (the shifted prediction reaches its edge):
+    2000 / (2 / 0.499) = 499 px, not 2000 / 4 = 500. --mpp was used first before, scoring
+    every project slide at the wrong scale without a word."""
+    p = project_0499
+    with pytest.warns(QpsegWarning, match=r"--mpp 0.5 is not used.*--mpp-override"):
+        ev = evaluate(p.path, p.path, tmp_path / "o", mpp=0.5, eval_mpp=2.0, report=False)
+    [s] = ev.slides
+    assert (s.base_mpp, s.mpp_source, s.mpp_replaced) == (pytest.approx(0.499), "slide", None)
+    assert s.size == (499, 250)
+    row = pd.read_csv(tmp_path / "o" / "slides.csv").iloc[0]
+    assert row.base_mpp == pytest.approx(0.499) and row.mpp_source == "slide"
+
+
+def test_mpp_override_replaces_the_slides_pixel_size(project_0499: SyntheticProject,
+                                                     tmp_path: Path) -> None:
+    p = project_0499
+    ev = evaluate(p.path, p.path, tmp_path / "o", mpp=0.5, mpp_override=True, eval_mpp=2.0,
+                  report=False)
+    [s] = ev.slides
+    assert (s.base_mpp, s.mpp_source, s.mpp_replaced) == (0.5, "override",
+                                                          pytest.approx(0.499))
+    assert s.size == (500, 250)
+    code, output, exc = run_cli(["--truth", str(p.path), "--pred", str(p.path), "--out",
+                                 str(tmp_path / "c"), "--mpp", "0.5", "--mpp-override",
+                                 "--no-report"])
+    assert exc is None and code == 0, output
+    assert "pixel size replaced: slide_00.tif: 0.499 -> 0.5 µm/px (--mpp-override)" in \
+        " ".join(output.split())
+    with pytest.raises(ConfigError, match="--mpp-override needs --mpp"):
+        evaluate(p.path, p.path, mpp_override=True)
+
+
+@pytest.mark.parametrize("value", [0.001, 352.8, math.nan])
+def test_implausible_pixel_sizes_are_refused_by_the_one_rule(tmp_path: Path,
+                                                             value: float) -> None:
+    """--mpp, --eval-mpp and --mask-mpp are checked by slide.check_mpp (0.01..100 µm/px):
+    352.8 (a 72-dpi tag) passed the old check (anything up to 10⁴)."""
+    write_geojson(tmp_path / "t.geojson", [ann(box(0, 0, 40, 40), "Tumor")])
+    for option in ("mpp", "eval_mpp", "mask_mpp"):
+        with pytest.raises(ConfigError, match=f"--{option.replace('_', '-')}: .*plausible"):
+            evaluate(tmp_path / "t.geojson", tmp_path / "t.geojson",
+                     **{"mpp": 0.5, option: value})  # type: ignore[arg-type]
+
+
+def test_report_shows_the_ai_object_counts_and_policy(tmp_path: Path) -> None:
+    """report.html lists, per class, the objects qpseg wrote that the truth holds: by review
+    status, kept and left out, and the --ai-objects policy (as ai_objects.csv has them)."""
+    import html as html_mod
+    import uuid
+
+    mark = {"qpseg_model": "tiny_unet", "qpseg_run": "r1"}
+    p1 = QuPathObject(box(0, 0, 100, 100), classification="Stroma", id=str(uuid.uuid4()),
+                      metadata=dict(mark))
+    p2 = QuPathObject(box(200, 0, 300, 100), classification="Tumor", id=str(uuid.uuid4()),
+                      metadata=dict(mark))
+    p3 = QuPathObject(box(400, 0, 500, 100), classification="Tumor", id=str(uuid.uuid4()),
+                      metadata=dict(mark))
+    reshaped = QuPathObject(box(200, 0, 320, 100), classification="Tumor", id=p2.id,
+                            metadata=dict(mark))
+    locked = QuPathObject(p3.geometry, classification="Tumor", id=p3.id, metadata=dict(mark),
+                          is_locked=True)
+    own = [ann(box(0, 200, 100, 300), "Tumor"), ann(box(0, 400, 100, 500), "Stroma")]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "p").mkdir()
+    write_geojson(tmp_path / "t" / "s.geojson", [p1, reshaped, locked, *own])
+    write_geojson(tmp_path / "p" / "s.geojson", [p1, p2, p3])
+    ev = evaluate(tmp_path / "t", tmp_path / "p", tmp_path / "o", mpp=0.5, eval_mpp=2.0)
+    page = html_mod.unescape((tmp_path / "o" / "report.html").read_text(encoding="utf-8"))
+    section = page.split("<h2>AI objects in the truth</h2>")[1].split("<h2>")[0]
+    assert "--ai-objects unreviewed-out" in section
+    cells = [[c.split("</td>")[0] for c in row.split("<td>")[1:]]
+             for row in section.split("<tr>")[2:]]
+    # class, type, unreviewed, accepted, edited, unproven, kept, left out
+    assert cells == [["Stroma", "annotation", "1", "0", "0", "0", "0", "1"],
+                     ["Tumor", "annotation", "0", "1", "1", "0", "2", "0"],
+                     ["<b>all</b>", "", "1", "1", "1", "0", "2", "1"]]
+    assert "unreviewed-out: 2 kept, 1 left out" in page
+    csv = pd.read_csv(tmp_path / "o" / "ai_objects.csv")
+    assert list(csv.kept) == [0, 2] and list(csv.left_out) == [1, 0]
+    assert ev.review.total("left_out") == 1
+    # the policy the user chose is the one shown
+    evaluate(tmp_path / "t", tmp_path / "p", tmp_path / "o2", mpp=0.5, eval_mpp=2.0,
+             ai_objects="all-in")
+    page = html_mod.unescape((tmp_path / "o2" / "report.html").read_text(encoding="utf-8"))
+    assert "--ai-objects all-in: every object qpseg wrote counts as truth" in page
+    assert "all-in: 3 kept, 0 left out" in page

@@ -78,18 +78,35 @@ def _entry_metadata(p: Any, eid: int) -> dict[str, str]:
     return next(dict(i.get("metadata") or {}) for i in images if i["entryID"] == eid)
 
 
+def _ring(x0: float, y0: float, x1: float, y1: float) -> dict[str, Any]:
+    return {"type": "Polygon",
+            "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+
+
 def _old_objects() -> tuple[Any, Any, Any]:
     user = fake_qupath.make_object("annotation", id="11111111-1111-4111-8111-111111111111")
     old_ai = fake_qupath.make_object("annotation", id="22222222-2222-4222-8222-222222222222",
-                                     metadata={"qpseg_model": "m1"})
+                                     metadata={"qpseg_model": "m1"}, path_class="Tumor",
+                                     roi=_ring(0, 0, 8, 8))
     old_cell = fake_qupath.make_object("cell", id="33333333-3333-4333-8333-333333333333",
-                                       metadata={"qpseg_model": "m1"})
+                                       metadata={"qpseg_model": "m1"}, path_class="Tumor",
+                                       roi=_ring(20, 20, 30, 30), nucleus=_ring(23, 23, 27, 27))
     return user, old_ai, old_cell
 
 
-def _predictions(n: int = 2, *, cell: bool = False) -> list[QuPathObject]:
+def _originals(*objects: Any) -> list[QuPathObject]:
+    """What qpseg saved for these objects: QuPath's own GeoJSON of them, read by qpseg."""
+    from qpseg.qupath.geojson import parse_features
+
+    return parse_features([fake_qupath.feature_of(o) for o in objects])
+
+
+def _predictions(n: int = 2, *, cell: bool = False, run: str = "r") -> list[QuPathObject]:
+    import uuid
+
     preds = [QuPathObject(box(i * 10, 0, i * 10 + 8, 8), classification="Tumor",
-                          metadata=dict(MODEL)) for i in range(n)]
+                          metadata=dict(MODEL), id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{run}{i}")))
+             for i in range(n)]
     if cell:
         preds.append(QuPathObject(box(40, 40, 50, 50), object_type="cell",
                                   classification="Tumor", metadata=dict(MODEL),
@@ -110,8 +127,10 @@ def test_cells_are_written_and_old_objects_replaced(tmp_path: Path, version: str
     user, old_ai, old_cell = _old_objects()
     _seed(p, eid, [user, old_ai, old_cell])
     done = paquo_backend.replace_qpseg_objects(p.path, eid, _predictions(2, cell=True),
+                                               originals=_originals(old_ai, old_cell),
                                                entry_metadata={"qpseg objects": "3"})
-    assert done == (2, 3, 0)
+    assert (done.removed, done.added) == (2, 3)
+    assert done.kept_edited == done.kept_locked == done.kept_unproven == done.not_added == 0
     held = _held(p, eid)
     assert held[0][:2] == ("annotation", str(user.getID()))
     assert sorted(k for k, _, _, md in held[1:] if md == MODEL) == [
@@ -178,8 +197,9 @@ def test_locked_objects_and_user_annotations_are_never_replaced(
     _seed(p, eid, [user, user_md, old_ai, reviewed, locked_user, old_cell])
     again = QuPathObject(box(0, 0, 9, 9), classification="Tumor", metadata=dict(MODEL),
                          id=str(reviewed.getID()).upper())
-    done = paquo_backend.replace_qpseg_objects(p.path, eid, [again, *_predictions(1)])
-    assert done == (2, 1, 1)
+    done = paquo_backend.replace_qpseg_objects(p.path, eid, [again, *_predictions(1)],
+                                               originals=_originals(old_ai, old_cell))
+    assert (done.removed, done.added, done.kept_locked, done.not_added) == (2, 1, 1, 1)
     held = {i: (k, locked, md) for k, i, locked, md in _held(p, eid)}
     assert len(held) == 5
     for kept in (user, user_md, locked_user):
@@ -223,9 +243,71 @@ def test_paquo_gets_the_resolved_project_file(tmp_path: Path,
     link.symlink_to(p.folder, target_is_directory=True)
     eid = p.entry_ids[0]
     paquo_backend.replace_qpseg_objects(p.folder, eid, _predictions(1))
-    paquo_backend.replace_qpseg_objects(link, eid, _predictions(2))
+    paquo_backend.replace_qpseg_objects(link, eid, _predictions(2, run="s"),
+                                        originals=_predictions(1))
     assert qupath.opened_projects == [str(p.path.resolve())] * 2
     assert len(_held(p, eid)) == 2
+
+
+def _edited_objects() -> dict[str, Any]:
+    """An earlier qpseg object of each review status, as the pathologist left them."""
+    user, old_ai, old_cell = _old_objects()
+    return {
+        "user": user,
+        "unreviewed": old_ai,
+        "nucleus reshaped": old_cell,
+        "reclassified": fake_qupath.make_object(
+            "annotation", id="55555555-5555-4555-8555-555555555555", path_class="Stroma",
+            metadata={"qpseg_model": "m1"}, roi=_ring(40, 0, 48, 8)),
+        "moved a little": fake_qupath.make_object(
+            "detection", id="66666666-6666-4666-8666-666666666666", path_class="Tumor",
+            metadata={"qpseg_model": "m1"}, roi=_ring(0.004, 50, 8.004, 58)),
+        "made a detection": fake_qupath.make_object(
+            "detection", id="77777777-7777-4777-8777-777777777777", path_class="Tumor",
+            metadata={"qpseg_model": "m1"}, roi=_ring(50, 50, 58, 58)),
+        "another run's": fake_qupath.make_object(
+            "annotation", id="88888888-8888-4888-8888-888888888888", path_class="Tumor",
+            metadata={"qpseg_model": "m0"}, roi=_ring(60, 0, 63, 3)),
+    }
+
+
+def test_only_unreviewed_objects_are_replaced(tmp_path: Path,
+                                              qupath: fake_qupath.State) -> None:
+    """The review rule decides what an earlier qpseg object is: unchanged and unlocked
+    (within QuPath's float rounding) is replaced; a reshaped nucleus, another class or another
+    object type is the pathologist's edit and stays, as does an object whose original is not
+    among the saved predictions (another run's). Before, all unlocked ones were removed."""
+    p = _project(tmp_path / "p")
+    eid = p.entry_ids[0]
+    objs = _edited_objects()
+    saved = _originals(objs["unreviewed"], objs["nucleus reshaped"], objs["reclassified"],
+                       objs["moved a little"], objs["made a detection"])
+    objs["nucleus reshaped"]._nucleus = _ring(22, 22, 28, 28)
+    objs["reclassified"]._class = "Tumor"  # qpseg said Stroma
+    objs["moved a little"]._roi = _ring(0, 50, 8, 58)  # 0.004 px: float32 rounding
+    made = objs["made a detection"]
+    objs["made a detection"] = fake_qupath.make_object(
+        "annotation", id=str(made.getID()), path_class="Tumor", metadata={"qpseg_model": "m1"},
+        roi=made._roi)
+    _seed(p, eid, list(objs.values()))
+    done = paquo_backend.replace_qpseg_objects(p.path, eid, _predictions(1), originals=saved)
+    assert (done.removed, done.added, done.kept_edited, done.kept_unproven) == (2, 1, 3, 1)
+    held = {i for _, i, _, _ in _held(p, eid)}
+    gone = {str(objs[k].getID()) for k in ("unreviewed", "moved a little")}
+    assert not held & gone
+    assert {str(o.getID()) for k, o in objs.items() if k not in
+            ("unreviewed", "moved a little")} <= held
+
+
+def test_without_the_earlier_predictions_nothing_is_removed(
+        tmp_path: Path, qupath: fake_qupath.State) -> None:
+    """No saved predictions: no earlier qpseg object can be shown unchanged, so all stay."""
+    p = _project(tmp_path / "p")
+    eid = p.entry_ids[0]
+    _seed(p, eid, list(_old_objects()))
+    done = paquo_backend.replace_qpseg_objects(p.path, eid, _predictions(1))
+    assert (done.removed, done.added, done.kept_unproven) == (0, 1, 2)
+    assert len(_held(p, eid)) == 4
 
 
 def test_add_objects_keeps_everything_there(tmp_path: Path, qupath: fake_qupath.State) -> None:
@@ -252,8 +334,9 @@ def test_replace_through_qpdata(tmp_path: Path) -> None:  # pragma: no cover - n
     eid = p.entry_ids[0]
     user = QuPathObject(box(1, 1, 9, 9), classification="Stroma", class_color=(0, 200, 0))
     paquo_backend.add_objects(p.path, eid, [user])
-    ai = QuPathObject(box(10, 10, 50, 60), classification="Tumor", metadata={"qpseg_model": "a"})
-    assert paquo_backend.replace_qpseg_objects(p.path, eid, [ai]) == (0, 1, 0)
-    assert paquo_backend.replace_qpseg_objects(p.path, eid, [ai, ai]) == (1, 2, 0)
+    ai = _predictions(1, run="a")
+    assert paquo_backend.replace_qpseg_objects(p.path, eid, ai)[:2] == (0, 1)
+    assert paquo_backend.replace_qpseg_objects(p.path, eid, _predictions(2, run="b"),
+                                               originals=ai)[:2] == (1, 2)
     back = paquo_backend.read_annotations(p.path, eid)
     assert sorted(o.classification or "" for o in back) == ["Stroma", "Tumor", "Tumor"]

@@ -42,6 +42,12 @@ The export script exports annotations and the detections/cells qpseg wrote (QuPa
 metadata on detections); an export without any detections while the AI wrote some (QuPath 0.4,
 or an older export script) would count them all as "deleted", and a note says so.
 
+Pixel size (for the µm² columns only): the rule of every command,
+:func:`qpseg.slide.choose_pixel_size` — the slide's own, else the QuPath project's calibration,
+else ``--mpp``; ``--mpp-override`` makes ``--mpp`` replace a known value (``edits.csv`` says
+where each value came from, ``mpp_source``, and what was replaced, ``mpp_replaced``). Unknown,
+the µm² columns stay empty.
+
 Outputs: ``edits.csv`` (one row per slide), ``edits_per_class.csv``, ``edit_objects.csv`` (one
 row per AI or added object), ``edits_summary.csv`` (totals and per-slide statistics) and
 ``edits_skipped.csv``.
@@ -78,6 +84,7 @@ if TYPE_CHECKING:
     from shapely.geometry.base import BaseGeometry
 
     from qpseg.qupath.geojson import QuPathObject
+    from qpseg.slide import PixelSize
 
 __all__ = [
     "EDIT_COLUMNS",
@@ -97,7 +104,8 @@ STATUSES: tuple[str, ...] = (
     "other-ai", "existing", "user-other",
 )
 EDIT_COLUMNS: tuple[str, ...] = (
-    "slide", "entry_id", "predictions_file", "annotations_file", "mpp", "n_ai", "n_kept",
+    "slide", "entry_id", "predictions_file", "annotations_file", "mpp", "mpp_source",
+    "mpp_replaced", "n_ai", "n_kept",
     "n_accepted", "n_left_out", "n_reshaped", "n_reclassified", "n_changed", "n_deleted",
     "n_added", "n_other_ai",
     "n_existing", "n_user_other", "kept_fraction", "ai_area_px", "final_area_px",
@@ -179,6 +187,8 @@ class SlideEdits:
     annotations_file: str = ""
     notes: list[str] = field(default_factory=list)
     review: ReviewCounts = field(default_factory=ReviewCounts)
+    mpp_source: str | None = None     # where ``mpp`` came from (PixelSize.source)
+    mpp_replaced: float | None = None  # the known value --mpp-override replaced
 
     def count(self, *statuses: str) -> int:
         """Objects with one of these statuses."""
@@ -203,7 +213,8 @@ class SlideEdits:
         row: dict[str, Any] = {
             "slide": self.slide, "entry_id": self.entry_id,
             "predictions_file": self.predictions_file,
-            "annotations_file": self.annotations_file, "mpp": self.mpp, "n_ai": n_ai,
+            "annotations_file": self.annotations_file, "mpp": self.mpp,
+            "mpp_source": self.mpp_source, "mpp_replaced": self.mpp_replaced, "n_ai": n_ai,
             "n_kept": self.count("kept"),
             "n_accepted": sum(o.review == "accepted" for o in self.objects),
             "n_left_out": self.review.total("left_out"),
@@ -454,6 +465,13 @@ class EditsResult:
             total.merge(s.review)
         return total
 
+    @property
+    def mpp_changes(self) -> list[tuple[SlideEdits, float, float]]:
+        """``(slide, old, new)`` for every slide whose known pixel size ``--mpp-override``
+        replaced (the CLI prints them)."""
+        return [(s, s.mpp_replaced, s.mpp) for s in self.slides
+                if s.mpp_replaced is not None and s.mpp is not None]
+
     def rows(self) -> list[dict[str, Any]]:
         """``edits.csv``."""
         return [s.row() for s in self.slides]
@@ -530,6 +548,32 @@ def _run_classes(folder: Path) -> list[str]:
     return [c for c in out if label_role(c) == "class" and _key(c) != "background"]
 
 
+def _entry_pixel_size(entry: Any, mpp: float | None, override: bool
+                      ) -> tuple[PixelSize | None, list[str]]:
+    """The entry's pixel size by :func:`qpseg.slide.choose_pixel_size` (None when unknown)
+    and the notes for the user."""
+    from qpseg.errors import SlideError
+    from qpseg.slide import choose_pixel_size, open_slide
+
+    notes: list[str] = []
+    native = None
+    if entry.image_path is not None and entry.image_found:
+        try:
+            with open_slide(entry.image_path) as slide:
+                native = slide.native_mpp
+        except SlideError as exc:
+            notes.append(f"the slide cannot be opened to read its pixel size "
+                         f"({exc.one_line()})")
+    try:
+        chosen = choose_pixel_size(native, entry.mpp_xy, mpp, override=override,
+                                   path=entry.image_path)
+    except SlideError as exc:
+        if native is not None or entry.mpp_xy is not None:  # stored, but not plausible
+            notes.append(f"{exc.message}; the µm² columns are empty")
+        return None, notes
+    return chosen, [*notes, *chosen.notes]
+
+
 def evaluate_edits(
     project: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] | None = None,
@@ -540,12 +584,15 @@ def evaluate_edits(
     tolerance_px: float = DEFAULT_TOLERANCE_PX,
     mpp: float | None = None,
     ai_objects: str = DEFAULT_POLICY,
+    mpp_override: bool = False,
 ) -> EditsResult:
     """Compare every entry's AI objects with its reviewed annotation export (module doc).
 
     ``predictions_dir`` / ``annotations_dir`` default to ``<project>/qpseg/predictions`` and
     ``<project>/qpseg/annotations``; ``baseline_dir`` holds exports from before the review
-    (their objects are not "added"). ``mpp`` overrides the pixel size used for µm² columns.
+    (their objects are not "added"). ``mpp`` is the pixel size of the µm² columns for slides
+    without one of their own or in the project; ``mpp_override`` makes it replace known
+    values (module doc; the replacements are in :attr:`EditsResult.mpp_changes`).
     ``ai_objects``: the truth rule's policy (:mod:`qpseg.review`). ``out_dir`` is checked to
     be writable before any file is read (:class:`~qpseg.errors.OutputError`).
     Raises :class:`ConfigError` when there is nothing to compare; entries whose files cannot
@@ -556,14 +603,18 @@ def evaluate_edits(
     from qpseg.manifest import find_annotation_file
     from qpseg.qupath.geojson import read_geojson
     from qpseg.qupath.project import QuPathProject
+    from qpseg.slide import check_mpp
 
     try:
         tol = check_tolerance(tolerance_px)
     except ConfigError as exc:
         raise ConfigError(f"--tolerance-px: {exc.message}") from None
     policy = check_policy(ai_objects)
-    if mpp is not None and (not math.isfinite(float(mpp)) or float(mpp) <= 0):
-        raise ConfigError(f"--mpp must be a positive number, not {mpp}")
+    if mpp is not None:
+        mpp = check_mpp(mpp, "--mpp", error=ConfigError)
+    if mpp_override and mpp is None:
+        raise ConfigError("--mpp-override needs --mpp (the pixel size that replaces the "
+                          "slides' own)")
     proj = QuPathProject.load(project)
     if out_dir is not None:
         ensure_writable_dir(out_dir)
@@ -617,13 +668,17 @@ def evaluate_edits(
                           "--out DIR` writes it)", ann_dir)
 
     slides: list[SlideEdits] = []
+    unused: list[str] = []  # slides with a pixel size of their own: --mpp is not used
     for entry, pf, af, ai, final, ids in loaded:
         name = entry.image_name or f"entry {entry.entry_id}"
+        chosen, mpp_notes = _entry_pixel_size(entry, mpp, mpp_override)  # the CLI prints notes
+        if chosen is not None and chosen.given_unused:
+            unused.append(f"{name} {chosen.mpp:g} µm/px from the {chosen.source}")
         try:
             res = compare_edits(ai, final, slide=name, entry_id=entry.entry_id,
                                 tolerance_px=tol, model_classes=model_classes,
                                 baseline_ids=ids, ai_objects=policy, predictions_file=str(pf),
-                                mpp=float(mpp) if mpp is not None else entry.mpp)
+                                mpp=chosen.mpp if chosen is not None else None)
         except QpsegError as exc:
             failed.append((name, exc.one_line()))
             continue
@@ -631,6 +686,9 @@ def evaluate_edits(
             failed.append((name, f"{type(exc).__name__}: {exc}"))
             continue
         res.predictions_file, res.annotations_file = str(pf), str(af)
+        res.notes += mpp_notes
+        if chosen is not None:
+            res.mpp_source, res.mpp_replaced = chosen.source, chosen.replaced
         try:
             if af.stat().st_mtime < pf.stat().st_mtime:
                 res.notes.append("the annotation export is older than the predictions: "
@@ -641,6 +699,11 @@ def evaluate_edits(
     if not slides:
         raise QpsegError(f"no entry could be compared; first failure: {failed[0][0]}: "
                          f"{failed[0][1]}", proj.path)
+    if unused and mpp is not None:
+        warnings.warn(
+            f"--mpp {mpp:g} is not used for {len(unused)} slide(s) with a pixel size of their "
+            f"own ({'; '.join(unused[:3])}{'; ...' if len(unused) > 3 else ''}); pass "
+            "--mpp-override to replace it", QpsegWarning, stacklevel=2)
     result = EditsResult(str(proj.path), slides, skipped, failed, ai_objects=policy)
     if out_dir is not None:
         result.write(out_dir)

@@ -6,7 +6,7 @@ Inputs (truth ``T`` and prediction ``P`` are each one of):
   by ``groovy/export_annotations.groovy`` to ``<project>/qpseg/annotations/``; as prediction:
   ``<project>/qpseg/predictions/`` (what ``qpseg infer`` writes). Files are found per entry as
   ``<entryID>.geojson`` or ``<imageName>.geojson`` (:func:`qpseg.manifest.find_annotation_file`).
-  The pixel size and image size come from the project's image metadata (or the slide).
+  The image size comes from the project's image metadata.
 * **a folder of GeoJSON files** (``*.geojson``, ``*.geojson.gz``, ``*.json``; names ending in
   ``metadata.json`` and ``manifest.json``/``classes.json``/``config.json`` are skipped), one per
   slide, named ``<slide>.geojson``. Coordinates are level-0 pixels; ``--mpp`` gives their size.
@@ -22,6 +22,13 @@ prediction class mask 255 ("not predicted") counts as Background. Without ``--cl
 inputs are compared on numbered classes ("class 1", ...); a mask against GeoJSON needs
 ``--classes``. Label masks carry no pixel size: lesion diameters need ``--mask-mpp`` (or
 ``--mpp``, or a project that gives the slide's size and pixel size).
+
+Pixel size (level-0 µm/px) of a matched slide: the rule of every command,
+:func:`qpseg.slide.choose_pixel_size` — the slide's own (a project entry's image, truth side
+first), else the QuPath project's calibration, else ``--mpp``; ``--mpp-override`` makes
+``--mpp`` replace a known value (``slides.csv`` records where each value came from in
+``mpp_source`` and what was replaced in ``mpp_replaced``). ``--mpp``, ``--eval-mpp`` and
+``--mask-mpp`` are checked by :func:`qpseg.slide.check_mpp`.
 
 Matching: every slide has keys — a project entry its image name (with and without the image
 extension, e.g. ``a.svs`` and ``a``) and its entry id; a file its stem (``a.svs.geojson`` ->
@@ -128,9 +135,9 @@ PER_SLIDE_COLUMNS: tuple[str, ...] = (
 )
 #: columns of ``slides.csv`` (one row per scored slide)
 SLIDE_COLUMNS: tuple[str, ...] = (
-    "slide", "entry_id", "truth_file", "pred_file", "base_mpp", "eval_mpp", "width",
-    "height", "n_pixels", "accuracy", "miou", "mrecall", "mprecision", "mf1", "n_truth_instances",
-    "n_pred_instances", "notes",
+    "slide", "entry_id", "truth_file", "pred_file", "base_mpp", "mpp_source", "mpp_replaced",
+    "eval_mpp", "width", "height", "n_pixels", "accuracy", "miou", "mrecall", "mprecision",
+    "mf1", "n_truth_instances", "n_pred_instances", "notes",
 )
 #: columns of ``summary.csv``
 SUMMARY_COLUMNS: tuple[str, ...] = (
@@ -177,9 +184,9 @@ class InputItem:
     path: Path | None = None       # GeoJSON file, or class mask
     instance_path: Path | None = None  # instance mask (mask folders)
     entry_id: int | None = None
-    mpp: float | None = None       # level-0 µm/px, when known
+    mpp: tuple[float, float] | None = None  # the project's calibration (x, y µm/px), if set
     size: tuple[int, int] | None = None  # level-0 (QuPath) width, height, when known
-    image_path: Path | None = None  # the slide (project entries), to read mpp when needed
+    image_path: Path | None = None  # the slide (project entries): its own pixel size
     problem: str | None = None     # why there is no data (e.g. "no prediction file")
     originals: Path | None = None  # truth of a project: the predictions qpseg saved for it
 
@@ -313,8 +320,8 @@ def _project_input(path: Path, role: str) -> EvalInput:
         originals = (find_annotation_file(entry, [pred_folder])
                      if role == "truth" and pred_folder.is_dir() else None)
         items.append(InputItem(
-            name=name, keys=_dedupe(keys), path=f, entry_id=entry.entry_id, mpp=entry.mpp,
-            size=entry.dimensions, image_path=entry.image_path,
+            name=name, keys=_dedupe(keys), path=f, entry_id=entry.entry_id, mpp=entry.mpp_xy,
+            size=entry.dimensions, image_path=entry.image_path if entry.image_found else None,
             problem=None if f is not None else f"no {what} in {folder}", originals=originals,
         ))
     return EvalInput("project", project.path, role, items,
@@ -692,6 +699,9 @@ class SlideScore:
     review: ReviewCounts | None = None        # the truth rule's counts (AI objects in truth)
     origin: tuple[float, float] = (0.0, 0.0)  # level-0 position of raster pixel (0, 0)
     downsample: float | None = None           # level-0 px per raster px
+    mpp_source: str | None = None             # where base_mpp came from (PixelSize.source)
+    mpp_replaced: float | None = None         # the known value --mpp-override replaced
+    mpp_given_unused: bool = False            # --mpp differs from the slide's/project's own
 
 
 @dataclass
@@ -704,34 +714,47 @@ class _Options:
     instances: bool | None
     thumbnails: bool
     ai_objects: str = "unreviewed-out"
+    mpp_override: bool = False
 
 
-def _positive(value: float | None, what: str) -> float | None:
+def _pixel_size_option(value: float | None, what: str) -> float | None:
+    """A pixel-size option checked by the one plausibility rule (None stays None)."""
     if value is None:
         return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a number, not {value!r}") from None
-    if not math.isfinite(v) or v <= 0 or v > 1e4:
-        raise ConfigError(f"{what} must be a positive number of µm per pixel, not {value}")
-    return v
+    from qpseg.slide import check_mpp
+
+    return check_mpp(value, what, error=ConfigError)
 
 
-def _base_mpp(t: InputItem, p: InputItem, opts: _Options) -> float | None:
-    """Level-0 pixel size: --mpp, else the project metadata, else the slide itself."""
-    if opts.mpp is not None:
-        return opts.mpp
+def _base_mpp(t: InputItem, p: InputItem, opts: _Options, score: SlideScore) -> float:
+    """Level-0 pixel size of a matched pair by :func:`qpseg.slide.choose_pixel_size`: the
+    slide's own (truth side first), else the project's calibration, else ``--mpp``
+    (``--mpp-override``: ``--mpp`` replaces a known value). Where it came from goes to
+    ``score``; :class:`SlideError` when no value is known."""
+    from qpseg.slide import choose_pixel_size, open_slide
+
+    native: tuple[float, float] | None = None
     for item in (t, p):
-        if item.mpp is not None and math.isfinite(item.mpp) and item.mpp > 0:
-            return float(item.mpp)
-    for item in (t, p):
-        if item.image_path is not None:
-            from qpseg.slide import open_slide
-
+        if item.image_path is None:
+            continue
+        try:
             with open_slide(item.image_path) as slide:
-                return float(slide.mpp)
-    return None
+                native = slide.native_mpp
+            break
+        except SlideError as exc:
+            note = (f"the slide cannot be opened to read its pixel size "
+                    f"({exc.one_line()}); the project's or --mpp is used")
+            score.notes.append(note)
+            warnings.warn(f"{score.slide}: {note}", QpsegWarning, stacklevel=2)
+    project = next((i.mpp for i in (t, p) if i.mpp is not None), None)
+    chosen = choose_pixel_size(native, project, opts.mpp, override=opts.mpp_override,
+                               path=t.image_path or p.image_path or t.path)
+    for note in chosen.notes:
+        score.notes.append(note)
+        warnings.warn(f"{score.slide}: {note}", QpsegWarning, stacklevel=2)
+    score.mpp_source, score.mpp_replaced = chosen.source, chosen.replaced
+    score.mpp_given_unused = chosen.given_unused
+    return chosen.mpp
 
 
 def _local_class_map(names: Sequence[str], opts: _Options) -> ClassMap:
@@ -866,9 +889,7 @@ def _score_geometry_pair(t: InputItem, p: InputItem, opts: _Options, score: Slid
         score.notes.append(f"{len(pred_pix) - len(pred_known)} predicted object(s) of classes "
                            "not evaluated were ignored")
     if labelled:
-        base = _base_mpp(t, p, opts)
-        if base is None:
-            raise SlideError("pixel size unknown: pass --mpp (µm per level-0 pixel)")
+        base = _base_mpp(t, p, opts, score)
         score.base_mpp = base
         score.eval_mpp = opts.eval_mpp
         ds = opts.eval_mpp / base
@@ -930,7 +951,7 @@ def _score_mask_pair(t: InputItem, p: InputItem, t_kind: str, p_kind: str, opts:
     base = None
     if geometry or opts.mpp is not None:
         try:
-            base = _base_mpp(t, p, opts)
+            base = _base_mpp(t, p, opts, score)
         except QpsegError:
             base = None
     ds, mask_mpp = _mask_grid(t, p, shape, opts, base)
@@ -1177,6 +1198,13 @@ class Evaluation:
                 total.merge(s.review)
         return total
 
+    @property
+    def mpp_changes(self) -> list[tuple[SlideScore, float, float]]:
+        """``(slide, old, new)`` for every slide whose known pixel size ``--mpp-override``
+        replaced (the CLI prints them)."""
+        return [(s, s.mpp_replaced, s.base_mpp) for s in self.slides
+                if s.mpp_replaced is not None and s.base_mpp is not None]
+
     def ai_object_rows(self) -> list[dict[str, Any]]:
         """``ai_objects.csv``: per slide, object type and class, the AI objects of the truth
         by status and whether they were kept or left out (:mod:`qpseg.review`)."""
@@ -1206,7 +1234,8 @@ class Evaluation:
             m = pix.get(s.slide)
             row: dict[str, Any] = {
                 "slide": s.slide, "entry_id": s.entry_id, "truth_file": s.truth_file,
-                "pred_file": s.pred_file, "base_mpp": s.base_mpp, "eval_mpp": s.eval_mpp,
+                "pred_file": s.pred_file, "base_mpp": s.base_mpp, "mpp_source": s.mpp_source,
+                "mpp_replaced": s.mpp_replaced, "eval_mpp": s.eval_mpp,
                 "width": s.size[0] if s.size else None, "height": s.size[1] if s.size else None,
                 "n_truth_instances": s.instance.n_true if s.instance else None,
                 "n_pred_instances": s.instance.n_pred if s.instance else None,
@@ -1466,11 +1495,15 @@ def evaluate(
     n_bootstrap: int = 2000,
     workers: int = 1,
     ai_objects: str = "unreviewed-out",
+    mpp_override: bool = False,
 ) -> Evaluation:
     """Score predictions ``pred`` against ``truth`` slide by slide (see the module doc).
 
     ``classes``: class names to evaluate (default: the truth's). ``mpp``: level-0 µm/px of
-    every slide (needed for GeoJSON folders; overrides project metadata). ``eval_mpp``: pixel
+    slides with no pixel size of their own or in the project (needed for GeoJSON folders);
+    ``mpp_override`` makes it replace every known value (module doc; the replacements are in
+    :attr:`Evaluation.mpp_changes`, and a warning says once when ``mpp`` differs from values
+    it does not replace). ``eval_mpp``: pixel
     size of the evaluation raster. ``mask_mpp``: pixel size of label masks. ``lesion_class``:
     class of the lesion metrics (default Tumor/Tumour/Metastasis when present; ``"none"`` or
     ``""`` turns them off). ``instances``: False skips instance metrics. ``seed`` and
@@ -1500,11 +1533,14 @@ def evaluate(
 
     opts = _Options(
         ai_objects=check_policy(ai_objects),
-        classes=cls_list, mpp=_positive(mpp, "--mpp"),
-        eval_mpp=_positive(eval_mpp, "--eval-mpp") or DEFAULT_EVAL_MPP,
-        mask_mpp=_positive(mask_mpp, "--mask-mpp"), lesion_class=les, instances=instances,
-        thumbnails=report,
+        classes=cls_list, mpp=_pixel_size_option(mpp, "--mpp"),
+        eval_mpp=_pixel_size_option(eval_mpp, "--eval-mpp") or DEFAULT_EVAL_MPP,
+        mask_mpp=_pixel_size_option(mask_mpp, "--mask-mpp"), lesion_class=les,
+        instances=instances, thumbnails=report, mpp_override=bool(mpp_override),
     )
+    if opts.mpp_override and opts.mpp is None:
+        raise ConfigError("--mpp-override needs --mpp (the pixel size that replaces the "
+                          "slides' own)")
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise ConfigError(f"--workers must be a whole number >= 0, not {workers!r}")
     if not isinstance(n_bootstrap, int) or n_bootstrap < 0:
@@ -1555,6 +1591,15 @@ def evaluate(
 
     names = _global_classes(scores, t_in, opts)
     notes: list[str] = []
+    unused = [s for s in scores if s.mpp_given_unused]
+    if unused and opts.mpp is not None:
+        shown = "; ".join(f"{s.slide} {s.base_mpp:g} µm/px from the {s.mpp_source}"
+                          for s in unused[:3])
+        msg = (f"--mpp {opts.mpp:g} is not used for {len(unused)} slide(s) with a pixel size of "
+               f"their own ({shown}{'; ...' if len(unused) > 3 else ''}); pass --mpp-override "
+               "to replace it")
+        notes.append(msg)
+        warnings.warn(msg, QpsegWarning, stacklevel=2)
     if opts.classes is not None:
         dropped = sorted({n for s in scores for n in s.pred_classes
                           if _class_key(n) not in {_class_key(c) for c in names}})

@@ -4,8 +4,10 @@ No plotting library: charts are inline SVG written here, thumbnails are PNG (Pil
 as base64 ``data:`` URIs, so the file can be mailed or archived alone. Sections: inputs and
 counts, pooled per-class table, confusion-matrix heatmap (row-normalised, counts in the cells),
 per-slide Dice bar chart, lesion and instance tables (when scored), FP/FN overlay thumbnails
-per slide (green = TP, red = FP, blue = FN, grey = correct Background, white = unlabelled), and
-the unmatched and failed slides with their reasons.
+per slide (green = TP, red = FP, blue = FN, grey = correct Background, white = unlabelled), the
+objects qpseg wrote that the truth held and what the review rule did with them (kept / left
+out per class under the ``--ai-objects`` policy, as in ``ai_objects.csv``), pixel sizes that
+``--mpp-override`` replaced, and the unmatched and failed slides with their reasons.
 """
 
 from __future__ import annotations
@@ -197,6 +199,54 @@ def _class_colors(names: Sequence[str]) -> list[tuple[int, int, int]]:
     return [(150, 150, 150) if c.index == 0 else c.color for c in cm.classes]
 
 
+_POLICY_TEXT = {
+    "unreviewed-out": "objects left unchanged and unlocked in the review are unreviewed "
+                      "predictions and are left out; edited, accepted (locked) and unproven "
+                      "ones count as truth",
+    "all-out": "no object qpseg wrote counts as truth",
+    "all-in": "every object qpseg wrote counts as truth",
+}
+
+
+def _ai_objects_section(ev: Evaluation) -> list[str]:
+    """The truth rule's counts (:mod:`qpseg.review`): per object type and class, the AI
+    objects found in the truth by status and how many were kept or left out."""
+    counts = ev.review
+    policy = counts.policy
+    intro = (f"<p>--ai-objects {_e(policy)}: {_e(_POLICY_TEXT.get(policy, ''))}. Objects qpseg "
+             "wrote (metadata <code>qpseg_model</code>) found in the truth, compared with the "
+             "predictions qpseg saved; per slide in ai_objects.csv.</p>")
+    if not counts.counts:
+        return ["<h2>AI objects in the truth</h2>", intro,
+                "<p>The truth holds no objects qpseg wrote.</p>"]
+    statuses = ("unreviewed", "accepted", "edited", "unproven")
+    rows = []
+    for r in counts.rows():
+        what = r["class_name"] or "unclassified"
+        rows.append([_e(what), _e(r["object_type"]), *(_fmt(r[k]) for k in statuses),
+                     _fmt(r["kept"]), _fmt(r["left_out"])])
+    rows.append(["<b>all</b>", "", *(_fmt(counts.total(k)) for k in statuses),
+                 _fmt(counts.total("kept")), _fmt(counts.total("left_out"))])
+    return ["<h2>AI objects in the truth</h2>", intro,
+            _table(["class", "object type", *statuses, "kept (truth)", "left out"], rows)]
+
+
+def _pixel_size_rows(ev: Evaluation) -> list[list[str]]:
+    """Header rows: where the slides' pixel sizes came from, and what was replaced."""
+    sources: dict[str, int] = {}
+    for s in ev.slides:
+        if s.mpp_source is not None:
+            sources[s.mpp_source] = sources.get(s.mpp_source, 0) + 1
+    if not sources:
+        return []
+    out = [["slide pixel size from", _e(", ".join(f"{k}: {v}" for k, v in sources.items()))]]
+    changes = ev.mpp_changes
+    if changes:
+        out.append(["pixel size replaced (--mpp-override)", "<br>".join(
+            _e(f"{s.slide}: {old:g} -> {new:g} µm/px") for s, old, new in changes)])
+    return out
+
+
 _CSS = """
 body{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ccc}
@@ -229,6 +279,10 @@ def render_report(ev: Evaluation) -> str:
             ["slides scored / failed / unmatched",
              f"{len(ev.slides)} / {len(ev.failed)} / {len(ev.unmatched)}"],
             ["lesion class", _e(ev.lesion_class or "—")],
+            ["AI objects (--ai-objects)",
+             _e(f"{ev.review.policy}: {ev.review.total('kept')} kept, "
+                f"{ev.review.total('left_out')} left out")],
+            *_pixel_size_rows(ev),
             ["written", _e(f"{datetime.now(UTC).isoformat(timespec='seconds')} by qpseg "
                            f"{__version__}")],
         ]),
@@ -292,6 +346,8 @@ def render_report(ev: Evaluation) -> str:
         parts += ["<h2>Instances</h2>",
                   _table(["slide", "truth", "predicted", "AJI", "mAP", "F1@0.5", "F1@0.7",
                           "PQ"], rows)]
+
+    parts += _ai_objects_section(ev)
 
     thumbs = [s for s in ev.slides if s.thumbnail is not None][:_MAX_THUMBNAILS]
     if thumbs:

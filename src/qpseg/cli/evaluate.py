@@ -25,7 +25,12 @@ def evaluate(
              "Default: the truth's classes.",
     ),
     mpp: float | None = typer.Option(
-        None, "--mpp", help="µm per level-0 pixel of every slide (needed for GeoJSON folders)."
+        None, "--mpp", help="µm per level-0 pixel of slides that have none (neither in the slide "
+                            "nor set in QuPath); needed for GeoJSON folders."
+    ),
+    mpp_override: bool = typer.Option(
+        False, "--mpp-override", help="Let --mpp replace every slide's own pixel size (each "
+                                      "change is printed as old -> new)."
     ),
     eval_mpp: float = typer.Option(
         2.0, "--eval-mpp", help="µm per pixel of the raster on which pixel and lesion metrics "
@@ -65,8 +70,11 @@ def evaluate(
     Only the truth's labelled area is scored. Objects qpseg wrote that the pathologist left
     unchanged (and did not lock) are unreviewed predictions, not truth (--ai-objects); the
     counts left out and kept per class are printed and in ai_objects.csv.
+    Pixel size: the slide's own, else the one set in QuPath, else --mpp.
     Exits 1 when some slides failed.
     """
+    import sys
+
     from qpseg.cli._common import print_json
     from qpseg.evaluate import evaluate as run_evaluate
 
@@ -74,7 +82,11 @@ def evaluate(
     ev = run_evaluate(truth, pred, out, classes=class_list, mpp=mpp, eval_mpp=eval_mpp,
                       mask_mpp=mask_mpp, lesion_class=lesion_class, instances=instances,
                       report=not no_report, seed=seed, workers=workers,
-                      ai_objects=ai_objects)
+                      ai_objects=ai_objects, mpp_override=mpp_override)
+    for s, old, new in ev.mpp_changes:
+        # stderr, so --json output stays one JSON document
+        print(f"pixel size replaced: {s.slide}: {old:g} -> {new:g} µm/px (--mpp-override)",
+              file=sys.stderr)
     code = 1 if ev.failed else 0
     if as_json:
         print_json(ev.summary())
@@ -146,7 +158,14 @@ def evaluate_edits(
     tolerance_px: float = typer.Option(
         1.0, "--tolerance-px", help="Mean outline shift (level-0 px) still counted as kept."
     ),
-    mpp: float | None = typer.Option(None, "--mpp", help="µm per pixel for the µm² columns."),
+    mpp: float | None = typer.Option(
+        None, "--mpp", help="µm per pixel for the µm² columns of slides that have none "
+                            "(neither in the slide nor set in QuPath)."
+    ),
+    mpp_override: bool = typer.Option(
+        False, "--mpp-override", help="Let --mpp replace every slide's own pixel size (each "
+                                      "change is printed as old -> new)."
+    ),
     ai_objects: str = typer.Option(
         "unreviewed-out", "--ai-objects",
         help="Which AI objects of the export are truth: unreviewed-out (all but those left "
@@ -159,14 +178,21 @@ def evaluate_edits(
 
     The final objects are the truth of the review rule: an AI object left unchanged and
     unlocked is an unreviewed prediction, left out of both sides of the Dice by default
-    (lock an object in QuPath to accept it). Exits 1 when some entries could not be read.
+    (lock an object in QuPath to accept it). Pixel size of the µm² columns: the slide's own,
+    else the one set in QuPath, else --mpp. Exits 1 when some entries could not be read.
     """
+    import sys
+
     from qpseg.cli._common import print_json
     from qpseg.edits import evaluate_edits as run_edits
 
     res = run_edits(project, out, predictions_dir=predictions, annotations_dir=annotations,
                     baseline_dir=baseline, tolerance_px=tolerance_px, mpp=mpp,
-                    ai_objects=ai_objects)
+                    ai_objects=ai_objects, mpp_override=mpp_override)
+    for s, old, new in res.mpp_changes:
+        # stderr, so --json output stays one JSON document
+        print(f"pixel size replaced: {s.slide}: {old:g} -> {new:g} µm/px (--mpp-override)",
+              file=sys.stderr)
     code = 1 if res.failed else 0
     if as_json:
         print_json({"slides": res.rows(), "summary": res.summary_rows(),

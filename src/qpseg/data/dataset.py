@@ -156,8 +156,9 @@ class TileDataset:
         if tile_px < 1 or context_px < 0:
             raise ConfigError(f"tile_px must be >= 1 and context_px >= 0, got {tile_px}, "
                               f"{context_px}")
-        if not (math.isfinite(mpp) and mpp > 0):
-            raise ConfigError(f"mpp must be > 0, got {mpp!r}")
+        from qpseg.slide import check_mpp
+
+        mpp = check_mpp(mpp, "tile pixel size (mpp)", error=ConfigError)
         scales = tuple(float(s) for s in scales)
         if not scales or any(not (math.isfinite(s) and s > 0) for s in scales):
             raise ConfigError(f"scales must be positive numbers, got {scales!r}")

@@ -80,8 +80,9 @@ class SlideRecord:
     annotation_file: str | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.mpp, int | float) and math.isfinite(self.mpp) and self.mpp > 0):
-            raise ConfigError(f"slide pixel size must be > 0 µm/px, got {self.mpp!r}", self.path)
+        from qpseg.slide import check_mpp
+
+        self.mpp = check_mpp(self.mpp, "slide pixel size", self.path, error=ConfigError)
         if self.width <= 0 or self.height <= 0:
             raise ConfigError(f"slide size must be positive, got {self.width}x{self.height}",
                               self.path)
@@ -259,8 +260,10 @@ def tile_grid(
         raise ConfigError(f"tile selection {select!r} needs a tissue mask")
     if tile_px < 1 or (stride_px is not None and stride_px < 1):
         raise ConfigError(f"tile_px and stride_px must be >= 1, got {tile_px}, {stride_px}")
-    if not (mpp > 0 and base_mpp > 0):
-        raise ConfigError(f"pixel sizes must be > 0, got mpp={mpp}, base_mpp={base_mpp}")
+    from qpseg.slide import check_mpp
+
+    mpp = check_mpp(mpp, "tile pixel size (mpp)", error=ConfigError)
+    base_mpp = check_mpp(base_mpp, "slide pixel size (base_mpp)", error=ConfigError)
     if resolution < 1:
         raise ConfigError(f"resolution must be >= 1, got {resolution}")
     stride_px = tile_px if stride_px is None else stride_px

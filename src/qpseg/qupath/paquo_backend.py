@@ -20,6 +20,14 @@ Writing follows three rules, each against a way paquo 0.9 loses or corrupts an e
   ``data.qpdata`` is put back byte for byte from the copy made first (``data.qpdata.bak``).
 - An entry whose image is not a local file is refused up front: paquo's ``save()`` skips it
   with only a log warning (paquo ``images.py`` 714-721), which would look like success.
+
+Which earlier qpseg objects are replaced follows the review rule of :mod:`qpseg.review`: only
+an *unreviewed* one (unlocked, and unchanged from the predictions qpseg saved for the entry,
+matched by id). A locked one is accepted, a reshaped or reclassified one is the pathologist's
+(edited), and one whose original cannot be found cannot be shown to be unchanged: all of
+these stay, and a new object with the id of one that stays is not added beside it. The
+objects are compared as QuPath's own GeoJSON writer gives them (``GsonTools``, as the
+annotation export does), read back by qpseg's reader.
 """
 
 from __future__ import annotations
@@ -67,11 +75,14 @@ _KIND_CHECKS: dict[str, tuple[tuple[str, bool], ...]] = {
 
 
 class Replaced(NamedTuple):
-    """What writing one entry did."""
+    """What writing one entry did (the earlier qpseg objects by the review rule)."""
 
-    removed: int       # earlier unlocked qpseg objects taken out
-    added: int         # new objects put in
-    kept_locked: int   # predictions not added: a locked object with the same id is kept
+    removed: int            # earlier unreviewed qpseg objects taken out
+    added: int              # new objects put in
+    kept_locked: int = 0    # earlier qpseg objects kept: locked (accepted) in QuPath
+    kept_edited: int = 0    # earlier qpseg objects kept: reshaped or reclassified
+    kept_unproven: int = 0  # earlier qpseg objects kept: their original was not found
+    not_added: int = 0      # new objects not added: an object kept has their id
 
 
 @functools.cache
@@ -167,6 +178,7 @@ def add_objects(
 
 def replace_qpseg_objects(
     project_path: str | os.PathLike[str], entry_id: int, objects: Iterable[QuPathObject], *,
+    originals: Iterable[QuPathObject] | None = None,
     entry_metadata: dict[str, str] | None = None, marker: str = QPSEG_MARKER,
 ) -> Replaced:
     """Put qpseg's objects into an entry's ``data.qpdata`` via paquo, as
@@ -176,7 +188,8 @@ def replace_qpseg_objects(
     """
     session = ProjectSession(project_path)
     try:
-        return session.write(entry_id, objects, entry_metadata=entry_metadata, marker=marker)
+        return session.write(entry_id, objects, originals=originals,
+                             entry_metadata=entry_metadata, marker=marker)
     finally:
         session.close()
 
@@ -239,15 +252,19 @@ class ProjectSession:
                                f"machine; {why}", self.path)
 
     def write(self, entry_id: int, objects: Iterable[QuPathObject], *,
+              originals: Iterable[QuPathObject] | None = None,
               entry_metadata: dict[str, str] | None = None, marker: str = QPSEG_MARKER,
               replace: bool = True) -> Replaced:
         """Put ``objects`` into entry ``entry_id``'s ``data.qpdata``, completely or not at all.
 
-        With ``replace``, earlier qpseg objects (metadata key ``marker``) are removed unless
-        the pathologist locked them, and every new object must carry ``marker`` (QuPath must
-        keep it, or the objects could never be found again). Objects without the key (the
-        user's own annotations) are never touched, and a new object whose id is that of a
-        locked object is not added: the locked one is the pathologist's version.
+        With ``replace``, an earlier qpseg object (metadata key ``marker``) is removed only
+        when the review rule calls it unreviewed: unlocked and unchanged from its original in
+        ``originals`` (the predictions qpseg saved for this entry before, matched by id;
+        ``None``: none known, so nothing is removed). Edited, locked and unproven ones stay
+        (module docstring), and every new object must carry ``marker`` (QuPath must keep
+        it, or the objects could never be found again). Objects without the key (the user's
+        own annotations) are never touched, and a new object whose id is that of an object
+        that stays is not added: that one is the pathologist's version.
         ``entry_metadata`` (the per-slide summary) is stored on the entry. The entry's
         previous ``data.qpdata`` is kept as ``data.qpdata.bak``. Raises :class:`ProjectError`
         with the reason when the entry cannot be written; it is then as it was.
@@ -277,8 +294,13 @@ class ProjectSession:
         except Exception as exc:
             raise ProjectError(f"QuPath could not convert entry {entry_id}'s objects: "
                                f"{type(exc).__name__}: {exc}", self.path) from None
+        by_id: dict[str, QuPathObject] = {}
+        for o in originals or ():
+            if o.id:
+                by_id.setdefault(o.id.lower(), o)
         try:
-            return self._update(qp, image, new, features, marker, replace, entry_metadata or {})
+            return self._update(qp, image, new, features, marker, replace, entry_metadata or {},
+                                by_id if originals is not None else None)
         except BaseException as exc:
             self._failed.add(entry_id)
             if isinstance(exc, QpsegError) or not isinstance(exc, Exception):
@@ -288,23 +310,33 @@ class ProjectSession:
                                self.path) from None
 
     def _update(self, qp: Any, image: Any, new: list[Any], features: list[dict[str, Any]],
-                marker: str, replace: bool, metadata: dict[str, str]) -> Replaced:
+                marker: str, replace: bool, metadata: dict[str, str],
+                originals: dict[str, QuPathObject] | None) -> Replaced:
         """Change the entry in memory, then save it; restore it on any failure."""
         hierarchy = image.hierarchy  # reads data.qpdata (QuPath opens the slide once)
-        locked_ids: set[str] = set()
-        previous: list[tuple[Any, list[Any]]] = []
+        staying: set[str] = set()  # ids of objects that stay: no new object takes their id
+        n_locked = 0
+        candidates: list[tuple[Any, Any]] = []  # (proxy, earlier unlocked qpseg object)
         for proxy in (hierarchy.annotations, hierarchy.detections):  # detections: cells too
-            stale = []
             for obj in proxy:
                 if obj.locked:
                     oid = _object_id(obj.java_object)
                     if oid:
-                        locked_ids.add(oid)
+                        staying.add(oid)
+                    if replace and _metadata_value(obj.java_object, marker) is not None:
+                        n_locked += 1
                 elif replace and _metadata_value(obj.java_object, marker) is not None:
-                    stale.append(obj)
-            if stale:
-                previous.append((proxy, stale))
-        keep = [str(f.get("id", "")).lower() not in locked_ids for f in features]
+                    candidates.append((proxy, obj))
+        statuses = _review_statuses([obj.java_object for _, obj in candidates], originals)
+        previous: dict[int, tuple[Any, list[Any]]] = {}
+        for (proxy, obj), status in zip(candidates, statuses, strict=True):
+            if status == "unreviewed":
+                previous.setdefault(id(proxy), (proxy, []))[1].append(obj)
+            else:
+                oid = _object_id(obj.java_object)
+                if oid:
+                    staying.add(oid)
+        keep = [str(f.get("id", "")).lower() not in staying for f in features]
         to_add = [obj for obj, k in zip(new, keep, strict=True) if k]
 
         data = Path(str(image.entry_path)) / "data.qpdata"
@@ -316,7 +348,7 @@ class ProjectSession:
             if to_add:
                 hierarchy.java_object.insertPathObjects(to_add)  # as paquo load_geojson does
                 hierarchy.flush(invalidate_proxy_cache=True)     # (paquo hierarchy.py 531-533)
-            for proxy, stale in previous:
+            for proxy, stale in previous.values():
                 proxy -= stale  # removeObjects(..., keepChildren=True): paquo hierarchy.py 130
             for key, value in metadata.items():
                 image.metadata[str(key)] = str(value)
@@ -332,7 +364,47 @@ class ProjectSession:
             if saving:
                 _restore_image_data(data, had_data, self.path)
             raise
-        return Replaced(sum(len(s) for _, s in previous), len(to_add), keep.count(False))
+        return Replaced(removed=sum(len(s) for _, s in previous.values()), added=len(to_add),
+                        kept_locked=n_locked, kept_edited=statuses.count("edited"),
+                        kept_unproven=statuses.count("unproven"), not_added=keep.count(False))
+
+
+def _review_statuses(java_objects: list[Any],
+                     originals: dict[str, QuPathObject] | None) -> list[str]:
+    """The review status (:func:`qpseg.review.review`) of each earlier unlocked qpseg object:
+    ``unreviewed`` (may be replaced), ``edited`` or ``unproven`` (no original: ``originals``
+    is None, its id is not there, or QuPath's GeoJSON of it cannot be read).
+
+    The objects are written by QuPath's own GeoJSON writer in one call (``GsonTools``, as
+    paquo's ``hierarchy.to_geojson`` does, paquo ``hierarchy.py`` 432-436) and read by qpseg's
+    reader, so they are compared exactly as an annotation export would be.
+    """
+    if not java_objects:
+        return []
+    if not originals:
+        return ["unproven"] * len(java_objects)
+    from paquo.java import ArrayList, GsonTools
+
+    from qpseg.errors import GeoJSONWarning
+    from qpseg.qupath.geojson import parse_features
+    from qpseg.review import review
+
+    listed = ArrayList()
+    for java in java_objects:
+        listed.add(java)
+    features = json.loads(str(GsonTools.getInstance().toJson(listed)))
+    with warnings.catch_warnings():  # an unreadable object is simply not proven unchanged
+        warnings.simplefilter("ignore", GeoJSONWarning)
+        finals = {o.id.lower(): o for o in parse_features(features, source="QuPath")
+                  if o.id}
+    ids = [_object_id(java) for java in java_objects]
+    pairs = [(i, finals[oid], originals.get(oid)) for i, oid in enumerate(ids)
+             if oid in finals]
+    out = ["unproven"] * len(java_objects)
+    reviews = review([f for _, f, _ in pairs], [o for _, _, o in pairs])
+    for (i, _, _), r in zip(pairs, reviews, strict=True):
+        out[i] = r.status
+    return out
 
 
 def _to_java(features: list[dict[str, Any]], marker: str | None, entry_id: int) -> list[Any]:
