@@ -13,7 +13,7 @@ import pytest
 from qpseg.cli import main
 
 COMMANDS = ["info", "validate", "import-project", "models", "model-info", "train", "infer",
-            "evaluate", "evaluate-edits", "demo"]
+            "evaluate", "evaluate-edits", "demo", "groovy"]
 
 
 def test_import_cli_does_not_import_heavy_modules() -> None:

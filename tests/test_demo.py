@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qpseg.cli import main
-from qpseg.demo import DEMO_TRAIN_CONFIG, build_example
+from qpseg.demo import CLASSES, DEMO_TRAIN_CONFIG, build_example
 from qpseg.qupath.geojson import read_geojson
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,3 +213,232 @@ def test_demo_last_lines_name_scripts_that_exist(tmp_path, monkeypatch, capsys) 
         path = Path(name)
         assert path.is_absolute() and path.is_file(), name
         assert path.read_bytes() == packaged_script(path.name)
+
+
+# --- the review round: a simulated QuPath review, read back by every reader of truth ----------
+
+
+def _predict_truth(example, folder: Path) -> dict[int, list]:
+    """Predictions as `qpseg infer` writes them (ids, provenance metadata), from a perfect model:
+    one object per ground-truth region of every entry."""
+    import uuid
+
+    from qpseg.objects import predictions_path, provenance, write_predictions
+    from qpseg.qupath.geojson import QuPathObject
+
+    prov = provenance("tiny_unet", "cd" * 32, mpp=2.0, run="20250101T000000Z")
+    out = {}
+    for eid in (*example.train_ids, *example.test_ids):
+        truth = read_geojson(example.ground_truth / f"{eid}.geojson")
+        objs = [QuPathObject(o.geometry, classification=o.classification,
+                             class_color=o.class_color, id=str(uuid.uuid4()),
+                             metadata=dict(prov))
+                for o in truth if o.classification != "Region*"]
+        write_predictions(predictions_path(folder, eid), objs)
+        out[eid] = objs
+    return out
+
+
+@pytest.fixture(scope="module")
+def reviewed(example, tmp_path_factory: pytest.TempPathFactory):
+    """A copy of the example with predictions, its export before the review, and one round."""
+    import shutil
+
+    from qpseg.demo import Example, run_review_round
+
+    root = tmp_path_factory.mktemp("review")
+    shutil.copytree(example.folder, root / "project")
+    ex = Example(root / "project" / "project.qpproj", example.train_ids, example.test_ids,
+                 root / "project" / "qpseg" / "ground_truth")
+    preds = _predict_truth(ex, ex.folder)
+    ann = ex.folder / "qpseg" / "annotations"
+    before = {p.name: p.read_bytes() for p in ann.iterdir()}
+    rnd = run_review_round(ex, ex.folder / "qpseg" / "predictions", root / "review")
+    return ex, preds, before, rnd
+
+
+def _sum(counts: dict, what: str) -> int:
+    return sum(c[what] for c in counts.values())
+
+
+def test_review_round_counts_are_what_the_edits_imply(reviewed) -> None:
+    ex, preds, before, rnd = reviewed
+    sim = rnd.simulation
+    assert rnd.ok and rnd.mismatches() == [] and rnd.observed == rnd.expected
+    assert sim.entry_id in ex.train_ids and sim.exported == (1, 2, 3)
+    assert {k: len(v) for k, v in sim.actions.items()} == {
+        "reshaped": 1, "reclassified": 1, "locked": 1, "deleted": 1, "added": 1,
+        "untouched": len(preds[sim.entry_id]) - 4}
+    n = sum(len(v) for v in preds.values())  # 6 regions on each of the 3 slides
+    assert n == 18
+    # Known answers: the 3 reviewed objects count, every untouched one (all slides) is left out.
+    for reader in ("import-project", "evaluate-edits"):
+        counts = rnd.observed[reader]
+        assert (_sum(counts, "left_out"), _sum(counts, "kept")) == (n - 4, 3), reader
+        assert (_sum(counts, "accepted"), _sum(counts, "edited"), _sum(counts, "unproven")) \
+            == (1, 2, 0), reader
+    # The held-out entry's export holds only unreviewed AI objects: evaluate has nothing to score
+    # there, so its objects are in neither of evaluate's counts.
+    assert sim.no_truth == ex.test_ids
+    counts = rnd.observed["evaluate"]
+    assert (_sum(counts, "left_out"), _sum(counts, "kept")) == (n - 4 - 6, 3)
+    # The reclassified object counts under its new class.
+    ai = {o.id: o for o in preds[sim.entry_id]}
+    old = ai[sim.actions["reclassified"][0]].classification
+    new = CLASSES[(CLASSES.index(old) + 1) % len(CLASSES)]
+    assert rnd.observed["import-project"][new]["edited"] >= 1
+    n_own = sum(len(read_geojson(ex.folder / "qpseg" / "annotations_before_review" / name))
+                for name in before)
+    assert rnd.observed["edits"] == {
+        "n_ai": n, "n_kept": n - 3, "n_accepted": 1, "n_left_out": n - 4, "n_reshaped": 1,
+        "n_reclassified": 1, "n_deleted": 1, "n_added": 1, "n_existing": n_own,
+        "n_other_ai": 0, "n_user_other": 0}
+
+
+def test_review_round_export_is_what_qupath_writes(reviewed) -> None:
+    import numpy as np
+
+    ex, preds, _, rnd = reviewed
+    sim = rnd.simulation
+    path = ex.folder / "qpseg" / "annotations" / f"{sim.entry_id}.geojson"
+    raw = json.loads(path.read_text(encoding="utf-8"))["features"]
+    final = {o.id: o for o in read_geojson(path)}
+    ai = {o.id: o for o in preds[sim.entry_id]}
+    # Coordinates: float32 vertices written with 2 decimals.
+    for f in raw:
+        coords = np.array([c for ring in f["geometry"]["coordinates"] for c in ring]
+                          if f["geometry"]["type"] == "Polygon" else
+                          [c for poly in f["geometry"]["coordinates"] for ring in poly
+                           for c in ring], dtype=np.float64)
+        assert np.array_equal(coords, np.round(coords, 2)), f["id"]
+    # Ids, metadata and classes kept; the deleted object gone; only the locked one is locked.
+    assert set(ai) - set(final) == set(sim.actions["deleted"])
+    for oid, o in ai.items():
+        if oid in final:
+            assert final[oid].metadata == o.metadata
+            assert (final[oid].classification == o.classification) == (
+                oid not in sim.actions["reclassified"])
+    assert [f["id"] for f in raw if f["properties"].get("isLocked")] == sim.actions["locked"]
+    reshaped = sim.actions["reshaped"][0]
+    assert final[reshaped].geometry.area < ai[reshaped].geometry.area
+    # The pathologist's earlier annotations and their new one carry no qpseg metadata.
+    own = read_geojson(ex.folder / "qpseg" / "annotations_before_review" / path.name)
+    assert {o.id for o in own} | set(sim.actions["added"]) == {
+        oid for oid, o in final.items() if not o.metadata}
+    added = final[sim.actions["added"][0]]
+    assert added.classification in CLASSES and added.geometry.intersects(
+        ai[sim.actions["deleted"][0]].geometry)
+
+
+def test_review_round_is_undone_before_the_next_demo(reviewed, tmp_path) -> None:
+    import shutil
+
+    from qpseg.demo import Example, simulate_review, undo_review
+
+    ex0, _, before, rnd = reviewed
+    folder = tmp_path / "project"
+    shutil.copytree(ex0.folder, folder)
+    ex = Example(folder / "project.qpproj", ex0.train_ids, ex0.test_ids,
+                 folder / "qpseg" / "ground_truth")
+    ann = folder / "qpseg" / "annotations"
+    assert {p.name for p in ann.iterdir()} == {"1.geojson", "2.geojson", "3.geojson"}
+    assert undo_review(folder) is True
+    assert {p.name: p.read_bytes() for p in ann.iterdir()} == before
+    assert not (folder / "qpseg" / "annotations_before_review").exists()
+    assert undo_review(folder) is False
+    # Rounds run one after another (a rerun of the demo without the undo) each start from the
+    # export before the review, so they expect the same counts.
+    for _ in range(2):
+        again = simulate_review(ex, folder / "qpseg" / "predictions")
+        assert again.expected_ai == rnd.simulation.expected_ai
+        assert again.expected_edits == rnd.simulation.expected_edits
+        assert {p.name: p.read_bytes() for p in again.baseline.glob("*.geojson")} == before
+    undo_review(folder)
+    assert {p.name: p.read_bytes() for p in ann.iterdir()} == before
+
+
+def test_review_round_catches_a_rule_that_misjudges(example, tmp_path, monkeypatch) -> None:
+    """If what QuPath gives back moved objects by more than the rule allows, the untouched
+    objects would be judged edited: the round must say its counts are wrong."""
+    import shutil
+
+    import shapely.affinity
+
+    import qpseg.testing.projects
+    from qpseg.demo import Example, run_review_round
+
+    shutil.copytree(example.folder, tmp_path / "project")
+    ex = Example(tmp_path / "project" / "project.qpproj", example.train_ids, example.test_ids,
+                 tmp_path / "project" / "qpseg" / "ground_truth")
+    _predict_truth(ex, ex.folder)
+    monkeypatch.setattr(qpseg.testing.projects, "qupath_round",
+                        lambda g: shapely.affinity.translate(g, 2.0, 0.0))
+    rnd = run_review_round(ex, ex.folder / "qpseg" / "predictions", tmp_path / "review")
+    assert not rnd.ok
+    lines = rnd.mismatches()
+    assert any(line.startswith("import-project: ") for line in lines)
+    assert any(line.startswith("edits: n_left_out: expected 14, observed 0") for line in lines)
+
+
+def _fake_demo(monkeypatch: pytest.MonkeyPatch, rnd) -> None:
+    import qpseg.demo
+    from qpseg.demo import DemoResult, Example
+
+    def fake_run_demo(out_arg, **kwargs):
+        out_arg = Path(out_arg)
+        ex = Example(out_arg / "project" / "project.qpproj", (1,), (2,), out_arg / "truth")
+        return DemoResult(example=ex, out=out_arg, scores=[
+            {"slide": "test_01", "entry_id": "2", "role": "held-out", "dice_Tumor": 0.9}],
+            paths={"predictions": out_arg / "p", "evaluation": out_arg / "e",
+                   "model": out_arg / "m"}, review=rnd)
+
+    monkeypatch.setattr(qpseg.demo, "run_demo", fake_run_demo)
+
+
+def test_demo_prints_and_records_the_review_round(reviewed, tmp_path, monkeypatch,
+                                                  capsys) -> None:
+    rnd = reviewed[3]
+    _fake_demo(monkeypatch, rnd)
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 0
+    text = capsys.readouterr().out
+    assert f"Review round (simulated in QuPath on entry {rnd.simulation.entry_id}" in text
+    assert "Review round counts: as expected" in text
+    left = rnd.observed["import-project"]["Tumor"]["left_out"]
+    assert f"{left} / " in text
+    summary = json.loads((tmp_path / "d" / "demo_summary.json").read_text())
+    saved = summary["review_round"]
+    assert saved["ok"] is True and saved["observed"] == saved["expected"] == json.loads(
+        json.dumps(rnd.expected))
+    assert saved["actions"]["deleted"] == 1 and saved["entries_without_truth"] == [3]
+
+
+def test_demo_exits_1_when_the_review_counts_are_wrong(reviewed, tmp_path, monkeypatch,
+                                                        capsys) -> None:
+    import copy
+    import dataclasses
+
+    rnd = reviewed[3]
+    observed = copy.deepcopy(rnd.observed)
+    observed["evaluate"]["Stroma"]["left_out"] += 1
+    _fake_demo(monkeypatch, dataclasses.replace(rnd, observed=observed))
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 1
+    text = capsys.readouterr().out
+    assert "review round: the counts are not the expected ones" in text
+    assert "evaluate: Stroma: expected" in text
+    saved = json.loads((tmp_path / "d" / "demo_summary.json").read_text())["review_round"]
+    assert saved["ok"] is False and saved["mismatches"]
+
+
+def test_examples_readme_runs_the_scripts_as_their_headers_say() -> None:
+    import re
+
+    text = (ROOT / "examples" / "README.md").read_text(encoding="utf-8")
+    assert "QuPath 0.5–0.7" in text and "0.4–0.7" not in text
+    assert "qpseg groovy --out groovy" in text
+    lines = re.findall(r"QuPath script .*\.groovy", text)
+    assert len(lines) == 2
+    for line in lines:  # headless project mode, as the scripts' headers give it
+        assert re.fullmatch(r"QuPath script --args \S+\.qpproj groovy/\w+\.groovy", line), line
+    for name in ("export_annotations.groovy", "import_predictions.groovy"):
+        header = (ROOT / "groovy" / name).read_text(encoding="utf-8").split("*/")[0]
+        assert f"QuPath script --args /path/to/project.qpproj {name}" in header

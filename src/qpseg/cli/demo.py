@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from qpseg.demo import ReviewRound
 
 STEPS = {
     "example": "Build the example QuPath project (generated slides, sparse annotations)",
@@ -13,6 +18,7 @@ STEPS = {
     "train": "train tiny_unet (fixed short budget)",
     "infer": "infer: predictions -> QuPath GeoJSON, overlays, heatmaps",
     "evaluate": "evaluate against the full ground truth",
+    "review": "review round: simulated QuPath edits -> import-project, evaluate, evaluate-edits",
 }
 
 
@@ -32,10 +38,13 @@ def demo(
     ),
 ) -> int:
     """Build an example project, then import -> train -> infer -> evaluate on it (a few minutes
-    on a CPU). Prints per-slide scores and how to open the result in QuPath.
+    on a CPU), then one simulated review round in QuPath (keep, reshape, reclassify, delete,
+    lock, add; re-export) read back by import-project, evaluate and evaluate-edits. Prints
+    per-slide scores, the AI objects left out and kept, and how to open the result in QuPath.
+    Exits 1 when the review round's counts are not the expected ones.
 
     --out must be new, empty or a folder an earlier demo made (it holds a .qpseg-demo file):
-    the demo replaces its project/, labels/, model/ and evaluation/ there."""
+    the demo replaces its project/, labels/, model/, evaluation/ and review/ there."""
     import json
     import sys
     import time
@@ -98,6 +107,8 @@ def demo(
             f"{r.get('lesion_truth_category', '')}/{r.get('lesion_pred_category', '')}",
         )
     console.print(table)
+    if result.review is not None:
+        _print_review(console, result.review)
     ex = result.example
     assert ex is not None
     summary = {
@@ -105,6 +116,7 @@ def demo(
         "steps_seconds": {k: round(v, 1) for k, v in result.steps.items()},
         "held_out_tumor_dice": dice,
         "scores": result.scores,
+        "review_round": result.review.to_json() if result.review is not None else None,
         "paths": {k: str(v) for k, v in result.paths.items()} | {"project": str(ex.project)},
     }
     from qpseg._io import write_json_atomic
@@ -120,6 +132,10 @@ def demo(
     console.print(f"Metrics:          {result.paths['evaluation']}/per_slide.csv, summary.csv, "
                   "report.html")
     console.print(f"Model package:    {result.paths['model']}")
+    if result.review is not None:
+        console.print(f"Review round:     {result.paths.get('review', Path(out) / 'review')} "
+                      "(labels/, evaluation/, edits/); the export before the review: "
+                      f"{result.review.simulation.baseline}", soft_wrap=True, markup=False)
     # Whole paths on one line each (no wrapping, no markup), so they can be copied.
     console.print(f"QuPath scripts:   {scripts} (QuPath 0.5-0.7)", soft_wrap=True, markup=False)
     console.print("Open in QuPath:   File > Open project > the project above, then Automate > "
@@ -127,7 +143,56 @@ def demo(
                   soft_wrap=True, markup=False)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
+    failed = False
     if not dice >= min_dice:
         console.print(f"[red]held-out tumour Dice {dice:.3f} is below --min-dice {min_dice}[/]")
-        return 1
-    return 0
+        failed = True
+    if result.review is not None and not result.review.ok:
+        console.print("[red]review round: the counts are not the expected ones:[/]")
+        for line in result.review.mismatches():
+            console.print(f"  {line}", soft_wrap=True, markup=False)
+        failed = True
+    return 1 if failed else 0
+
+
+def _print_review(console: Console, rnd: ReviewRound) -> None:
+    """The review round section: what the simulated pathologist did, then per class the AI
+    objects left out / kept, expected and as each command reported them."""
+    from rich.table import Table
+
+    from qpseg.demo import TRUTH_READERS
+
+    sim = rnd.simulation
+    did = ", ".join(f"{len(ids)} {what}" for what, ids in sim.actions.items())
+    console.print(f"\nReview round (simulated in QuPath on entry {sim.entry_id}, {sim.slide}): "
+                  f"{did}; all {len(sim.exported)} entries re-exported; read back with "
+                  "--ai-objects unreviewed-out", soft_wrap=True, markup=False)
+    table = Table(title="AI objects left out / kept")
+    table.add_column("class")
+    for reader in TRUTH_READERS:
+        table.add_column(reader)
+    classes = sorted({c for r in TRUTH_READERS for side in (rnd.expected, rnd.observed)
+                      for c in side.get(r, {})})
+
+    def cell(reader: str, name: str) -> str:
+        def text(row: dict[str, int] | None) -> str:
+            return f"{row['left_out']} / {row['kept']}" if row else "-"
+        seen = text(rnd.observed.get(reader, {}).get(name))
+        wanted = text(rnd.expected.get(reader, {}).get(name))
+        return seen if seen == wanted else f"[red]{seen} (expected {wanted})[/]"
+
+    for cls in classes:
+        table.add_row(cls, *(cell(r, cls) for r in TRUTH_READERS))
+    console.print(table)
+    if sim.no_truth:
+        console.print(f"evaluate: entries {', '.join(map(str, sim.no_truth))} hold only "
+                      "unreviewed AI objects: no truth to score, not in its counts "
+                      "(expected accordingly)", soft_wrap=True, markup=False)
+    e, o = rnd.expected.get("edits", {}), rnd.observed.get("edits", {})
+    keys = ("n_kept", "n_accepted", "n_reshaped", "n_reclassified", "n_deleted", "n_added",
+            "n_existing")
+    console.print("evaluate-edits: " + ", ".join(
+        f"{k[2:]} {o.get(k)}" + ("" if o.get(k) == e.get(k) else f" (expected {e.get(k)})")
+        for k in keys), soft_wrap=True, markup=False)
+    console.print("Review round counts: " + ("[green]as expected[/]" if rnd.ok
+                                             else "[red]NOT as expected[/]"))

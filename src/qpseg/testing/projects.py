@@ -10,10 +10,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qpseg.testing.synthetic import SyntheticSlide, make_slide
 
-__all__ = ["SyntheticProject", "make_project"]
+if TYPE_CHECKING:
+    from shapely.geometry.base import BaseGeometry
+
+    from qpseg.qupath.geojson import QuPathObject
+
+__all__ = ["SyntheticProject", "make_project", "qupath_exported", "qupath_round"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +82,47 @@ def make_project(
             files.append(target)
     project.save()
     return SyntheticProject(project.path, tuple(slides), tuple(ids), tuple(files))
+
+
+def qupath_round(geometry: BaseGeometry) -> BaseGeometry:
+    """``geometry`` as QuPath gives it back after an import and an export: vertices stored as
+    32-bit floats (``GeometryTools.java`` lines 100-103, v0.5.1: ``FLOAT_FACTORY``), GeoJSON
+    written with 2 decimals (``ROITypeAdapters.java`` line 74, v0.5.1: ``numDecimalPlaces = 2``).
+    """
+    import numpy as np
+    import shapely
+
+    return shapely.transform(
+        geometry, lambda c: np.round(c.astype(np.float32).astype(np.float64), 2))
+
+
+def qupath_exported(
+    obj: QuPathObject,
+    *,
+    geometry: BaseGeometry | None = None,
+    classification: str | None = None,
+    locked: bool | None = None,
+) -> QuPathObject:
+    """``obj`` as QuPath's GeoJSON export writes it after a review in QuPath.
+
+    QuPath keeps the object's id, metadata, measurements, name and type through import,
+    editing and export; coordinates come back as :func:`qupath_round` makes them. A reviewer's
+    edits are given here: a new ``geometry`` (reshaped), a new ``classification`` (its class
+    colour becomes QuPath's colour for that class) and ``locked`` (QuPath writes
+    ``"isLocked": true`` only for locked objects, ``QuPathTypeAdapters.java`` lines 387-391,
+    v0.5.1).
+    """
+    import dataclasses
+
+    from qpseg.qupath.classes import default_color
+
+    changes: dict[str, object] = {
+        "geometry": qupath_round(geometry if geometry is not None else obj.geometry)}
+    if obj.nucleus_geometry is not None:
+        changes["nucleus_geometry"] = qupath_round(obj.nucleus_geometry)
+    if classification is not None and classification != obj.classification:
+        changes["classification"] = classification
+        changes["class_color"] = default_color(classification)
+    if locked is not None:
+        changes["is_locked"] = locked
+    return dataclasses.replace(obj, **changes)  # type: ignore[arg-type]
