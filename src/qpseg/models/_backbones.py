@@ -2,8 +2,12 @@
 
 Every encoder keeps the torchvision module (minus its classifier) under ``body`` so that a
 state dict saved from ``torchvision.models.<name>(weights=...)`` loads by its own key names
-(:meth:`Encoder.load_imagenet`). Nothing is downloaded: torchvision is always called with
-``weights=None``.
+(:meth:`Encoder.load_imagenet`). Building downloads nothing: torchvision is always called with
+``weights=None``; ``imagenet_weights`` names the torchvision weights enum member whose file
+``pretrained: imagenet`` loads (through torch's cache, :mod:`qpseg.models._weights`). The
+original ImageNet weights (``IMAGENET1K_V1``) are chosen throughout: the weights the papers'
+Keras/Caffe models were initialised with came from that same original training, not from
+torchvision's later ``V2`` recipe.
 
 Encoders return their feature maps from fine to coarse; ``channels[i]`` and ``strides[i]``
 describe ``features[i]`` and the last one is the bottom of the U-Net.
@@ -12,6 +16,7 @@ describe ``features[i]`` and the last one is the bottom of the U-Net.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qpseg.errors import ModelError
 from qpseg.models._weights import load_subset
 
 __all__ = [
@@ -26,6 +32,8 @@ __all__ = [
     "VGG16_CFG",
     "VGG19_CFG",
     "Encoder",
+    "check_full_width",
+    "densenet_legacy_keys",
     "make_encoder",
     "make_vgg_features",
     "scaled",
@@ -36,6 +44,13 @@ VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "
                                     512, 512, 512, "M", 512, 512, 512, "M")
 VGG19_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
                                     512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+
+
+def check_full_width(width_mult: float, label: str) -> None:
+    """ModelError unless ``width_mult`` is 1: published weights fit the full-width network."""
+    if float(width_mult) != 1.0:
+        raise ModelError(f"ImageNet weights fit the full-width {label} only (width_mult 1.0), "
+                         f"not width_mult {width_mult:g}")
 
 
 def scaled(channels: int, width_mult: float) -> int:
@@ -73,11 +88,21 @@ class Encoder(nn.Module):
     strides: list[int]
     imagenet_ignore: tuple[str, ...] = ()
     label: str = "backbone"
+    #: torchvision weights enum member of this backbone's ImageNet weights (None: there are none)
+    imagenet_weights: str | None = None
+    width_mult: float = 1.0
 
     def load_imagenet(self, state: Mapping[str, torch.Tensor],
                       path: str | os.PathLike[str] | None) -> None:
         """Load a torchvision-named state dict into ``body`` (classifier keys ignored)."""
         load_subset(self.body, state, path, ignore=self.imagenet_ignore, what=self.label)
+
+    def imagenet_spec(self) -> str:
+        """``imagenet_weights``, or a ModelError when this encoder cannot take them."""
+        if self.imagenet_weights is None:
+            raise ModelError(f"the {self.label} has no ImageNet weights")
+        check_full_width(self.width_mult, self.label)
+        return self.imagenet_weights
 
     body: nn.Module
 
@@ -102,6 +127,9 @@ class VGGEncoder(Encoder):
         super().__init__()
         self.body = _VGGBody(make_vgg_features(cfg, width_mult=width_mult))
         self.label = label
+        self.width_mult = float(width_mult)
+        depth = sum(1 for c in cfg if c != "M") + 3
+        self.imagenet_weights = f"VGG{depth}_Weights.IMAGENET1K_V1"
         convs = [scaled(int(c), width_mult) for c in cfg if c != "M"]
         last_before_pool = [scaled(int(cfg[i - 1]), width_mult)
                             for i, c in enumerate(cfg) if c == "M"]
@@ -131,6 +159,7 @@ class ResNetEncoder(Encoder):
         del body.fc
         self.body = body
         self.label = f"ResNet-{depth}"
+        self.imagenet_weights = f"ResNet{depth}_Weights.IMAGENET1K_V1"
         expansion = 4 if depth >= 50 else 1
         self.channels = [64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         self.strides = [2, 4, 8, 16, 32]
@@ -158,6 +187,7 @@ class DenseNetEncoder(Encoder):
         del body.classifier
         self.body = body
         self.label = f"DenseNet-{depth}"
+        self.imagenet_weights = f"DenseNet{depth}_Weights.IMAGENET1K_V1"
         f: Any = body.features
         self.channels = [
             f.conv0.out_channels,
@@ -182,6 +212,27 @@ class DenseNetEncoder(Encoder):
         x = f.denseblock4(x)
         feats.append(F.relu(f.norm5(x)))
         return feats
+
+    def load_imagenet(self, state: Mapping[str, torch.Tensor],
+                      path: str | os.PathLike[str] | None) -> None:
+        """Load DenseNet ImageNet weights, renaming the legacy keys of torchvision's files."""
+        super().load_imagenet(densenet_legacy_keys(state), path)
+
+
+# torchvision's DenseNet files keep the pre-0.4 names "denselayer1.norm.1.weight" for what the
+# module calls "denselayer1.norm1.weight"; torchvision renames them on load with this pattern
+# (torchvision/models/densenet.py, _load_state_dict).
+_DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                              r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def densenet_legacy_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with torchvision's legacy DenseNet key names made current (others kept)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        m = _DENSENET_LEGACY.match(key)
+        out[m.group(1) + m.group(2) if m else key] = value
+    return out
 
 
 def _same_pad(conv_module: Any) -> None:
@@ -218,6 +269,7 @@ class InceptionV3Encoder(Encoder):
         body.maxpool2.padding = 1
         self.body = body
         self.label = "Inception-v3"
+        self.imagenet_weights = "Inception_V3_Weights.IMAGENET1K_V1"
         self.channels = [64, 192, 288, 768, 2048]
         self.strides = [2, 4, 8, 16, 32]
 

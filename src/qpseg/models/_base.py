@@ -5,6 +5,8 @@ Everything here imports torch; it is only imported when a model is built.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -15,8 +17,10 @@ from qpseg.models.contract import ModelContract, predict
 __all__ = [
     "ConvBNReLU",
     "DoubleConv",
+    "NamedWeights",
     "QpsegModule",
     "UpBlock",
+    "WeightLoader",
     "as_int_tuple",
     "check_fraction",
     "check_positive_int",
@@ -34,13 +38,30 @@ class PredictMixin:
         return predict(self, *inputs)  # type: ignore[arg-type]
 
 
+#: Loads a state dict (torchvision key names) into part of a model; the path names the file.
+WeightLoader = Callable[[Mapping[str, torch.Tensor], "str | os.PathLike[str] | None"], None]
+#: Per initialisation name (``"imagenet"``, ``"coco"``): the torchvision weights enum members
+#: and the loader each goes to, or a sentence saying why this model cannot start from them.
+NamedWeights = dict[str, "list[tuple[str, WeightLoader]] | str"]
+
+
 class QpsegModule(PredictMixin, nn.Module):
     """Base of every model the registry builds: an ``nn.Module`` with a ``contract``,
     ``predict`` and ``qpseg_config`` (architecture, num_classes and options, set by
-    :func:`~qpseg.models.create_model` and recorded by model packages)."""
+    :func:`~qpseg.models.create_model` and recorded by model packages).
+
+    ``qpseg_init`` (set by :func:`~qpseg.models.registry.load_pretrained` and
+    :func:`~qpseg.models.package.init_from_package`) records what the weights started from.
+    """
 
     contract: ModelContract
     qpseg_config: dict[str, Any]
+    qpseg_init: dict[str, Any] | None = None
+
+    def pretrained_weights(self) -> NamedWeights:
+        """The named initialisations this model can start from (``pretrained: imagenet``):
+        torchvision weights per name, loaded into the parts they fit. None by default."""
+        return {}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

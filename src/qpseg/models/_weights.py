@@ -25,12 +25,14 @@ __all__ = [
     "WEIGHT_FILES",
     "check_state_dict",
     "expected_shapes",
+    "fetch_torchvision_state_dict",
     "load_checked",
     "load_subset",
     "read_state_dict",
     "save_torch_atomic",
     "sha256_file",
     "torch_load_refusal",
+    "torchvision_weights",
     "write_state_dict",
 ]
 
@@ -245,3 +247,51 @@ def load_subset(module: nn.Module, state: Mapping[str, torch.Tensor],
                          f"{_short(stray)}", path)
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     load_checked(module, sub, path, ignore_unexpected=ignore, what=what)
+
+
+# ------------------------------------------------------------------ torchvision's weights
+
+def torchvision_weights(spec: str) -> tuple[str, Path]:
+    """The download URL and torch-cache file of a torchvision weights enum member.
+
+    ``spec`` names the member as torchvision does (``"VGG16_Weights.IMAGENET1K_V1"``). The file
+    is ``torch.hub.get_dir()/checkpoints/<basename of the URL>``, the place torchvision's own
+    builders read and download to (so ``$TORCH_HOME`` moves it, and a file fetched by any
+    torchvision program is reused).
+    """
+    import torch
+    from torchvision.models import get_weight
+
+    try:
+        weights = get_weight(spec)
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise ModelError(f"torchvision has no weights {spec!r} ({_first_line(exc)})") from exc
+    url = str(weights.url)
+    name = os.path.basename(url.split("?", 1)[0])
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def fetch_torchvision_state_dict(spec: str) -> tuple[dict[str, torch.Tensor], Path]:
+    """The state dict of torchvision weights ``spec`` and the cache file it came from.
+
+    The cache file is read when present (nothing touches the network then); otherwise it is
+    downloaded once with torch's own downloader (``torch.hub.download_url_to_file``, hash
+    checked against the file name as torchvision does). Offline, with the file absent, this is a
+    one-line ModelError naming the file, the URL and where to put it. The file is read with
+    ``weights_only=True`` like every other weight file.
+    """
+    import torch
+
+    url, path = torchvision_weights(spec)
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            match = torch.hub.HASH_REGEX.search(path.name)
+            torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None,
+                                           progress=False)
+        except Exception as exc:  # URLError/OSError offline, HTTPError, hash mismatch, ...
+            raise ModelError(
+                f"pretrained weights not found and could not be downloaded "
+                f"({_first_line(exc)}); download {url} on a machine with internet and put it "
+                f"at {path}", path) from exc
+    return read_state_dict(path), path

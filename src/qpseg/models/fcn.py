@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpseg.errors import ModelError
-from qpseg.models._backbones import VGG16_CFG, make_vgg_features, scaled
-from qpseg.models._base import QpsegModule, check_fraction, check_positive_int
+from qpseg.models._backbones import VGG16_CFG, check_full_width, make_vgg_features, scaled
+from qpseg.models._base import NamedWeights, QpsegModule, check_fraction, check_positive_int
 from qpseg.models._weights import check_state_dict
 from qpseg.models.contract import InputSpec, ModelContract
 from qpseg.models.registry import register_model
@@ -104,6 +104,7 @@ class FCN(QpsegModule):
         self.variant = variant
         self.pad_mode = pad_mode
         w = check_fraction("width_mult", width_mult, low=1e-3, high=4.0)
+        self.width_mult = w
         fc = scaled(4096, w)
         self.features = make_vgg_features(VGG16_CFG, width_mult=w, ceil_mode=True)
         self.fc6 = nn.Conv2d(scaled(512, w), fc, 7)
@@ -211,6 +212,12 @@ class FCN(QpsegModule):
         check_state_dict(expected, mapped, path, what="VGG16 backbone")
         self.load_state_dict(mapped, strict=False)
 
+    def pretrained_weights(self) -> NamedWeights:
+        """torchvision's ImageNet VGG16 (conv blocks, and fc6/fc7 reshaped into convolutions):
+        khalil2022 §3.5 "the model is initialized using the VGG16 model"."""
+        check_full_width(self.width_mult, "VGG16 of FCN")
+        return {"imagenet": [("VGG16_Weights.IMAGENET1K_V1", self.load_backbone_state_dict)]}
+
 
 def _build(variant: str, num_classes: int, width_mult: float, dropout: float, tile_px: int,
            pad_mode: str) -> FCN:
@@ -223,7 +230,11 @@ def _build(variant: str, num_classes: int, width_mult: float, dropout: float, ti
 _TINY: dict[str, Any] = {"width_mult": 0.0625, "tile_px": 64}
 
 
-@register_model("fcn32s_vgg16", paper=PAPER, tiny=_TINY,
+_INIT = ("imagenet", "khalil2022 §3.5 (\"initialized using the VGG16 model\")")
+
+
+@register_model("fcn32s_vgg16", paper=PAPER, tiny=_TINY, paper_init=_INIT[0],
+                paper_init_source=_INIT[1],
                 summary="modified FCN-32s on VGG16 (khalil2022), 512 px tiles padded to 712")
 def fcn32s_vgg16(num_classes: int, *, width_mult: float = 1.0, dropout: float = 0.5,
                  tile_px: int = 512, pad_mode: str = "zeros") -> FCN:
@@ -231,7 +242,8 @@ def fcn32s_vgg16(num_classes: int, *, width_mult: float = 1.0, dropout: float = 
     return _build("32s", num_classes, width_mult, dropout, tile_px, pad_mode)
 
 
-@register_model("fcn8s_vgg16", paper=f"{PAPER}, Fig. 4", tiny=_TINY,
+@register_model("fcn8s_vgg16", paper=f"{PAPER}, Fig. 4", tiny=_TINY, paper_init=_INIT[0],
+                paper_init_source=_INIT[1],
                 summary="FCN-8s on VGG16 (the comparison in khalil2022 Fig. 4)")
 def fcn8s_vgg16(num_classes: int, *, width_mult: float = 1.0, dropout: float = 0.5,
                 tile_px: int = 512, pad_mode: str = "zeros") -> FCN:

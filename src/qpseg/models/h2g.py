@@ -28,7 +28,14 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from qpseg.models._base import QpsegModule, as_int_tuple, check_fraction, check_positive_int
+from qpseg.models._backbones import check_full_width
+from qpseg.models._base import (
+    NamedWeights,
+    QpsegModule,
+    as_int_tuple,
+    check_fraction,
+    check_positive_int,
+)
 from qpseg.models._weights import load_subset
 from qpseg.models.contract import InputSpec, ModelContract
 from qpseg.models.registry import register_model
@@ -53,6 +60,7 @@ class MobileNetV2Patch(QpsegModule):
         hidden = check_positive_int("hidden", hidden, maximum=1 << 14)
         dropout = check_fraction("dropout", dropout, high=0.95)
         tile_px = check_positive_int("tile_px", tile_px, maximum=1 << 14)
+        self.width_mult = width_mult
         backbone = torchvision.models.mobilenet_v2(weights=None, width_mult=width_mult)
         self.features = backbone.features
         last = backbone.last_channel
@@ -75,6 +83,13 @@ class MobileNetV2Patch(QpsegModule):
         ignored)."""
         load_subset(self.features, state, path, prefix="features.", ignore=("classifier.",),
                     what="MobileNetV2 backbone")
+
+    def pretrained_weights(self) -> NamedWeights:
+        """torchvision's ImageNet MobileNetV2 for the features (pedersen2022 §3.4: "we
+        fine-tuned the respective pretrained backbones"); the new head starts at random."""
+        check_full_width(self.width_mult, "MobileNetV2")
+        return {"imagenet": [("MobileNet_V2_Weights.IMAGENET1K_V1",
+                              self.load_backbone_state_dict)]}
 
 
 class _ConvBlock(nn.Sequential):
@@ -168,8 +183,17 @@ class H2GNet(QpsegModule):
         """ImageNet MobileNetV2 weights go to the patch classifier's backbone."""
         cast(MobileNetV2Patch, self.stages[0]).load_backbone_state_dict(state, path)
 
+    def pretrained_weights(self) -> NamedWeights:
+        """The patch classifier's ImageNet MobileNetV2; the refinement U-Net was "trained from
+        scratch" (pedersen2022 §3.4) and stays at random init."""
+        return cast(MobileNetV2Patch, self.stages[0]).pretrained_weights()
 
-@register_model("mobilenetv2_patch", paper=f"{PAPER}, Section 2.3",
+
+_INIT = ("imagenet", "pedersen2022 §3.4 (\"we fine-tuned the respective pretrained backbones\")")
+
+
+@register_model("mobilenetv2_patch", paper=f"{PAPER}, Section 2.3", paper_init=_INIT[0],
+                paper_init_source=_INIT[1],
                 tiny={"width_mult": 0.25, "tile_px": 64},
                 summary="MobileNetV2 patch classifier with H2G-Net's simplified head")
 def mobilenetv2_patch(num_classes: int, *, width_mult: float = 1.0, hidden: int = 100,
@@ -190,7 +214,8 @@ def h2g_refine_unet(num_classes: int, *, filters: Sequence[int] = REFINE_FILTERS
                       tile_px=tile_px, heatmap_class=heatmap_class)
 
 
-@register_model("h2g_net", paper=f"{PAPER}, Section 2.5, Fig. 3",
+@register_model("h2g_net", paper=f"{PAPER}, Section 2.5, Fig. 3", paper_init=_INIT[0],
+                paper_init_source=_INIT[1],
                 tiny={"patch_kwargs": {"width_mult": 0.25, "tile_px": 64},
                       "refine_kwargs": {"filters": [4, 8, 8, 16], "tile_px": 64}},
                 summary="two-stage H2G-Net: MobileNetV2 patch heatmap + refinement U-Net")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from torchvision.models.detection import MaskRCNN
 from qpseg.errors import ModelError
 from qpseg.models._backbones import ENCODERS, make_encoder
 from qpseg.models._base import (
+    NamedWeights,
     QpsegModule,
     as_int_tuple,
     check_fraction,
@@ -84,7 +85,10 @@ for _enc in ENCODERS:
     if _enc.startswith("vgg"):
         _tiny["width_mult"] = 0.125
     register_model(f"unet_{_enc}", paper=f"{PAPER}, Methods 'U-net'", tiny=_tiny,
-                   summary=f"U-Net with a {_enc} encoder (lagree2021)")(_unet_builder(_enc))
+                   summary=f"U-Net with a {_enc} encoder (lagree2021)", paper_init="imagenet",
+                   paper_init_source="lagree2021 Methods 'U-net' (\"Weights pre-trained on the "
+                                     "ImageNet dataset initialized each DCNN\")",
+                   )(_unet_builder(_enc))
 
 
 # --------------------------------------------------------------------- ensembles
@@ -120,6 +124,23 @@ def _load_member_packages(members: Sequence[nn.Module],
             raise ModelError(f"member package holds {pkg.architecture}, expected {want}",
                              directory)
         model.load_state_dict(pkg.model.state_dict())
+        setattr(model, "qpseg_from_package", str(directory))  # noqa: B010 (nn.Module typing)
+
+
+def _members_weights(members: Iterable[nn.Module]) -> NamedWeights:
+    """The named weights of every member, per name (a name every member offers). Members
+    loaded from ``member_packages`` are trained already and take none (when all are, ImageNet
+    loads nothing)."""
+    fresh = [m for m in members if not getattr(m, "qpseg_from_package", None)]
+    if not fresh:
+        return {"imagenet": []}
+    offers = [m.pretrained_weights() if isinstance(m, QpsegModule) else {} for m in fresh]
+    out: NamedWeights = {}
+    for name in set().union(*offers):
+        parts = [o.get(name) for o in offers]
+        if all(isinstance(p, list) for p in parts):
+            out[name] = [item for p in parts if isinstance(p, list) for item in p]
+    return out
 
 
 def _lcm(values: Sequence[int]) -> int:
@@ -144,6 +165,10 @@ class EnsembleUNet(QpsegModule):
             margin_px=max(c.margin_px for c in contracts),
             paper=f"{PAPER}, Methods 'Ensemble networks' (U-Net ensemble)",
             default_mpp=LAGREE_MPP)
+
+    def pretrained_weights(self) -> NamedWeights:
+        """Each member's ImageNet encoder."""
+        return _members_weights(self.members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logp = torch.stack([torch.log_softmax(m(x), dim=1) for m in self.members])
@@ -192,6 +217,11 @@ class GBUNet(QpsegModule):
                                                     for m in members]),
             margin_px=c.margin_px, paper=f"{PAPER}, Methods 'Ensemble networks' and Fig. 1 "
                                          "(GB U-Net)", default_mpp=LAGREE_MPP)
+
+    def pretrained_weights(self) -> NamedWeights:
+        """Each member's ImageNet encoder (members trained beforehand come from
+        ``member_packages`` instead); the second stage has no published weights."""
+        return _members_weights(self.members)
 
     def train(self, mode: bool = True) -> GBUNet:
         """Frozen members stay in eval mode (fixed batch-norm statistics)."""
@@ -250,16 +280,56 @@ class QpsegMaskRCNN(MaskRCNN, QpsegModule):
 
     def load_backbone_state_dict(self, state: Mapping[str, torch.Tensor],
                                  path: str | os.PathLike[str] | None) -> None:
-        """Load torchvision ImageNet ResNet-101 weights into the FPN backbone's body."""
+        """Load torchvision ImageNet ResNet-101 weights into the FPN backbone's body, or a whole
+        detector's weights with torchvision's Mask R-CNN key names (see
+        :meth:`load_detector_state_dict`)."""
         from qpseg.models._weights import load_subset
 
+        if any(k.startswith(("rpn.", "roi_heads.")) for k in state):
+            self.load_detector_state_dict(state, path)
+            return
         prefix = "backbone.body." if any(k.startswith("backbone.body.") for k in state) else ""
         body: Any = self.backbone
         load_subset(body.body, state, path, prefix=prefix, ignore=("fc.",),
                     what="ResNet-101 backbone")
 
+    def load_detector_state_dict(self, state: Mapping[str, torch.Tensor],
+                                 path: str | os.PathLike[str] | None) -> None:
+        """Load a whole Mask R-CNN state dict with torchvision's key names (e.g. COCO weights).
+
+        Every tensor must fit except the class-specific predictors
+        (``roi_heads.box_predictor.*``, ``roi_heads.mask_predictor.mask_fcn_logits.*``): COCO's
+        91 classes are not this model's, so those keep their fresh initialisation when the
+        shapes differ. Anything else missing, surplus or misshapen is a ModelError.
+        """
+        from qpseg.models._weights import load_checked
+
+        heads = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+        own = self.state_dict()
+        kept = {k: v for k, v in state.items() if not (
+            k.startswith(heads) and k in own and tuple(v.shape) != tuple(own[k].shape))}
+        fresh = {k: own[k] for k in own if k.startswith(heads) and k not in kept}
+        load_checked(self, {**kept, **fresh}, path, what="Mask R-CNN")
+
+    def pretrained_weights(self) -> NamedWeights:
+        """ImageNet ResNet-101 for the backbone body. lagree2021 (Methods, "Mask R-CNN")
+        started from COCO weights, which torchvision does not publish for ResNet-101."""
+        return {
+            "imagenet": [("ResNet101_Weights.IMAGENET1K_V1", self.load_backbone_state_dict)],
+            "coco": "torchvision publishes COCO Mask R-CNN weights for a ResNet-50 FPN only "
+                    "(MaskRCNN_ResNet50_FPN_Weights.COCO_V1), not for the ResNet-101 of "
+                    "lagree2021; use pretrained: imagenet, or convert a COCO ResNet-101 Mask "
+                    "R-CNN (e.g. matterport's mask_rcnn_coco.h5) into a state dict with "
+                    "torchvision's Mask R-CNN key names and give its path as pretrained (the "
+                    "class-specific heads start fresh)",
+        }
+
 
 @register_model("maskrcnn_resnet101", paper=f"{PAPER}, Methods 'Mask R-CNN'", heavy=True,
+                paper_init="coco",
+                paper_init_source="lagree2021 Methods 'Mask R-CNN' (\"ResNet-101 was initialized"
+                                  " with weights pre-trained on the common objects in context "
+                                  "(COCO) dataset\")",
                 tiny={"tile_px": 64, "proposals_train": 64, "rois_per_image": 32,
                       "detections_per_img": 16})
 def maskrcnn_resnet101(num_classes: int, *, tile_px: int = 256, frozen_bn: bool = False,

@@ -3,9 +3,11 @@
 Like timm's: each architecture module registers builder functions under a name; the registry
 imports those modules (and with them torch) the first time it is queried, so importing
 ``qpseg.models`` stays cheap. Builders never download anything: every model starts from random
-initialisation, and ``pretrained=PATH`` loads a local state dict (an ImageNet VGG16 checkpoint
-with torchvision key names, a full qpseg state dict, ...) with a one-line ModelError when the
-keys or shapes do not fit.
+initialisation. ``pretrained="imagenet"`` (or ``"coco"``) then loads the torchvision weights the
+model names (:meth:`~qpseg.models._base.QpsegModule.pretrained_weights`) through torch's cache,
+downloading them once where there is a network; ``pretrained=PATH`` loads a local state dict
+(an ImageNet VGG16 checkpoint with torchvision key names, a full qpseg state dict, ...). Either
+way a one-line ModelError says what does not fit or where the missing file belongs.
 """
 
 from __future__ import annotations
@@ -17,20 +19,30 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from qpseg.errors import ModelError
+from qpseg.errors import ModelError, QpsegWarning
 
 if TYPE_CHECKING:  # pragma: no cover
     from qpseg.models._base import QpsegModule
 
 __all__ = [
+    "NAMED_WEIGHTS",
+    "InitWarning",
     "ModelEntry",
     "create_model",
     "get_entry",
     "list_models",
     "load_pretrained",
     "model_info",
+    "random_init_note",
     "register_model",
 ]
+
+#: Names ``pretrained`` accepts besides a file path.
+NAMED_WEIGHTS: tuple[str, ...] = ("imagenet", "coco")
+
+
+class InitWarning(QpsegWarning):
+    """A paper architecture trains from random initialisation where its paper did not."""
 
 # Modules holding the architectures of the four papers (imported on first registry query).
 _FAMILY_MODULES: tuple[str, ...] = (
@@ -53,6 +65,8 @@ class ModelEntry:
     ``tiny`` holds keyword arguments that make a small, fast instance (narrow width, small tile)
     for tests and CPU benchmarks; ``init_only`` names keyword arguments that are used while
     building only (paths to member packages) and are not stored in a model package.
+    ``paper_init`` is what the paper started training from (``"imagenet"``, ``"coco"``; empty:
+    random initialisation) and ``paper_init_source`` the passage that says so.
     """
 
     name: str
@@ -62,6 +76,8 @@ class ModelEntry:
     tiny: Mapping[str, Any] = field(default_factory=dict)
     init_only: frozenset[str] = frozenset()
     heavy: bool = False
+    paper_init: str = ""
+    paper_init_source: str = ""
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -70,7 +86,8 @@ _loaded = False
 
 def register_model(name: str, *, paper: str = "", summary: str = "",
                    tiny: Mapping[str, Any] | None = None, init_only: tuple[str, ...] = (),
-                   heavy: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+                   heavy: bool = False, paper_init: str = "", paper_init_source: str = ""
+                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``builder(num_classes, **cfg) -> nn.Module`` under ``name``.
 
     The builder must return a module with a ``contract`` (:class:`ModelContract`) whose
@@ -85,7 +102,7 @@ def register_model(name: str, *, paper: str = "", summary: str = "",
             name=name, builder=builder, paper=paper,
             summary=summary or (builder.__doc__ or "").strip().split("\n")[0],
             tiny=dict(tiny or {}), init_only=frozenset(init_only) | _ALWAYS_INIT_ONLY,
-            heavy=heavy)
+            heavy=heavy, paper_init=paper_init, paper_init_source=paper_init_source)
         return builder
 
     return decorator
@@ -138,14 +155,16 @@ def _check_num_classes(num_classes: Any) -> int:
 
 def create_model(name: str, num_classes: int, *, pretrained: str | os.PathLike[str] | None = None,
                  meta: bool = False, **cfg: Any) -> QpsegModule:
-    """Build a registered architecture with random initialisation.
+    """Build a registered architecture with random initialisation, then load ``pretrained``.
 
     Args:
         name: registry name (see :func:`list_models`).
         num_classes: output classes (pixel/patch models) or object classes incl. background.
-        pretrained: optional local state dict file (``.pt``/``.pth``/``.safetensors``) loaded
-            into the model's backbone (e.g. torchvision ImageNet weights) or, for models without
-            one, into the whole model.
+        pretrained: ``"imagenet"`` / ``"coco"`` (torchvision's weights for the model's
+            backbone, from torch's cache or downloaded once into it), or a local state dict file
+            (``.pt``/``.pth``/``.safetensors``) loaded into the model's backbone (e.g.
+            torchvision ImageNet weights) or, for models without one, into the whole model.
+            What was loaded is recorded in ``model.qpseg_init``.
         meta: build on the meta device (no memory, no init; for parameter counts and shape
             checks).
         **cfg: architecture options (width, tile size, ...; see each builder).
@@ -180,21 +199,78 @@ def create_model(name: str, num_classes: int, *, pretrained: str | os.PathLike[s
     return model
 
 
-def load_pretrained(model: QpsegModule, path: str | os.PathLike[str]) -> None:
-    """Load a local state dict into ``model``'s backbone, or into the whole model.
+def _is_named(source: str | os.PathLike[str]) -> bool:
+    return isinstance(source, str) and source.strip().lower() in NAMED_WEIGHTS
 
-    Models with an ImageNet backbone implement ``load_backbone_state_dict(state, path)`` which
-    maps torchvision key names onto the backbone (classifier heads are ignored); others load a
-    full state dict. Mismatched keys or shapes raise a one-line ModelError naming the file.
+
+def load_named_weights(model: QpsegModule, name: str) -> dict[str, Any]:
+    """Load the torchvision weights ``model`` offers under ``name`` (``"imagenet"``, ...).
+
+    Returns the record :func:`load_pretrained` stores: the name and, per weights file, the
+    torchvision enum member, the cache file and its number of tensors.
     """
-    from qpseg.models._weights import load_checked, read_state_dict
+    from qpseg.models._weights import fetch_torchvision_state_dict
 
-    state = read_state_dict(path)
-    loader = getattr(model, "load_backbone_state_dict", None)
-    if callable(loader):
+    arch = model.qpseg_config.get("architecture", type(model).__name__) \
+        if isinstance(getattr(model, "qpseg_config", None), dict) else type(model).__name__
+    offers = model.pretrained_weights()
+    offer = offers.get(name)
+    if offer is None:
+        have = [k for k, v in offers.items() if isinstance(v, list)]
+        raise ModelError(f"{arch} has no {name} weights (it can start from: "
+                         f"{', '.join(have) or 'nothing published; random init'}); give "
+                         "pretrained a local state-dict file instead")
+    if isinstance(offer, str):
+        raise ModelError(f"{arch} cannot start from {name} weights: {offer}")
+    files = []
+    for spec, loader in offer:
+        state, path = fetch_torchvision_state_dict(spec)
         loader(state, path)
+        files.append({"weights": spec, "file": str(path), "tensors": len(state)})
+    record: dict[str, Any] = {"source": name, "files": files}
+    if not offer:
+        record["note"] = "nothing to load: every part with published weights is trained already"
+    return record
+
+
+def load_pretrained(model: QpsegModule, source: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load ``"imagenet"``/``"coco"`` weights or a local state dict into ``model``.
+
+    Named weights go through :func:`load_named_weights`. A local file goes to the backbone of
+    models that implement ``load_backbone_state_dict(state, path)`` (which maps torchvision key
+    names onto the backbone, classifier heads ignored); others load it as a full state dict.
+    Mismatched keys or shapes raise a one-line ModelError naming the file. The returned record
+    is also stored as ``model.qpseg_init["pretrained"]``.
+    """
+    from qpseg.models._weights import load_checked, read_state_dict, sha256_file
+
+    if _is_named(source):
+        record = load_named_weights(model, str(source).strip().lower())
     else:
-        load_checked(model, state, path)
+        state = read_state_dict(source)
+        loader = getattr(model, "load_backbone_state_dict", None)
+        if callable(loader):
+            loader(state, source)
+        else:
+            load_checked(model, state, source)
+        record = {"source": "file", "files": [{"file": str(source), "tensors": len(state),
+                                               "sha256": sha256_file(source)}]}
+    model.qpseg_init = {**(model.qpseg_init or {}), "pretrained": record}
+    return record
+
+
+def random_init_note(name: str) -> str | None:
+    """What to tell the user who trains ``name`` from random init where its paper did not
+    (None when the paper also started from random init)."""
+    entry = get_entry(name)
+    if not entry.paper_init:
+        return None
+    how = f"pretrained: {entry.paper_init}"
+    if entry.paper_init == "coco":  # none published for every backbone (see the model's doc)
+        how = "pretrained: PATH to converted COCO weights, or pretrained: imagenet"
+    return (f"{name} starts from random initialisation, but {entry.paper_init_source} starts "
+            f"from {entry.paper_init} weights; set {how} (or init_from: a qpseg model "
+            "package) to follow the paper")
 
 
 def model_info(name: str, num_classes: int = 2, **cfg: Any) -> dict[str, Any]:

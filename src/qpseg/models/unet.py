@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from qpseg.models._backbones import Encoder
-from qpseg.models._base import DoubleConv, QpsegModule, UpBlock, as_int_tuple
+from qpseg.models._base import DoubleConv, NamedWeights, QpsegModule, UpBlock, as_int_tuple
 from qpseg.models.contract import InputSpec, ModelContract
 
 __all__ = ["DEFAULT_DECODER_FILTERS", "EncoderUNet", "PlainEncoder"]
@@ -112,3 +112,10 @@ class EncoderUNet(QpsegModule):
         """Load torchvision ImageNet weights (e.g. ``resnet101().state_dict()``) into the
         encoder."""
         self.encoder.load_imagenet(state, path)
+
+    def pretrained_weights(self) -> NamedWeights:
+        """ImageNet weights of the encoder (lagree2021, Methods "U-net": "Weights pre-trained on
+        the ImageNet dataset initialized each DCNN"); the decoder starts from random init."""
+        if self.encoder.imagenet_weights is None:
+            return {}
+        return {"imagenet": [(self.encoder.imagenet_spec(), self.load_backbone_state_dict)]}
