@@ -207,16 +207,49 @@ QUPATH_CLAIMS = [
      "public static void exportObjectsToGeoJson("),
     ("v0.7.0", "qupath-core-processing/src/main/java/qupath/lib/scripting/QP.java", 3087,
      "public static void exportObjectsToGeoJson("),
+    # The import's originals: readObjects picks its reader by extension (a .bak gives nothing),
+    # readObjectsFromGeoJSON reads any stream.
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/io/PathIO.java", 791,
+     "if (name.endsWith(EXT_JSON) || name.endsWith(EXT_GEOJSON))"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/io/PathIO.java", 851,
+     "if (name.endsWith(EXT_JSON) || name.endsWith(EXT_GEOJSON))"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/io/PathIO.java", 823,
+     "public static List<PathObject> readObjectsFromGeoJSON(InputStream stream)"),
+    ("v0.6.0", "qupath-core/src/main/java/qupath/lib/io/PathIO.java", 883,
+     "public static List<PathObject> readObjectsFromGeoJSON(InputStream stream)"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/io/PathIO.java", 883,
+     "public static List<PathObject> readObjectsFromGeoJSON(InputStream stream)"),
+    # The "unchanged" test: class names as GeoJSON writes them, ROI geometry, cell nucleus, JTS.
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/io/GsonTools.java", 437,
+     "PathClassTools.splitNames(value)"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/objects/PathROIObject.java", 142,
+     "if (pathClass == PathClass.NULL_CLASS)"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/objects/PathROIObject.java", 141,
+     "if (pathClass == PathClass.NULL_CLASS)"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/roi/interfaces/ROI.java", 173,
+     "public Geometry getGeometry();"),
+    ("v0.6.0", "qupath-core/src/main/java/qupath/lib/roi/interfaces/ROI.java", 175,
+     "Geometry getGeometry();"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/roi/interfaces/ROI.java", 174,
+     "Geometry getGeometry();"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/objects/PathCellObject.java", 79,
+     "public ROI getNucleusROI()"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/objects/PathCellObject.java", 79,
+     "public ROI getNucleusROI()"),
+    ("v0.5.1", "gradle/libs.versions.toml", 42, 'jts             = "1.19.0"'),
+    ("v0.6.0", "gradle/libs.versions.toml", 35, 'jts             = "1.20.0"'),
+    ("v0.7.0", "gradle/libs.versions.toml", 36, 'jts             = "1.20.0"'),
 ]
 
 
 def _citations(text: str) -> set[tuple[str, int, int, str]]:
-    """(file, first line, last line, tag) of each "File.java:N[-M] at vX" in the comments;
-    ":N at vX" right after such a citation is another line of the same file."""
+    """(file, first line, last line, tag) of each "File.java:N[-M] at vX" (or a .toml file) in
+    the comments; ":N at vX" right after such a citation is another line of the same file."""
     found = set()
     last_file = None
     comments = " ".join(re.findall(r"//(.*)", text))
-    for m in re.finditer(r"(\w+\.java)?:(\d+)(?:-(\d+))?\s+at\s+(v\d+(?:\.\d+)*)", comments):
+    cite = r"([\w.]+\.(?:java|toml))?:(\d+)(?:-(\d+))?\s+at\s+(v\d+(?:\.\d+)*)"
+    for m in re.finditer(cite, comments):
         last_file = m.group(1) or last_file
         first = int(m.group(2))
         if last_file:
@@ -280,18 +313,46 @@ def test_metadata_is_read_without_allocating(name: str) -> None:
     assert "qpsegValue.call(" in rest
 
 
-def test_import_keeps_locked_objects_without_duplicates() -> None:
-    body = _function(_code(IMPORT), "String importEntry(")
-    # Unlocked qpseg objects go; locked ones stay and their ids are remembered ...
-    assert re.search(r"if \(REPLACE_PREVIOUS && !p\.isLocked\(\)\)\s*previous << p\s*else\s*"
-                     r"keptIds << p\.getID\(\)", body)
-    assert "qpsegValue.call(p) == null" in body  # ... only qpseg's objects are considered
-    # ... and a prediction with one of those ids is not added.
-    assert re.search(r"def objects = PathIO\.readObjects\(predictions\)\s*"
-                     r"def added = objects\.findAll \{ !keptIds\.contains\(it\.getID\(\)\) \}\s*"
+def test_import_replaces_only_unreviewed_ai_objects() -> None:
+    code = _code(IMPORT)
+    body = _function(code, "String importEntry(")
+    assert "qpsegValue.call(p) == null" in body  # only qpseg's objects are considered
+    # The originals: the predictions file, then its newest numbered backup, read as GeoJSON
+    # whatever the extension (readObjects would give nothing for a .bak).
+    assert "def objects = PathIO.readObjects(predictions)" in body
+    newest = _function(code, "File newestBackup(")
+    assert r"\.bak(?:\.([1-9][0-9]*))?" in newest  # the slots _io.backups knows
+    assert "PathIO.readObjectsFromGeoJSON(new FileInputStream(" in body
+    assert body.index("objects.each") < body.index("readObjectsFromGeoJSON")  # current first
+    # Each AI object: locked, no original, edited (kept, id remembered) or unreviewed (removed).
+    assert re.search(r"if \(p\.isLocked\(\)\) \{\s*keptLocked << p", body)
+    assert re.search(r"else if \(original == null\) \{\s*keptUnproven << p", body)
+    assert re.search(r"else if \(edited\(p, original\)\) \{\s*keptEdited << p", body)
+    for kept in ("Locked", "Unproven", "Edited"):
+        assert re.search(f"kept{kept}" + r" << p\s*keptIds << p\.getID\(\)", body), kept
+    assert re.search(r"else\s*previous << p", body)
+    changed = _function(code, "boolean edited(")
+    assert "p.getClass() != o.getClass()" in changed
+    assert "className(p) != className(o)" in changed
+    assert "p.getNucleusROI()" in changed and "o.getNucleusROI()" in changed
+    moved = _function(code, "boolean moved(")
+    assert "a.equalsExact(b, 0)" in moved
+    assert "DiscreteHausdorffDistance.distance(outline(a), outline(b)) > TOLERANCE_PX" in moved
+    assert "@Field double TOLERANCE_PX = 1.0" in code  # qpseg.review.DEFAULT_TOLERANCE_PX
+    # ... and a prediction with a kept object's id is not added, after the removal.
+    assert re.search(r"def added = objects\.findAll \{ !keptIds\.contains\(it\.getID\(\)\) \}\s*"
                      r"hierarchy\.addObjects\(added\)", body)
-    assert "importObjectsFromFile" not in _code(IMPORT)  # it would add every object
+    assert "importObjectsFromFile" not in code  # it would add every object
     assert body.index("hierarchy.removeObjects(previous, true)") < body.index("addObjects")
+    assert ('"removed ${previous.size()} unreviewed, kept ${keptEdited.size()} edited, "' in body
+            and '"${keptLocked.size()} locked, ${keptUnproven.size()} without original, ${into}"'
+            in body)
+
+
+def test_import_tolerance_is_qpseg_review_default() -> None:
+    from qpseg.review import DEFAULT_TOLERANCE_PX
+
+    assert f"@Field double TOLERANCE_PX = {DEFAULT_TOLERANCE_PX!r}" in _code(IMPORT)
 
 
 def test_import_saves_the_project_file_after_entry_metadata() -> None:
@@ -342,9 +403,14 @@ class PathObject {
     boolean root = false
     String kind = 'annotation'
     Map<String, String> store = null
+    qupath.lib.roi.interfaces.ROI roi = null
+    qupath.lib.objects.classes.PathClass pathClass = null
     UUID getID() { id }
     boolean isLocked() { locked }
     boolean isRootObject() { root }
+    boolean isCell() { false }
+    qupath.lib.roi.interfaces.ROI getROI() { roi }
+    qupath.lib.objects.classes.PathClass getPathClass() { pathClass }
     %(methods)s
 }
 """
@@ -358,6 +424,24 @@ _METHODS = {
     boolean hasMetadata() { store != null && !store.isEmpty() }""",
 }
 _STUBS = {
+    # One class per QuPath object type, as the GeoJSON reader makes them.
+    "qupath/lib/objects/PathAnnotationObject.groovy": """package qupath.lib.objects
+class PathAnnotationObject extends PathObject {}""",
+    "qupath/lib/objects/PathDetectionObject.groovy": """package qupath.lib.objects
+class PathDetectionObject extends PathObject {}""",
+    "qupath/lib/objects/PathCellObject.groovy": """package qupath.lib.objects
+class PathCellObject extends PathDetectionObject {
+    qupath.lib.roi.interfaces.ROI nucleusROI = null
+    boolean isCell() { true }
+    qupath.lib.roi.interfaces.ROI getNucleusROI() { nucleusROI }
+}""",
+    "qupath/lib/objects/classes/PathClass.groovy": """package qupath.lib.objects.classes
+class PathClass { String name; String toString() { name } }""",
+    "qupath/lib/roi/interfaces/ROI.groovy": """package qupath.lib.roi.interfaces
+class ROI {
+    org.locationtech.jts.geom.Geometry geometry
+    org.locationtech.jts.geom.Geometry getGeometry() { geometry }
+}""",
     "qupath/lib/objects/PathObjects.groovy": """package qupath.lib.objects
 class PathObjects {
     static PathObject createAnnotationObject(Object roi) { new PathObject() }
@@ -371,7 +455,8 @@ class Hierarchy {
         objects.removeAll(gone) }
     boolean addObjects(Collection<PathObject> more) { objects.addAll(more) }
     Collection<PathObject> getAnnotationObjects() { objects.findAll { it.kind == 'annotation' } }
-    Collection<PathObject> getDetectionObjects() { objects.findAll { it.kind == 'detection' } }
+    Collection<PathObject> getDetectionObjects() { objects.findAll {
+        it.kind in ['detection', 'cell'] } }
 }""",
     "qupath/lib/objects/Server.groovy": """package qupath.lib.objects
 class Server { boolean closed = false; void close() { closed = true } }""",
@@ -414,14 +499,44 @@ class ProjectIO {
     static Object loadProject(File file, Class cls) { projects[file.getCanonicalPath()] }
 }""",
     "qupath/lib/io/PathIO.groovy": """package qupath.lib.io
-import qupath.lib.objects.PathObject
+import org.locationtech.jts.geom.*
+import qupath.lib.objects.*
+import qupath.lib.objects.classes.PathClass
+import qupath.lib.roi.interfaces.ROI
 class PathIO {
+    static Map<String, Class> TYPES = [annotation: PathAnnotationObject,
+                                       detection: PathDetectionObject, cell: PathCellObject]
+    // As QuPath: the reader is chosen by extension, anything else gives no objects.
     static List<PathObject> readObjects(File file) {
-        new groovy.json.JsonSlurper().parse(file).features.collect { f ->
-            new PathObject(id: UUID.fromString(f.id), kind: f.properties.objectType,
-                           locked: f.properties.isLocked ?: false,
-                           store: f.properties.metadata ? new HashMap(f.properties.metadata) : null)
+        if (!(file.name.endsWith('.geojson') || file.name.endsWith('.json')))
+            return []
+        readObjectsFromGeoJSON(new FileInputStream(file))
+    }
+    static List<PathObject> readObjectsFromGeoJSON(InputStream stream) {
+        def features = stream.withCloseable { new groovy.json.JsonSlurper().parse(it).features }
+        features.collect { f ->
+            def pr = f.properties
+            def args = [id: UUID.fromString(f.id), kind: pr.objectType,
+                        locked: pr.isLocked ?: false,
+                        store: pr.metadata ? new HashMap(pr.metadata) : null,
+                        roi: roi(f.geometry),
+                        pathClass: pr.classification ? new PathClass(
+                            name: pr.classification.name) : null]
+            if (pr.objectType == 'cell')
+                args.nucleusROI = roi(f.nucleusGeometry)
+            TYPES[pr.objectType].newInstance(args)
         }
+    }
+    static ROI roi(Map g) {
+        if (g == null)
+            return null
+        def gf = new GeometryFactory()
+        def c = { List xy -> new Coordinate(xy[0] as double, xy[1] as double) }
+        if (g.type == 'Point')
+            return new ROI(geometry: gf.createPoint(c(g.coordinates)))
+        assert g.type == 'Polygon'
+        def rings = g.coordinates.collect { r -> gf.createLinearRing(r.collect(c) as Coordinate[]) }
+        new ROI(geometry: gf.createPolygon(rings[0], rings.drop(1) as LinearRing[]))
     }
 }""",
     "qupath/lib/common/GeneralTools.groovy": """package qupath.lib.common
@@ -465,16 +580,15 @@ import qupath.lib.projects.ProjectIO
 import qupath.lib.scripting.QP
 
 def (scriptFile, mode, base) = [new File(args[0]), args[1], new File(args[2])]
-def marked = { Map m -> new PathObject(m + [store: ['qpseg_model': 'm1']]) }
-def uid = { String s -> UUID.nameUUIDFromBytes(s.bytes) }
 def project = new Project(path: new File(base, 'project.qpproj').toPath())
 ProjectIO.projects[new File(base, 'project.qpproj').getCanonicalPath()] = project
 def entries = (1..3).collect { new Entry(id: "$it", imageName: "slide$it", data: new ImageData()) }
 project.imageList.addAll(entries)
 entries[1].unreadable = mode == 'project'
 def h = entries[0].data.hierarchy
-h.objects.addAll([new PathObject(id: uid('user')), marked(id: uid('old'), kind: 'detection'),
-                  marked(id: uid('locked'), kind: 'detection', locked: true)])
+// The image's objects before the import (the user's and earlier qpseg ones), as the test made them.
+h.objects.addAll(qupath.lib.io.PathIO.readObjectsFromGeoJSON(
+        new FileInputStream(new File(base, 'image_objects.json'))))
 h.objects.addAll((1..1000).collect { new PathObject(kind: 'detection') })
 PathObject.allocations = 0
 
@@ -507,14 +621,86 @@ println JsonOutput.toJson([
 """
 
 
-def _run_stubbed(tmp_path: Path, version: str, script: str, mode: str) -> dict:
+def _uid(name: str) -> str:
+    """The id the fixture gives the object called ``name``."""
+    import hashlib
+    import uuid
+
+    return str(uuid.UUID(bytes=hashlib.md5(name.encode()).digest(), version=3))
+
+
+def _box(x: float, y: float, w: float, h: float) -> dict:
+    return {"type": "Polygon",
+            "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]}
+
+
+def _feature(name: str, box: tuple[float, float, float, float], kind: str = "detection",
+             cls: str | None = "Tumor", locked: bool = False, marked: bool = True,
+             nucleus: tuple[float, float, float, float] | None = None) -> dict:
+    """One QuPath GeoJSON feature; ``marked``: written by qpseg (metadata qpseg_model)."""
+    props: dict = {"objectType": kind, "isLocked": locked}
+    if cls is not None:
+        props["classification"] = {"name": cls, "color": [200, 0, 0]}
+    if marked:
+        props["metadata"] = {"qpseg_model": "m1"}
+    f = {"type": "Feature", "id": _uid(name), "geometry": _box(*box), "properties": props}
+    if nucleus is not None:
+        f["nucleusGeometry"] = _box(*nucleus)
+    return f
+
+
+#: The image's objects before the import: the user's own annotation and earlier qpseg objects,
+#: each named for what the review did to it.
+_IMAGE = [
+    _feature("user", (500, 500, 50, 50), kind="annotation", marked=False),
+    _feature("old", (0, 0, 10, 10)),                                # untouched
+    _feature("nudged", (20.5, 0, 10, 10), cls=" TUMOR "),           # within 1 px, same class
+    _feature("reshaped", (40, 0, 15, 10)),                          # edge moved 5 px
+    _feature("reclassified", (60, 0, 10, 10), cls="Stroma"),
+    _feature("converted", (80, 0, 10, 10), kind="annotation"),      # detection -> annotation
+    _feature("cell_same", (0, 20, 10, 10), kind="cell", nucleus=(2, 22, 4, 4)),
+    _feature("cell_nucleus", (20, 20, 10, 10), kind="cell", nucleus=(5, 25, 4, 4)),
+    _feature("locked", (40, 20, 10, 10), locked=True),
+    _feature("unproven", (60, 20, 10, 10)),                         # another run's object
+]
+#: What qpseg wrote: the newest backup (``.bak.10``, numbered after ``.bak.9``) holds what the
+#: image got; older backups hold other versions; the current file (the new predictions) has
+#: new objects, the locked one, and ``reshaped``'s original, which comes before the backup's.
+_ORIGINALS = [
+    _feature("old", (0, 0, 10, 10)),
+    _feature("nudged", (20, 0, 10, 10)),
+    _feature("reshaped", (40, 0, 15, 10)),
+    _feature("reclassified", (60, 0, 10, 10)),
+    _feature("converted", (80, 0, 10, 10)),
+    _feature("cell_same", (0, 20, 10, 10), kind="cell", nucleus=(2, 22, 4, 4)),
+    _feature("cell_nucleus", (20, 20, 10, 10), kind="cell", nucleus=(2, 22, 4, 4)),
+    _feature("locked", (40, 20, 10, 10)),
+]
+_STALE = [_feature("old", (0, 0, 30, 30)), _feature("nudged", (0, 0, 30, 30))]
+_CURRENT = [_feature("new1", (0, 40, 10, 10)), _feature("locked", (40, 20, 10, 10)),
+            _feature("reshaped", (40, 0, 10, 10)), _feature("new2", (20, 40, 10, 10))]
+
+
+def _jts_jar() -> str | None:
+    """A JTS jar (QuPath bundles JTS) for the import script's geometry test, or None."""
+    named = os.environ.get("JTS_JAR")
+    if named and Path(named).is_file():
+        return named
+    found = sorted(Path.home().glob(".m2/repository/org/locationtech/jts/jts-core/*/*.jar"))
+    return str(found[-1]) if found else None
+
+
+def _run_stubbed(tmp_path: Path, version: str, script: str, mode: str,
+                 backups: bool = True) -> dict:
     import json
     import shutil
-    import uuid
 
     groovy = shutil.which("groovy")
     if groovy is None:
         pytest.skip("no `groovy` on PATH to run the scripts against stand-in QuPath classes")
+    jts = _jts_jar()
+    if jts is None:
+        pytest.skip("no JTS jar (set JTS_JAR, or have jts-core in ~/.m2) for the stand-ins")
     stubs = tmp_path / f"stubs{version}"
     closeable = version == "0.6"
     sources = dict(_STUBS)
@@ -530,51 +716,70 @@ def _run_stubbed(tmp_path: Path, version: str, script: str, mode: str) -> dict:
     (tmp_path / "driver.groovy").write_text(_DRIVER)
     base = tmp_path / "project"
 
-    def uid(s: str) -> str:
-        return str(uuid.UUID(bytes=__import__("hashlib").md5(s.encode()).digest(), version=3))
+    def collection(features: list[dict]) -> str:
+        return json.dumps({"type": "FeatureCollection", "features": features})
 
     preds = base / "qpseg" / "predictions"
     preds.mkdir(parents=True)
-    feats = [{"type": "Feature", "id": uid(n), "geometry": None,
-              "properties": {"objectType": "detection", "metadata": {"qpseg_model": "m2"}}}
-             for n in ("new1", "locked", "new2")]
-    (preds / "1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    (preds / "1.metadata.json").write_text(json.dumps({"qpseg_objects": "3"}))
+    (base / "image_objects.json").write_text(collection(_IMAGE))
+    (preds / "1.geojson").write_text(collection(_CURRENT))
+    if backups:
+        (preds / "1.geojson.bak.10").write_text(collection(_ORIGINALS))
+        for stale in ("1.geojson.bak", "1.geojson.bak.9"):
+            (preds / stale).write_text(collection(_STALE))
+    (preds / "1.metadata.json").write_text(json.dumps({"qpseg_objects": "4"}))
     (base / "project.qpproj").write_text("{}")
     env = {**os.environ, "JAVA_HOME": os.environ.get("JAVA_HOME") or str(
         Path(os.path.realpath(shutil.which("java") or "/usr/bin/java")).parents[1])}
-    out = subprocess.run([groovy, "-cp", str(stubs), str(tmp_path / "driver.groovy"),
-                          str(HOME / script), mode, str(base)],
+    out = subprocess.run([groovy, "-cp", os.pathsep.join([str(stubs), jts]),
+                          str(tmp_path / "driver.groovy"), str(HOME / script), mode, str(base)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["uid"] = {n: uid(n) for n in ("user", "old", "locked", "new1", "new2")}
     result["stdout"] = out.stdout
     return result
+
+
+#: After the import: the reviewed AI objects kept, the new predictions added.
+_KEPT = ["reshaped", "reclassified", "converted", "cell_nucleus", "locked", "unproven"]
+_REPORT = ("removed 3 unreviewed, kept 4 edited, 1 locked, 1 without original, "
+           "imported 2 of 4 into 'slide1'")
 
 
 @pytest.mark.slow
 def test_import_runs_on_qupath_06_in_the_gui(tmp_path: Path) -> None:
     r = _run_stubbed(tmp_path, "0.6", IMPORT, "image")
-    u = r["uid"]
     assert r["error"] is None, r["stdout"]
-    # The old unlocked prediction went, the locked one stayed, and its id was not re-imported.
-    assert sorted(r["ids"]) == sorted([u["locked"], u["new1"], u["new2"]])
-    assert r["n_objects"] == 1 + 1000 + 3  # the user's annotation and plain detections stay
+    # Untouched (old), moved < 1 px with the class in other case (nudged) and an unchanged cell
+    # went; reshaped, reclassified, converted, a cell with a moved nucleus, the locked one and
+    # one without an original stayed; new predictions with a kept object's id were not added.
+    assert sorted(r["ids"]) == sorted(_uid(n) for n in [*_KEPT, "new1", "new2"])
+    assert r["n_objects"] == 1 + 1000 + len(_KEPT) + 2  # the user's annotation, plain detections
     assert r["allocations"] == 0  # hasMetadata() first: no map for 1000 plain detections
     assert r["syncs"] == 1 and r["saves"] == [1, 0, 0]
-    assert r["metadata"][0] == {"qpseg_objects": "3"}
-    assert "kept 1 locked, imported 2 of 3" in r["stdout"]
+    assert r["metadata"][0] == {"qpseg_objects": "4"}
+    assert f"qpseg: {_REPORT}" in r["stdout"]
+
+
+@pytest.mark.slow
+def test_import_without_backups_keeps_what_it_cannot_compare(tmp_path: Path) -> None:
+    r = _run_stubbed(tmp_path, "0.6", IMPORT, "image", backups=False)
+    assert r["error"] is None, r["stdout"]
+    # Only reshaped has an original (in the current file): nothing is provably unreviewed.
+    marked = [f["id"] for f in _IMAGE if "metadata" in f["properties"]]
+    assert sorted(r["ids"]) == sorted([*marked, _uid("new1"), _uid("new2")])
+    assert ("removed 0 unreviewed, kept 1 edited, 1 locked, 7 without original, "
+            "imported 2 of 4") in r["stdout"]
 
 
 @pytest.mark.slow
 def test_import_project_mode_on_qupath_05_carries_on_past_a_bad_entry(tmp_path: Path) -> None:
     r = _run_stubbed(tmp_path, "0.5", IMPORT, "project")
-    u = r["uid"]
     assert r["error"].startswith("RuntimeException: qpseg: 1 of 3 entries failed: 'slide2'")
     assert "FAILED 'slide2' (entry 2): IOException: cannot open slide2" in r["stdout"]
     assert "no predictions for 'slide3'" in r["stdout"]  # the entry after it still ran
-    assert sorted(r["ids"]) == sorted([u["locked"], u["new1"], u["new2"]])
+    assert sorted(r["ids"]) == sorted(_uid(n) for n in [*_KEPT, "new1", "new2"])
+    assert f"qpseg: {_REPORT}" in r["stdout"]
     assert r["allocations"] == 0  # 0.5: the protected retrieveMetadataValue, no new maps
     assert r["saves"] == [1, 0, 0] and r["syncs"] == 1
     assert r["closed"] == [True, False, True]
@@ -586,7 +791,7 @@ def test_scripts_stop_on_qupath_04_when_run(tmp_path: Path, script: str) -> None
     r = _run_stubbed(tmp_path, "0.4", script, "image")
     assert r["error"].startswith("UnsupportedOperationException: qpseg: QuPath 0.4.4 is not "
                                  "supported")
-    assert r["n_objects"] == 1003 and r["saves"] == [0, 0, 0]
+    assert r["n_objects"] == len(_IMAGE) + 1000 and r["saves"] == [0, 0, 0]
 
 
 @pytest.mark.slow
@@ -594,10 +799,10 @@ def test_export_runs_on_qupath_06(tmp_path: Path) -> None:
     import json
 
     r = _run_stubbed(tmp_path, "0.6", EXPORT, "project")
-    u = r["uid"]
     assert r["error"].startswith("RuntimeException: qpseg: 1 of 3 entries failed")
     exported = json.loads((tmp_path / "project" / "qpseg" / "annotations" / "1.geojson")
                           .read_text())
-    assert sorted(exported) == sorted([u["user"], u["old"], u["locked"]])
+    # Every annotation and the qpseg detections (cells included), not the plain detections.
+    assert sorted(exported) == sorted(f["id"] for f in _IMAGE)
     assert r["allocations"] == 0 and r["saves"] == [0, 0, 0]  # export changes nothing
     assert not list((tmp_path / "project" / "qpseg" / "annotations").glob("*.tmp"))

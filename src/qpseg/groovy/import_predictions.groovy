@@ -3,9 +3,14 @@
  *
  * Reads <project>/qpseg/predictions/<entryID>.geojson (QuPath GeoJSON). Objects written by qpseg
  * carry the object metadata key 'qpseg_model' (plus 'qpseg_run', 'qpseg_version').
- * With REPLACE_PREVIOUS = true, earlier qpseg objects in the image are removed first, except
- * locked ones: lock an AI object in QuPath to keep your reviewed/edited version; a prediction
- * with the same id as a locked object is then not imported again. Objects without qpseg
+ * With REPLACE_PREVIOUS = true, earlier qpseg objects in the image are replaced only where
+ * nobody reviewed them - the rule of qpseg's Python side (qpseg.review): an object is removed
+ * when it is unchanged from what qpseg wrote (its original: same id in <entryID>.geojson, else
+ * in its newest backup <entryID>.geojson.bak[.N]) - same object type, same class (case and
+ * surrounding spaces ignored), outline (and a cell's nucleus) within 1 px - and not locked.
+ * Kept: locked objects (lock an AI object to accept it), edited ones (reshaped, reclassified,
+ * converted), and ones without an original (they cannot be shown to be unchanged). A
+ * prediction with the id of a kept object is not imported again. Objects without qpseg
  * metadata - the pathologist's own annotations - are never touched.
  * If <entryID>.metadata.json exists (a flat JSON object of strings, the per-slide summary),
  * its keys are stored as entry metadata (visible in the project's image list) and the project
@@ -36,11 +41,19 @@ import qupath.lib.objects.PathObjects
 import qupath.lib.projects.ProjectIO
 import qupath.lib.regions.ImagePlane
 import qupath.lib.roi.ROIs
+import org.locationtech.jts.algorithm.distance.DiscreteHausdorffDistance
+import org.locationtech.jts.geom.Geometry
+import org.locationtech.jts.geom.GeometryCollection
+import org.locationtech.jts.geom.Polygonal
 
 import java.awt.image.BufferedImage
+import java.nio.file.Files
 
 @Field boolean REPLACE_PREVIOUS = true
 @Field String MARKER = 'qpseg_model'
+// How far (level-0 px) an outline may move and still count as unchanged: qpseg.review's
+// DEFAULT_TOLERANCE_PX (QuPath writes GeoJSON coordinates with 2 decimals).
+@Field double TOLERANCE_PX = 1.0
 
 // QuPath 0.4 keeps GeoJSON 'metadata' only on objects that implement MetadataStore
 // (QuPathTypeAdapters.java:619-622 at v0.4.4), and only TMACoreObject does
@@ -74,6 +87,80 @@ Closure<String> markerReader() {
     }
 }
 
+/** The newest backup qpseg kept of file (name.bak, name.bak.1, ...: highest number), or null. */
+File newestBackup(File file) {
+    // The slots qpseg._io.backups knows; links are passed over, as qpseg does.
+    def pattern = ~(java.util.regex.Pattern.quote(file.getName()) + /\.bak(?:\.([1-9][0-9]*))?/)
+    File newest = null
+    long best = -1
+    for (File f : (file.getParentFile().listFiles() ?: new File[0])) {
+        def m = pattern.matcher(f.getName())
+        if (!m.matches() || !f.isFile() || Files.isSymbolicLink(f.toPath()))
+            continue
+        long n = m.group(1) == null ? 0 : m.group(1) as long
+        if (n > best) {
+            best = n
+            newest = f
+        }
+    }
+    return newest
+}
+
+/** A class name as qpseg compares it: case and surrounding spaces ignored. */
+String className(PathObject p) {
+    // The GeoJSON 'classification' is the class's names joined as toString() does
+    // (GsonTools.java:437 at v0.5.1); an unset class is null, never NULL_CLASS
+    // (PathROIObject.java:142 at v0.5.1, :141 at v0.7.0).
+    def pathClass = p.getPathClass()
+    return pathClass == null ? '' : pathClass.toString().strip().toLowerCase(Locale.ROOT)
+}
+
+/** What is compared: a polygon's boundary, a point's or line's own geometry. */
+Geometry outline(Geometry g) {
+    if (g instanceof Polygonal)
+        return g.getBoundary()
+    if (g instanceof GeometryCollection && g.getClass() == GeometryCollection)
+        // JTS refuses getBoundary() on a mixed collection: each part's outline instead.
+        return g.getFactory().buildGeometry((0..<g.getNumGeometries()).collect {
+            outline(g.getGeometryN(it)) })
+    return g
+}
+
+/** True when two ROIs (either may be null) differ by more than TOLERANCE_PX anywhere. */
+boolean moved(def roiA, def roiB) {
+    if (roiA == null || roiB == null)
+        return roiA != null || roiB != null
+    // ROI.getGeometry(): ROI.java:173 at v0.5.1, :175 at v0.6.0, :174 at v0.7.0. QuPath bundles
+    // JTS 1.19.0 (libs.versions.toml:42 at v0.5.1) and 1.20.0 (libs.versions.toml:35 at v0.6.0,
+    // :36 at v0.7.0); both have DiscreteHausdorffDistance.distance(Geometry, Geometry), the
+    // GEOS algorithm behind shapely.hausdorff_distance that qpseg.review uses.
+    Geometry a = roiA.getGeometry()
+    Geometry b = roiB.getGeometry()
+    if (a.isEmpty() || b.isEmpty())
+        return a.isEmpty() != b.isEmpty()
+    if (a.getDimension() != b.getDimension())
+        return true  // an area became a line or a point, as qpseg.review's geometry families
+    if (a.equalsExact(b, 0))
+        return false
+    try {
+        return DiscreteHausdorffDistance.distance(outline(a), outline(b)) > TOLERANCE_PX
+    } catch (Exception ignored) {
+        return true  // not provably unchanged
+    }
+}
+
+/** True when p, an AI object in the image, is no longer what qpseg wrote (its original o). */
+boolean edited(PathObject p, PathObject o) {
+    // GeoJSON objectType -> one class per type (annotation, detection, cell, tile, TMA core).
+    if (p.getClass() != o.getClass() || className(p) != className(o))
+        return true
+    if (moved(p.getROI(), o.getROI()))
+        return true
+    // A cell's nucleus too (PathCellObject.java:79 at v0.5.1, :79 at v0.7.0); exactly one with
+    // a nucleus counts as moved.
+    return p.isCell() && moved(p.getNucleusROI(), o.getNucleusROI())
+}
+
 /** Imports one entry's predictions into imageData; returns a one-line report. */
 String importEntry(def project, def entry, def imageData, File baseDir) {
     def predDir = new File(new File(baseDir, 'qpseg'), 'predictions')
@@ -81,23 +168,59 @@ String importEntry(def project, def entry, def imageData, File baseDir) {
     if (!predictions.isFile())
         return "no predictions for '${entry.getImageName()}' (${predictions})"
     def hierarchy = imageData.getHierarchy()
-    // Locked qpseg objects stay ("keep my version"); their ids are remembered so the same
-    // prediction is not imported beside them. GeoJSON 'id' becomes the object's id
-    // (QuPathTypeAdapters.java:600-601 at v0.5.1, :591-592 at v0.7.0) and 'isLocked' is kept
-    // (QuPathTypeAdapters.java:617-618 at v0.5.1); getID(): PathObject.java:928 at v0.7.0.
+    // What importObjectsFromFile does (QP.java:2865 at v0.5.1, :3119 at v0.7.0), minus kept ids.
+    def objects = PathIO.readObjects(predictions)
+    // The originals: what qpseg wrote, by id - the predictions file first, then its newest
+    // backup (what the image got before the last `qpseg infer`). readObjects picks its reader
+    // by extension and gives nothing for a .bak (PathIO.java:791 at v0.5.1, :851 at v0.7.0);
+    // readObjectsFromGeoJSON reads any stream and closes it (PathIO.java:823 at v0.5.1,
+    // :883 at v0.6.0, :883 at v0.7.0).
+    def originals = new HashMap<UUID, PathObject>()
+    if (REPLACE_PREVIOUS) {
+        objects.each { originals.putIfAbsent(it.getID(), it) }
+        def backup = newestBackup(predictions)
+        if (backup != null) {
+            try {
+                PathIO.readObjectsFromGeoJSON(new FileInputStream(backup)).each {
+                    originals.putIfAbsent(it.getID(), it) }
+            } catch (Exception e) {
+                // Unreadable: its objects have no original and stay.
+                println "qpseg: cannot read ${backup}: ${e.getClass().getSimpleName()}: " +
+                        "${e.getMessage()}"
+            }
+        }
+    }
+    // Kept qpseg objects' ids are remembered so the same prediction is not imported beside
+    // them. GeoJSON 'id' becomes the object's id (QuPathTypeAdapters.java:600-601 at v0.5.1,
+    // :591-592 at v0.7.0) and 'isLocked' is kept (QuPathTypeAdapters.java:617-618 at v0.5.1);
+    // getID(): PathObject.java:928 at v0.7.0.
     def previous = []
+    def keptLocked = []
+    def keptUnproven = []
+    def keptEdited = []
     def keptIds = new HashSet<UUID>()
     for (PathObject p : hierarchy.getFlattenedObjectList(null)) {
         if (p.isRootObject() || qpsegValue.call(p) == null)
             continue
-        if (REPLACE_PREVIOUS && !p.isLocked())
-            previous << p
-        else
+        if (!REPLACE_PREVIOUS) {
             keptIds << p.getID()
+            continue
+        }
+        def original = originals.get(p.getID())
+        if (p.isLocked()) {
+            keptLocked << p
+            keptIds << p.getID()
+        } else if (original == null) {
+            keptUnproven << p
+            keptIds << p.getID()
+        } else if (edited(p, original)) {
+            keptEdited << p
+            keptIds << p.getID()
+        } else
+            previous << p
     }
+    originals.clear()
     hierarchy.removeObjects(previous, true)
-    // What importObjectsFromFile does (QP.java:2865 at v0.5.1, :3119 at v0.7.0), minus kept ids.
-    def objects = PathIO.readObjects(predictions)
     def added = objects.findAll { !keptIds.contains(it.getID()) }
     hierarchy.addObjects(added)
 
@@ -112,8 +235,11 @@ String importEntry(def project, def entry, def imageData, File baseDir) {
     // v0.5.1, :1699-1791 at v0.7.0) and headless -s does only from 0.6 (QuPath.java:404 at
     // v0.6.0; absent at v0.5.1): without this the per-slide summary is lost.
     project.syncChanges()
-    return "removed ${previous.size()} earlier qpseg object(s), kept ${keptIds.size()} " +
-            "locked, imported ${added.size()} of ${objects.size()} into '${entry.getImageName()}'"
+    def into = "imported ${added.size()} of ${objects.size()} into '${entry.getImageName()}'"
+    if (!REPLACE_PREVIOUS)
+        return "kept ${keptIds.size()} earlier qpseg object(s) (REPLACE_PREVIOUS = false), ${into}"
+    return "removed ${previous.size()} unreviewed, kept ${keptEdited.size()} edited, " +
+            "${keptLocked.size()} locked, ${keptUnproven.size()} without original, ${into}"
 }
 
 /** Closes the image behind imageData without opening it just to close it. */
