@@ -16,11 +16,20 @@ TARGET = ROOT / "docs" / "cli.md"
 
 
 def commands() -> list[str]:
-    """Registered command names, in registration order."""
+    """Registered command names, in registration order, then each group's sub-commands
+    (``project create`` ...)."""
     from qpseg.cli import app
 
-    return [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands
-            if c.callback is not None]
+    names = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands
+             if c.callback is not None]
+    for group in app.registered_groups:
+        sub = group.typer_instance
+        if sub is None or not group.name:
+            continue
+        names.append(group.name)
+        names += [f"{group.name} {c.name or c.callback.__name__.replace('_', '-')}"
+                  for c in sub.registered_commands if c.callback is not None]
+    return names
 
 
 def help_text(args: list[str]) -> str:
@@ -42,7 +51,7 @@ def render() -> str:
              " (a test fails when this file is out of date).\n",
              "```text\n" + help_text([]) + "```\n"]
     for name in commands():
-        parts.append(f"## qpseg {name}\n\n```text\n{help_text([name])}```\n")
+        parts.append(f"## qpseg {name}\n\n```text\n{help_text(name.split())}```\n")
     return "\n".join(parts)
 
 
