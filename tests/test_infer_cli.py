@@ -173,13 +173,13 @@ def test_write_to_project_puts_each_entry_in(env: dict[str, Any], tmp_path: Path
     calls: list[tuple[int, int, dict[str, str]]] = []
     fail_on: set[int] = set()
 
-    def fake(session: Any, entry_id: int, objects: list[Any],
-             metadata: dict[str, str]) -> tuple[int, int, int]:
+    def fake(session: Any, entry_id: int, objects: list[Any], metadata: dict[str, str],
+             originals: list[Any] | None) -> paquo_backend.Replaced:
         assert session.path == env["project"].resolve()
         if entry_id in fail_on:
             raise ProjectError("QuPath could not store the objects", session.path)
         calls.append((entry_id, len(objects), metadata))
-        return 5, len(objects), 0
+        return paquo_backend.Replaced(5, len(objects))
 
     monkeypatch.setattr(paquo_backend, "qupath_available", lambda: True)
     monkeypatch.setattr(project_writeback, "_paquo_replace", fake)

@@ -37,7 +37,7 @@ def _progress_display(quiet: bool) -> Any:
             self.progress = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                 RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False)
+                console=Console(stderr=True, soft_wrap=True), transient=False)
             self.slides: Any = None
             self.tiles: Any = None
 
@@ -112,8 +112,12 @@ def infer(
         None, "--tissue", help="Tissue detection: otsu, otsu_od, hsv or none (default: the "
                                "model's, else otsu_od)."),
     mpp: float | None = typer.Option(
-        None, "--mpp", help="Pixel size (µm/px at full resolution) for every slide, replacing "
-                            "the slides' own."),
+        None, "--mpp", help="Pixel size (µm/px at full resolution) for slides that have none "
+                            "(neither in the slide nor set in QuPath)."),
+    mpp_override: bool = typer.Option(
+        False, "--mpp-override", help="Let --mpp replace every slide's own pixel size (each "
+                                      "change is printed as old -> new; a finished slide is "
+                                      "redone at the new size)."),
     stitch: str = typer.Option("center", "--stitch",
                                help="center (centre crop) or blend (50 % overlap, Hann "
                                     "window)."),
@@ -153,10 +157,11 @@ def infer(
     """Predict every selected slide and write QuPath objects to OUT/<entryID>.geojson.
 
     Also writes <entryID>.metadata.json (summary for groovy/import_predictions.groovy),
-    summary.csv and run_metadata.json. Finished slides are skipped unless --overwrite; a run
-    killed mid-slide redoes only that slide. Multi-GPU: torchrun --nproc-per-node N -m qpseg
-    infer ... spreads slides over the ranks, and a slide bigger than a fair share is split
-    by rows across all of them. Exits 1 when some slides failed.
+    summary.csv and run_metadata.json. Pixel size: the slide's own, else the one set in
+    QuPath, else --mpp (--mpp-override replaces known values). Finished slides are skipped
+    unless --overwrite; a run killed mid-slide redoes only that slide. Multi-GPU: torchrun
+    --nproc-per-node N -m qpseg infer ... spreads slides over the ranks, and a slide bigger
+    than a fair share is split by rows across all of them. Exits 1 when some slides failed.
     """
     from qpseg.engine import (
         InferenceParams,
@@ -193,8 +198,8 @@ def infer(
         stitch=stitch, min_area_um2=min_area_um2, fill_holes_um2=fill_holes_um2,
         simplify_um=simplify_um, as_type=as_type, heatmap=heatmap, heatmap_class=heatmap_class,
         overlay=overlay, overwrite=overwrite, keep_maps=keep_maps, mpp=mpp,
-        compile=compile_model, run_id=run_id, shard=shard, tile_px=tile_px,
-        lesion_classes=lesions)
+        mpp_override=mpp_override, compile=compile_model, run_id=run_id, shard=shard,
+        tile_px=tile_px, lesion_classes=lesions)
     # Before the model loads or a slide is read: bad options, a folder that cannot take the
     # outputs (or the project's annotation export folder) fail now, in one line.
     params.validate()
@@ -208,6 +213,12 @@ def infer(
     code = 1 if result.failed else 0
     if os.environ.get("RANK", "0") not in ("", "0"):
         return code
+    for r in result.results:
+        if r.mpp_replaced is not None and r.mpp is not None:
+            what = f"entry {r.entry_id} ({r.name})" if r.entry_id is not None else r.name
+            # stderr, so --json output stays one JSON document
+            print(f"pixel size replaced: {what}: {r.mpp_replaced:g} -> {r.mpp:g} µm/px "
+                  "(--mpp-override)", file=sys.stderr)
     written: list[Any] = []
     if write_to_project:
         from qpseg.engine.project_writeback import write_back

@@ -9,7 +9,7 @@ import typer
 
 
 def _overrides(epochs: int | None, steps: int | None, batch_size: int | None, seed: int | None,
-               workers: int | None) -> dict[str, Any]:
+               workers: int | None, ai_objects: str | None = None) -> dict[str, Any]:
     train: dict[str, Any] = {}
     if epochs is not None:
         train["epochs"] = epochs
@@ -20,9 +20,26 @@ def _overrides(epochs: int | None, steps: int | None, batch_size: int | None, se
     if seed is not None:
         train["seed"] = seed
     out: dict[str, Any] = {"train": train} if train else {}
+    data: dict[str, Any] = {}
     if workers is not None:
-        out["data"] = {"workers": workers}
+        data["workers"] = workers
+    if ai_objects is not None:
+        data["ai_objects"] = ai_objects
+    if data:
+        out["data"] = data
     return out
+
+
+def _review_lines(summary: dict[str, Any]) -> list[str]:
+    """The truth rule's per-class counts of AI objects (left out / kept), as import-project
+    prints them; from the summary of a one-stage model or the first stage of a two-stage one."""
+    from qpseg.review import ReviewCounts
+
+    found = summary.get("ai_objects")
+    if found is None:
+        found = next((s["ai_objects"] for s in summary.values()
+                      if isinstance(s, dict) and "ai_objects" in s), None)
+    return ReviewCounts.from_json(found).lines() if found is not None else []
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -67,6 +84,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         split = s["split"]
         c.print(f"split (seed {split['seed']}): {len(split['train'])} train, "
                 f"{len(split['val'])} val, {len(split['test'])} test slide(s)")
+    for line in _review_lines(summary):
+        c.print(line, highlight=False)
     refine = summary.get("refine")
     if refine:
         c.print(f"refine: {len(refine['train_slides'])} train / {len(refine['val_slides'])} val "
@@ -157,6 +176,15 @@ def train(
                                     "augmentation and initialisation."),
     workers: int | None = typer.Option(None, "--workers", min=0, help="DataLoader worker "
                                        "processes."),
+    init_from: Path | None = typer.Option(None, "--init-from", help="Start from the weights of "
+                                          "another qpseg model package (tensors matched by "
+                                          "name and shape, classes by name)."),
+    ai_objects: str | None = typer.Option(
+        None, "--ai-objects",
+        help="Importing a project: which objects qpseg wrote count as annotations: "
+             "unreviewed-out (all but those left unchanged and unlocked in the review), all-out "
+             "(none) or all-in (all). Default: the config's data.ai_objects, else "
+             "unreviewed-out. A manifest keeps the rule it was imported with."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the summary as "
                                  "JSON."),
@@ -170,13 +198,21 @@ def train(
 
     from qpseg.training import train as run_train
 
+    if ai_objects is not None:
+        from qpseg.review import check_policy
+
+        ai_objects = check_policy(ai_objects)
     quiet = quiet or os.environ.get("RANK", "0") not in ("", "0")  # torchrun: rank 0 reports
 
     params = {"source": str(source), "out": str(out), "model": model,
               "config": None if config is None else str(config), "resume": resume,
               "dry_run": dry_run, "device": device, "epochs": epochs, "steps": steps,
-              "batch_size": batch_size, "seed": seed, "workers": workers}
-    overrides = _overrides(epochs, steps, batch_size, seed, workers)
+              "batch_size": batch_size, "seed": seed, "workers": workers,
+              "init_from": None if init_from is None else str(init_from),
+              "ai_objects": ai_objects}
+    overrides = _overrides(epochs, steps, batch_size, seed, workers, ai_objects)
+    if init_from is not None:
+        overrides["init_from"] = str(init_from)
     if dry_run:
         result = run_train(source, out, model=model, config=config, overrides=overrides,
                            resume=resume, dry_run=True, device=device, params=params)
@@ -198,5 +234,8 @@ def train(
         line = f"model package: {result.package}"
         if m.get("val_mdice") is not None:
             line += f" (val mDice {m['val_mdice']:.3f})"
-        console().print(line)
+        c = console()
+        for review_line in _review_lines(result.summary):
+            c.print(review_line, highlight=False)
+        c.print(line)
     return 0

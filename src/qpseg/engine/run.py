@@ -49,6 +49,13 @@ Several processes (torchrun): see :mod:`qpseg.engine.distributed`. A slide bigge
 share is run by every rank, each stitching its band of map rows into shared map files
 (:meth:`~qpseg.engine.tiling.TilePlan.row_bands`); rank 0 writes its outputs.
 
+Pixel size. Each slide's pixel size follows the one rule of every command
+(:func:`qpseg.slide.choose_pixel_size`): the slide's own, else the QuPath entry's calibration
+(projects), else ``--mpp``; ``--mpp`` replaces a known value only with ``--mpp-override``. The
+value used, where it came from and what it replaced are in the summary and run_metadata.json
+(:class:`SlideResult` ``mpp``, ``mpp_source``, ``mpp_replaced``), and the value used is one of
+the output options (:func:`output_params`), so a slide finished at another pixel size is redone.
+
 Failures. A slide that cannot be opened or read, has no pixel size (and none was given), or
 cannot be read at the model's pixel size fails with a one-line reason in the summary; the run
 goes on with the other slides and :attr:`RunResult.failed` says which failed.
@@ -73,6 +80,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -97,7 +105,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from qpseg.models.package import ModelPackage
     from qpseg.objects import MapGeometry
     from qpseg.qupath.geojson import QuPathObject
-    from qpseg.slide import Slide
+    from qpseg.slide import PixelSize, Slide
     from qpseg.tissue import TissueMask
 
 __all__ = [
@@ -144,7 +152,7 @@ class SlideJob:
     """One slide to run: ``key`` names its outputs (``<out>/<key>.geojson``).
 
     ``error`` marks a job that fails before running (e.g. the project's image was not found);
-    ``mpp`` is a pixel size to use when the slide itself has none (a QuPath entry's calibration).
+    ``mpp`` is the QuPath entry's calibration (µm/px), used when the slide itself has none.
     """
 
     key: str
@@ -181,6 +189,7 @@ class InferenceParams:
     overwrite: bool = False
     keep_maps: bool = False
     mpp: float | None = None
+    mpp_override: bool = False  # --mpp replaces a slide's (or project's) known pixel size
     precision: str | None = None
     channels_last: bool | None = None
     compile: bool = False
@@ -221,6 +230,9 @@ class InferenceParams:
             from qpseg.slide import check_mpp
 
             check_mpp(self.mpp, "--mpp", error=ConfigError)
+        if self.mpp_override and self.mpp is None:
+            raise ConfigError("--mpp-override needs --mpp (the pixel size that replaces the "
+                              "slides' own)")
         if not 0 <= self.score_threshold <= 1 or not 0 <= self.mask_threshold <= 1:
             raise ConfigError("score and mask thresholds must be between 0 and 1")
         if not self.max_upsample >= 1:
@@ -260,7 +272,13 @@ ProgressFn = Callable[[ProgressEvent], None]
 
 @dataclass
 class SlideResult:
-    """What happened to one slide."""
+    """What happened to one slide.
+
+    ``mpp`` is the slide's pixel size used (µm/px), ``mpp_source`` where it came from
+    (``slide``, ``project``, ``option`` or ``override``; :class:`qpseg.slide.PixelSize`) and
+    ``mpp_replaced`` the known value ``--mpp-override`` replaced. For a slide skipped as
+    finished, ``mpp`` is the value its outputs were made with, when recorded.
+    """
 
     key: str
     name: str
@@ -275,6 +293,9 @@ class SlideResult:
     tissue_mpx: float = 0.0
     n_objects: int = 0
     map_mpp: float | None = None
+    mpp: float | None = None
+    mpp_source: str = ""
+    mpp_replaced: float | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, dict[str, str]] = field(default_factory=dict)
     maps: str | None = None
@@ -294,6 +315,8 @@ class SlideResult:
             "tissue_fraction": "" if self.tissue_fraction is None else
             round(self.tissue_fraction, 6),
             "n_objects": self.n_objects,
+            "mpp": "" if self.mpp is None else self.mpp, "mpp_source": self.mpp_source,
+            "mpp_replaced": "" if self.mpp_replaced is None else self.mpp_replaced,
         }
         for k, v in self.summary.items():
             if k.startswith(("qpseg_count_", "qpseg_area_um2_")) or k in (
@@ -502,10 +525,13 @@ def _tissue_method(pkg: ModelPackage, params: InferenceParams) -> str:
     return "otsu_od"
 
 
-def output_params(ctx: _Context, job: SlideJob) -> dict[str, Any]:
+def output_params(ctx: _Context, slide_mpp: float | None) -> dict[str, Any]:
     """The options that shape a slide's outputs, as recorded in its done state.
 
-    A finished slide is redone when any of these differ (:func:`_redo_reason`). Options that
+    A finished slide is redone when any of these differ (:func:`_redo_reason`). The pixel
+    size is the one the slide was read at (``slide_mpp``, decided by the pixel-size rule), not
+    the options that lead to it: ``--mpp`` for a slide with its own value changes nothing,
+    ``--mpp-override`` or a new project calibration for a slide without one does. Options that
     only change how fast the same answer comes (device, batch size, workers, compile, channels
     last, arithmetic precision) are left out, so resuming a GPU run on another machine does
     not redo finished slides. ``heatmap`` / ``overlay`` count only when asked for and missing.
@@ -514,7 +540,7 @@ def output_params(ctx: _Context, job: SlideJob) -> dict[str, Any]:
     pkg = ctx.pkg
     data: dict[str, Any] = {
         "model_mpp": pkg.mpp, "classes": list(pkg.class_names),
-        "mpp": p.mpp, "entry_mpp": job.mpp, "tile_px": ctx.tile_px, "stitch": p.stitch,
+        "slide_mpp": slide_mpp, "tile_px": ctx.tile_px, "stitch": p.stitch,
         "tissue": ctx.tissue_method, "min_tissue": p.min_tissue,
         "max_upsample": p.max_upsample, "min_area_um2": p.min_area_um2,
         "fill_holes_um2": p.fill_holes_um2, "simplify_um": p.simplify_um,
@@ -840,33 +866,44 @@ class _State:
         return {k: done[k] for k in ("model_sha256", "params", "run") if k in done}
 
 
-def _redo_reason(ctx: _Context, job: SlideJob, state: _State) -> str:
+def _redo_reason(ctx: _Context, job: SlideJob,
+                 state: _State) -> tuple[str, PixelSize | None]:
     """Why a finished slide's outputs are stale ("" when they are current or their origin is
-    unknown, e.g. a GeoJSON made elsewhere)."""
+    unknown, e.g. a GeoJSON made elsewhere), and the pixel size the rule gives the slide now
+    when it had to be compared (None otherwise)."""
     done = state.last_done(job.key)
     if done is None:
-        return ""
+        return "", None
     sha = done.get("model_sha256")
     if isinstance(sha, str) and sha != ctx.pkg.sha256:
-        return f"model changed (package SHA-256 {sha[:12]} -> {ctx.pkg.sha256[:12]})"
+        return f"model changed (package SHA-256 {sha[:12]} -> {ctx.pkg.sha256[:12]})", None
     old = done.get("params")
+    chosen: PixelSize | None = None
     if isinstance(old, dict):
-        changes = _param_changes(old, output_params(ctx, job))
+        if "slide_mpp" in old:  # what the pixel-size rule gives now
+            try:
+                chosen = _pixel_size(ctx, job)
+            except (QpsegError, OSError) as exc:  # redone: the run reports the real failure
+                return f"pixel size cannot be decided ({_reason(exc, job)})", None
+        changes = _param_changes(old, output_params(ctx, None if chosen is None
+                                                    else chosen.mpp))
         if changes:
-            return "parameters changed: " + ", ".join(changes)
-    return ""
+            return "parameters changed: " + ", ".join(changes), chosen
+    return "", chosen
 
 
-def _decide(ctx: _Context, job: SlideJob, state: _State) -> tuple[bool, str]:
-    """``(run, reason)``: whether the slide is (re)done, and why it is skipped or redone."""
+def _decide(ctx: _Context, job: SlideJob,
+            state: _State) -> tuple[bool, str, PixelSize | None]:
+    """``(run, reason, pixel size)``: whether the slide is (re)done, why it is skipped or
+    redone, and its pixel size when deciding needed it."""
     if slide_status(job, ctx.out_dir) != "finished":
-        return True, ""
+        return True, "", None
     if ctx.params.overwrite:
-        return True, "--overwrite"
-    why = _redo_reason(ctx, job, state)
+        return True, "--overwrite", None
+    why, chosen = _redo_reason(ctx, job, state)
     if why:
-        return True, why
-    return False, "finished earlier (--overwrite replaces it)"
+        return True, why, chosen
+    return False, "finished earlier (--overwrite replaces it)", chosen
 
 
 def _busy(job: SlideJob, state: _State) -> SlideResult:
@@ -903,29 +940,53 @@ def _read_existing_summary(job: SlideJob) -> dict[str, Any]:
     return dict(data) if isinstance(data, dict) else {}
 
 
-def _open(ctx: _Context, job: SlideJob) -> tuple[Slide, float | None]:
-    """Open the slide; returns it and the mpp override the readers must use."""
+def _open(ctx: _Context, job: SlideJob) -> tuple[Slide, PixelSize]:
+    """Open the slide and decide its pixel size by the one rule
+    (:meth:`qpseg.slide.Slide.choose_mpp`: the slide's own, else the entry's calibration,
+    else ``--mpp``; ``--mpp-override`` replaces a known value), which the slide uses from
+    now on. SlideError when no plausible pixel size is known."""
     assert job.slide is not None
-    opener = ctx.opener
-    mpp = ctx.params.mpp
-
-    def do_open(m: float | None) -> Slide:
-        if opener is not None:
-            return opener(job.slide, m)  # type: ignore[arg-type]
+    if ctx.opener is not None:
+        slide = ctx.opener(job.slide, None)
+    else:
         from qpseg.slide import open_slide
 
-        return open_slide(job.slide, mpp=m)  # type: ignore[arg-type]
-
-    slide = do_open(mpp)
-    if mpp is None and not slide.has_mpp and job.mpp is not None:
+        slide = open_slide(job.slide)
+    try:
+        p = ctx.params
+        chosen = slide.choose_mpp(job.mpp, p.mpp, override=p.mpp_override)
+    except BaseException:
         slide.close()
-        mpp = job.mpp
-        slide = do_open(mpp)
-    _ = slide.mpp  # SlideError: unknown or implausible pixel size
-    return slide, mpp
+        raise
+    return slide, chosen
 
 
-def _run_tiles(ctx: _Context, job: SlideJob, slide_mpp_override: float | None, plan: TilePlan,
+def _pixel_size(ctx: _Context, job: SlideJob) -> PixelSize:
+    """The pixel size the rule gives ``job``'s slide now (opens the slide's metadata only)."""
+    slide, chosen = _open(ctx, job)
+    slide.close()
+    return chosen
+
+
+def _reader_mpp(chosen: PixelSize) -> float | None:
+    """The pixel size the tile readers, which open the slide again, must be given: None for
+    the slide's own (they read it themselves), else the value chosen."""
+    return None if chosen.source == "slide" else chosen.mpp
+
+
+def _record_mpp(job: SlideJob, result: SlideResult, chosen: PixelSize,
+                warn: bool = True) -> None:
+    """Put the pixel size used into ``result``; warn about what the user should hear (a
+    stored value that was skipped, slide and project that disagree)."""
+    result.mpp, result.mpp_source, result.mpp_replaced = (
+        float(chosen.mpp), chosen.source, chosen.replaced)
+    if warn:
+        where = f"entry {job.entry_id} ({job.name})" if job.entry_id is not None else job.name
+        for note in chosen.notes:
+            warnings.warn(f"{where}: {note}", InferenceWarning, stacklevel=2)
+
+
+def _run_tiles(ctx: _Context, job: SlideJob, reader_mpp: float | None, plan: TilePlan,
                maps: MapSet, runner: _Runner, num_classes: int, index: int, total: int,
                tiles_before: int = 0, tiles_total: int | None = None,
                rows: tuple[int, int] | None = None) -> int:
@@ -939,7 +1000,7 @@ def _run_tiles(ctx: _Context, job: SlideJob, slide_mpp_override: float | None, p
 
     assert job.slide is not None
     stitcher = Stitcher(plan, maps, num_classes, rows=rows)
-    dataset = TileDataset(job.slide, plan, mpp=slide_mpp_override, opener=ctx.opener)
+    dataset = TileDataset(job.slide, plan, mpp=reader_mpp, opener=ctx.opener)
     c = runner.contract
     mode = plan.mode
     params = ctx.params
@@ -1006,7 +1067,7 @@ def _run_tiles(ctx: _Context, job: SlideJob, slide_mpp_override: float | None, p
     return kept[0]
 
 
-def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: float | None,
+def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, reader_mpp: float | None,
                    tissue: TissueMask | None, work: Path, index: int, total: int
                    ) -> tuple[MapSet, MapGeometry, int, float, float]:
     """H2G-Net: patch heatmap over the tissue, then refinement of slide + heatmap."""
@@ -1030,7 +1091,7 @@ def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: flo
     maps0 = MapSet.create(work / "stage0", (plan.map_height, plan.map_width), c.num_classes,
                           "pixel")
     try:
-        _run_tiles(ctx, job, mpp_override, plan, maps0, ctx.runner(0), c.num_classes, index,
+        _run_tiles(ctx, job, reader_mpp, plan, maps0, ctx.runner(0), c.num_classes, index,
                    total, tiles_total=plan.n_tiles + 1)
         hc = second.inputs[1].heatmap_class
         hc = ctx.heat_channel if hc is None else hc
@@ -1114,10 +1175,12 @@ def _process_locked(ctx: _Context, job: SlideJob, index: int, total: int, state:
                     result: SlideResult, t0: float) -> SlideResult:
     """:func:`_process` once this run holds the slide's lock."""
     p = ctx.params
-    run, why = _decide(ctx, job, state)
+    run, why, chosen = _decide(ctx, job, state)
     if not run:
         result.status = "skipped"
         result.reason = why
+        if chosen is not None:  # the pixel size its outputs were made with
+            _record_mpp(job, result, chosen, warn=False)
         result.summary = _read_existing_summary(job)
         result.n_objects = int(float(result.summary.get("qpseg_n_objects", 0) or 0))
         return result
@@ -1126,9 +1189,10 @@ def _process_locked(ctx: _Context, job: SlideJob, index: int, total: int, state:
     _fresh_dir(work)
     maps: MapSet | None = None
     try:
-        slide, mpp_override = _open(ctx, job)
+        slide, chosen = _open(ctx, job)
         try:
-            maps, geometry = _predict(ctx, job, slide, mpp_override, work, index, total,
+            _record_mpp(job, result, chosen)
+            maps, geometry = _predict(ctx, job, slide, _reader_mpp(chosen), work, index, total,
                                       result)
             _write_outputs(ctx, job, slide, maps, geometry, result)
         finally:
@@ -1152,7 +1216,7 @@ def _process_locked(ctx: _Context, job: SlideJob, index: int, total: int, state:
 
 def _mark_done(ctx: _Context, job: SlideJob, state: _State, result: SlideResult) -> None:
     state.mark(job, ctx.run_id, "done", outputs=result.outputs, model_sha256=ctx.pkg.sha256,
-               params=output_params(ctx, job))
+               params=output_params(ctx, result.mpp))
 
 
 def _mark_failed(ctx: _Context, job: SlideJob, state: _State, reason: str) -> None:
@@ -1227,7 +1291,7 @@ def _process_shared(ctx: _Context, dist: DistContext, job: SlideJob, index: int,
                 if not locked:
                     go = "busy"
                 else:
-                    run, why = _decide(ctx, job, state)
+                    run, why, _ = _decide(ctx, job, state)
                     go = "run" if run else "alone"
     go = dist.broadcast(go)
     try:
@@ -1259,7 +1323,9 @@ def _process_shared_locked(ctx: _Context, dist: DistContext, job: SlideJob, inde
         if dist.is_main:
             state.mark(job, ctx.run_id, "running")
             _fresh_dir(work)
-        slide, mpp_override = _open(ctx, job)
+        slide, chosen = _open(ctx, job)
+        reader_mpp = _reader_mpp(chosen)
+        _record_mpp(job, result, chosen, warn=dist.is_main)
         method = ctx.tissue_method
         tissue = None if method == "none" else detect_tissue(slide, method)
         plan = _tile_plan(ctx, slide, tissue)
@@ -1274,7 +1340,7 @@ def _process_shared_locked(ctx: _Context, dist: DistContext, job: SlideJob, inde
         try:
             maps = MapSet.open(folder, writable=True)
             try:
-                _run_tiles(ctx, job, mpp_override, plan.for_rows(*rows), maps,
+                _run_tiles(ctx, job, reader_mpp, plan.for_rows(*rows), maps,
                            ctx.runner(None), c.num_classes, index, total, rows=rows)
             finally:
                 maps.close()
@@ -1320,7 +1386,7 @@ def _process_shared_locked(ctx: _Context, dist: DistContext, job: SlideJob, inde
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _predict(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: float | None,
+def _predict(ctx: _Context, job: SlideJob, slide: Slide, reader_mpp: float | None,
              work: Path, index: int, total: int,
              result: SlideResult) -> tuple[MapSet, MapGeometry]:
     """Tissue, tiles, model, stitching: the slide's maps and where they lie (the work done
@@ -1334,13 +1400,13 @@ def _predict(ctx: _Context, job: SlideJob, slide: Slide, mpp_override: float | N
     c = ctx.pkg.contract
     if kind == "two_stage":
         maps, geometry, tiles, fraction, tissue_mpx = _run_two_stage(
-            ctx, job, slide, mpp_override, tissue, work, index, total)
+            ctx, job, slide, reader_mpp, tissue, work, index, total)
     else:
         plan = _tile_plan(ctx, slide, tissue)
         maps = MapSet.create(work / "maps", (plan.map_height, plan.map_width),
                              c.num_classes, "instance" if kind == "instance" else "pixel")
         try:
-            _run_tiles(ctx, job, mpp_override, plan, maps, ctx.runner(None), c.num_classes,
+            _run_tiles(ctx, job, reader_mpp, plan, maps, ctx.runner(None), c.num_classes,
                        index, total)
         except BaseException:
             maps.close()
@@ -1581,12 +1647,28 @@ def run_inference(
         final = [merged[k] for k in sorted(merged)]
         csv_path = meta_path = None
         if dist.is_main:
+            _warn_unused_mpp(params, final)
             csv_path, meta_path = _write_run_files(ctx, dist, final, started, len(jobs))
         dist.barrier()
         ctx.emit(ProgressEvent("run_end", n_slides, n_slides))
         return RunResult(final, out, csv_path, meta_path)
     finally:
         dist.close()
+
+
+def _warn_unused_mpp(params: InferenceParams, results: Sequence[SlideResult]) -> None:
+    """One warning for the slides that kept a pixel size of their own (or their project's)
+    although ``--mpp`` gave another one (``--mpp-override`` would replace it)."""
+    if params.mpp is None or params.mpp_override:
+        return
+    kept = [f"{r.key} ({r.name}) {r.mpp:g} µm/px from the {r.mpp_source}" for r in results
+            if r.mpp is not None and r.mpp_source in ("slide", "project")
+            and r.mpp != params.mpp]
+    if kept:
+        warnings.warn(
+            f"--mpp {params.mpp:g} is not used for {len(kept)} slide(s) with a pixel size of "
+            f"their own ({'; '.join(kept[:3])}{'; ...' if len(kept) > 3 else ''}); pass "
+            "--mpp-override to replace it", InferenceWarning, stacklevel=3)
 
 
 def _new_run_id() -> str:

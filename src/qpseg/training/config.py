@@ -3,7 +3,9 @@
 A configuration is a mapping of sections (YAML or JSON file, ``qpseg train --config``)::
 
     model: tiny_unet            # registry name (``--model`` wins)
-    model_kwargs: {tile_px: 64} # architecture options (pretrained: PATH loads local weights)
+    model_kwargs: {tile_px: 64} # architecture options
+    pretrained: imagenet        # imagenet | coco | PATH: starting weights of the backbone
+    init_from: runs/lung        # start from another qpseg model package (classes by name)
     classes: null               # label classes (Background first, implied); null = the project's
     data: {...}                 # tiles: mpp, tile size, selection, tissue, target, workers
     split: {...}                # slide-level train/val/test split
@@ -56,7 +58,7 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_TOP_KEYS = ("model", "model_kwargs", "classes", "stages", "paper")
+_TOP_KEYS = ("model", "model_kwargs", "classes", "stages", "paper", "pretrained", "init_from")
 
 #: Every section with every key it accepts and its generic default.
 GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -68,7 +70,10 @@ GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
         "min_labelled": 0.05,  # khalil2022 eq. (1) γ
         "tissue_method": None,  # None | otsu | otsu_od | hsv
         "min_tissue": 0.25,  # pedersen2022 §2.2
-        "slide_mpp": None,  # overrides every slide's pixel size when importing a project
+        # Importing a QuPath project (what import-project's options do; a manifest keeps its own):
+        "slide_mpp": None,  # µm/px of slides that have none, in the slide or QuPath (--mpp)
+        "slide_mpp_override": False,  # slide_mpp replaces every known pixel size (--mpp-override)
+        "ai_objects": None,  # unreviewed-out (None) | all-out | all-in (--ai-objects)
         "group_by": None,  # entry metadata key / tag for hierarchical sampling and strata
         "target": "auto",  # auto | semantic | instance
         "normalization": "imagenet",  # imagenet | none | {mean: [...], std: [...]}
@@ -501,8 +506,24 @@ def validate_config(cfg: Mapping[str, Any], path: Path | None = None, *,
     if classes is not None and (not isinstance(classes, list) or not classes or not all(
             isinstance(c, str) and c.strip() for c in classes)):
         raise ConfigError("classes must be a non-empty list of class names (or null)", path)
+    for key in ("pretrained", "init_from"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigError(f"{key} must be a name or a path (or null), not {value!r}", path)
     _num(d["mpp"], f"{pre}data.mpp", path, lo=0, open_lo=True, allow_none=True)
-    _num(d["slide_mpp"], f"{pre}data.slide_mpp", path, lo=0, open_lo=True, allow_none=True)
+    if d["slide_mpp"] is not None:  # the one pixel-size plausibility rule (qpseg.slide)
+        from qpseg.slide import check_mpp
+
+        check_mpp(d["slide_mpp"], f"{pre}data.slide_mpp", path, error=ConfigError)
+    if not isinstance(d["slide_mpp_override"], bool):
+        raise ConfigError(f"{pre}data.slide_mpp_override must be true or false, not "
+                          f"{d['slide_mpp_override']!r}", path)
+    if d["slide_mpp_override"] and d["slide_mpp"] is None:
+        raise ConfigError(f"{pre}data.slide_mpp_override needs {pre}data.slide_mpp (the pixel "
+                          "size that replaces the slides' own)", path)
+    from qpseg.review import POLICIES  # the truth rule for objects qpseg wrote
+
+    _choice(d["ai_objects"], f"{pre}data.ai_objects", (None, *POLICIES), path)
     _num(d["tile_px"], f"{pre}data.tile_px", path, lo=1, integer=True, allow_none=True)
     _num(d["stride_px"], f"{pre}data.stride_px", path, lo=1, integer=True, allow_none=True)
     _choice(d["select"], f"{pre}data.select", ("labelled", "tissue", "either", "both", "all"),

@@ -38,6 +38,7 @@ __all__ = [
     "StageData",
     "TrainingWarning",
     "class_map_for",
+    "import_options",
     "normalization",
     "open_manifest",
     "patch_labels",
@@ -51,27 +52,66 @@ class TrainingWarning(QpsegWarning):
     """Something about the training data or run the user should know (a slide skipped, ...)."""
 
 
+def import_options(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data`` config keys that steer the import of a QuPath project, as keyword
+    arguments of :func:`open_manifest`."""
+    return {"slide_mpp": data_cfg.get("slide_mpp"),
+            "slide_mpp_override": bool(data_cfg.get("slide_mpp_override", False)),
+            "ai_objects": data_cfg.get("ai_objects")}
+
+
 def open_manifest(source: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None, *,
                   classes: Sequence[str] | None = None, slide_mpp: float | None = None,
+                  slide_mpp_override: bool = False, ai_objects: str | None = None,
                   write: bool = True) -> Manifest:
     """``manifest.json`` (or its folder), or a QuPath project (``.qpproj`` or the folder
-    holding one) imported into ``out_dir/manifest.json`` first (``write=False``: in memory)."""
+    holding one) imported into ``out_dir/manifest.json`` first (``write=False``: in memory).
+
+    The import is :func:`qpseg.manifest.import_project` (what ``qpseg import-project`` runs):
+    ``slide_mpp`` is its ``--mpp`` (the pixel size of slides that have none, neither in the
+    slide nor set in QuPath), ``slide_mpp_override`` its ``--mpp-override`` (``slide_mpp``
+    replaces known values), ``ai_objects`` its ``--ai-objects`` (which objects qpseg wrote
+    count as annotations, :mod:`qpseg.review`; None: the import's default). A manifest was
+    imported already: an ``ai_objects`` other than the rule it was imported with is a
+    :class:`ConfigError` when it holds AI objects (the labels would silently differ).
+    """
     from qpseg.manifest import import_project, read_manifest
 
     p = Path(source)
     if p.is_dir():
         if (p / "manifest.json").is_file():
-            return read_manifest(p / "manifest.json")
+            return _check_policy(read_manifest(p / "manifest.json"), ai_objects)
         projects = sorted(p.glob("*.qpproj"))
         if not projects:
             raise ConfigError("neither manifest.json nor a QuPath project (.qpproj) here", p)
         p = projects[0]
     if p.suffix.lower() == ".qpproj":
         target = Path(out_dir) if (write and out_dir is not None) else None
-        return import_project(p, target, classes=classes, mpp=slide_mpp)
+        if ai_objects is None:
+            return import_project(p, target, classes=classes, mpp=slide_mpp,
+                                  mpp_override=slide_mpp_override)
+        return import_project(p, target, classes=classes, mpp=slide_mpp,
+                              mpp_override=slide_mpp_override, ai_objects=ai_objects)
     if not p.exists():
         raise ConfigError("no such manifest or project", p)
-    return read_manifest(p)
+    return _check_policy(read_manifest(p), ai_objects)
+
+
+def _check_policy(manifest: Manifest, ai_objects: str | None) -> Manifest:
+    """``manifest`` when its truth follows ``ai_objects`` (or holds no AI objects)."""
+    if ai_objects is None:
+        return manifest
+    from qpseg.review import check_policy
+
+    wanted = check_policy(ai_objects)
+    review = manifest.review
+    if review.n_ai and review.policy != wanted:
+        raise ConfigError(
+            f"AI objects {wanted} (--ai-objects, data.ai_objects): this manifest was imported "
+            f"with --ai-objects {review.policy} and holds {review.n_ai} AI object(s); run "
+            f"`qpseg import-project --ai-objects {wanted}` again, or train on the QuPath "
+            "project", manifest.path)
+    return manifest
 
 
 def class_map_for(manifest: Manifest, classes: Sequence[str] | None) -> ClassMap:
@@ -399,7 +439,9 @@ def _stain_normalizer(method: str | None, slides: Sequence[SlideRecord], tiles: 
 
 
 def data_summary(data: StageData) -> dict[str, Any]:
-    """Slides, tiles per class, ignored fraction, split (what ``--dry-run`` prints)."""
+    """Slides, tiles per class, ignored fraction, split (what ``--dry-run`` prints), and the
+    truth rule's counts of AI objects in the annotations (``ai_objects``: policy, and per
+    class how many were left out and kept; :meth:`qpseg.review.ReviewCounts.to_json`)."""
     out: dict[str, Any] = {
         "classes": data.class_map.names,
         "mpp": data.mpp,
@@ -410,6 +452,7 @@ def data_summary(data: StageData) -> dict[str, Any]:
         "split": data.split.to_json(),
         "train": data.train.summary(),
         "val": data.val.summary() if data.val is not None else None,
+        "ai_objects": data.manifest.review.to_json(),
     }
     for name, labels in (("train", data.train_patch_labels), ("val", data.val_patch_labels)):
         if labels is not None:

@@ -228,7 +228,7 @@ def train(
 def _open(source: str | os.PathLike[str], out: Path, cfg: Mapping[str, Any], dist: Dist,
           *, resume: bool, dry_run: bool) -> Manifest:
     from qpseg.manifest import read_manifest
-    from qpseg.training.data import open_manifest
+    from qpseg.training.data import import_options, open_manifest
 
     p = Path(source)
     is_project = p.suffix.lower() == ".qpproj" or (p.is_dir() and not (
@@ -237,14 +237,14 @@ def _open(source: str | os.PathLike[str], out: Path, cfg: Mapping[str, Any], dis
         return read_manifest(out / "manifest.json")
     d = cfg["data"]
     if not is_project or dry_run:
-        return open_manifest(source, None, classes=cfg.get("classes"),
-                             slide_mpp=d["slide_mpp"], write=False)
+        return open_manifest(source, None, classes=cfg.get("classes"), write=False,
+                             **import_options(d))
     manifest: Manifest | None = None
     if dist.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            manifest = open_manifest(source, out, classes=cfg.get("classes"),
-                                     slide_mpp=d["slide_mpp"], write=True)
+            manifest = open_manifest(source, out, classes=cfg.get("classes"), write=True,
+                                     **import_options(d))
         except OSError as exc:  # the import writes manifest.json into OUT
             raise OutputError.from_os_error(exc, exc.filename or out / "manifest.json") from exc
     dist.barrier()
@@ -252,21 +252,45 @@ def _open(source: str | os.PathLike[str], out: Path, cfg: Mapping[str, Any], dis
 
 
 def _build_model(arch: str, num_classes: int, cfg: Mapping[str, Any], seed: int, *,
-                 meta: bool = False) -> Any:
+                 meta: bool = False, class_names: Any = None) -> Any:
     """The model of ``cfg``; ``meta``: on the meta device (a dry run needs the contract only,
-    so no weights are allocated or read)."""
+    so no weights are allocated or read).
+
+    Its starting weights: ``pretrained`` (``imagenet``, ``coco`` or a file; also accepted in
+    ``model_kwargs``), then ``init_from`` (a model package, classes aligned by ``class_names``).
+    Neither, for an architecture whose paper did not train from random init, is an
+    :class:`~qpseg.models.registry.InitWarning`. ``model.qpseg_init`` records which.
+    """
     from qpseg.models import create_model, get_entry
+    from qpseg.models.registry import InitWarning, random_init_note
     from qpseg.training.checkpoint import seed_everything
 
     seed_everything(seed)
     kwargs = dict(cfg.get("model_kwargs") or {})
     pretrained = kwargs.pop("pretrained", None)
+    top = cfg.get("pretrained")
+    if top is not None and pretrained is not None and str(top) != str(pretrained):
+        raise ConfigError(f"pretrained is set twice ({top!r} and model_kwargs.pretrained "
+                          f"{pretrained!r}); keep one")
+    pretrained = top if top is not None else pretrained
+    init_from = cfg.get("init_from")
     if meta:
         for key in get_entry(arch).init_only:
             kwargs.pop(key, None)
         model = create_model(arch, num_classes, meta=True, **kwargs)
     else:
         model = create_model(arch, num_classes, pretrained=pretrained, **kwargs)
+        if init_from is not None:
+            from qpseg.models.package import init_from_package
+
+            names = list(class_names) if class_names is not None else [
+                str(i) for i in range(num_classes)]
+            init_from_package(model, init_from, names)
+        if pretrained is None and init_from is None:
+            note = random_init_note(arch)
+            model.qpseg_init = {"random": True, **({"warning": note} if note else {})}
+            if note:
+                warnings.warn(note, InitWarning, stacklevel=2)
     if not model.contract.trainable:
         raise ModelError(f"{arch} is a classical (non-learned) baseline; there is nothing to "
                          "train")
@@ -372,7 +396,10 @@ def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch:
         cfg["split"]["file"] = str(out / "split.json")  # the slides a resumed run trained on
     manifest = _open(source, out, cfg, dist, resume=resume, dry_run=dry_run)
     class_map = class_map_for(manifest, cfg.get("classes"))
-    model = _build_model(arch, len(class_map), cfg, seed, meta=dry_run)
+    model = _build_model(arch, len(class_map), cfg, seed, meta=dry_run,
+                         class_names=class_map.names)
+    if callback is not None and dist.is_main and not dry_run:
+        callback(TrainEvent("stage", "init", message=describe_init(model)))
     contract = model.contract
     if not contract.stages:
         _check_memory(contract, int(cfg["train"]["batch_size"]))
@@ -385,6 +412,8 @@ def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch:
     summary = data_summary(data)
     summary["model"] = {"architecture": arch, "kwargs": cfg.get("model_kwargs") or {},
                         "output": contract.output}
+    if not dry_run:
+        summary["initialisation"] = getattr(model, "qpseg_init", None)
     if dry_run:
         return TrainResult(out, cfg, summary, dry_run=True, rank=dist.rank,
                            world_size=dist.world_size)
@@ -475,6 +504,7 @@ def _training_summary(cfg: Mapping[str, Any], data: StageData, results: list[Sta
         "mpp": data.mpp,
         "tile_px": data.tile_px,
         "tissue_method": data.tissue_method,
+        "ai_objects": data.manifest.review.to_json(),  # AI objects left out of / kept in truth
         "target": data.target,
         "class_weights": weights,
         "slides": {"train": [s.key for s in data.train_slides],
@@ -486,10 +516,40 @@ def _training_summary(cfg: Mapping[str, Any], data: StageData, results: list[Sta
     }
 
 
+def describe_init(model: Any) -> str:
+    """One line saying which weights ``model`` started from (``model.qpseg_init``)."""
+    init = getattr(model, "qpseg_init", None) or {}
+    parts = []
+    pre = init.get("pretrained")
+    if pre:
+        files = ", ".join((f"torchvision {f['weights']} " if "weights" in f else "")
+                          + f"from {f['file']}" for f in pre.get("files", []))
+        label = "local weights" if pre.get("source") == "file" else f"{pre['source']} weights"
+        parts.append(f"{label} ({files or pre.get('note', '')})")
+    pkg = init.get("init_from")
+    if pkg:
+        cls = pkg["classes"]
+        text = (f"model package {pkg['package']} ({pkg['architecture']}): "
+                f"{len(pkg['loaded'])} of {pkg['tensors']} tensors loaded, "
+                f"{len(pkg['aligned_by_class'])} aligned by class, "
+                f"{len(pkg['not_loaded'])} not loaded")
+        if cls["new"]:
+            text += f"; new classes with fresh heads: {', '.join(cls['new'])}"
+        if cls["dropped"]:
+            text += f"; package classes not used: {', '.join(cls['dropped'])}"
+        parts.append(text)
+    if not parts:
+        return "weights: random initialisation" + (
+            " (the paper started from pretrained weights; see the warning)"
+            if init.get("warning") else "")
+    return "weights: started from " + " then ".join(parts)
+
+
 def _save(out: Path, module: Any, data: StageData, training: Mapping[str, Any],
           stage_normalization: Any = None, mean: Any = None, std: Any = None) -> Path:
     from qpseg.models import save_package
 
+    training = {**training, "initialisation": getattr(module, "qpseg_init", None)}
     names = data.class_map.names
     colors = [c.color for c in data.class_map.classes]
     with warnings.catch_warnings():
