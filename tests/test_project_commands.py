@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 
 from qpseg.cli import main
 from qpseg.errors import MissingImageWarning
-from qpseg.qupath.project import QuPathProject
 from qpseg.qupath.bioformats import bioformats_layout
+from qpseg.qupath.project import QuPathProject
 
 BF = "qupath.lib.images.servers.bioformats.BioFormatsServerBuilder"
 OS = "qupath.lib.images.servers.openslide.OpenslideServerBuilder"
