@@ -191,7 +191,7 @@ def test_synthetic_project_removed_and_shifted(project: SyntheticProject, tmp_pa
         write_geojson(pred_dir / f"{eid}.geojson", [ann(g, c) for g, c in pred])
         labelled = union_all([g for g, _ in regions])
         expected.append(expected_scores(paint(regions), paint(pred), labelled))
-    ev = evaluate(path, path, tmp_path / "out", eval_mpp=0.5)
+    ev = evaluate(path, path, tmp_path / "out", eval_mpp=0.5, truth_mode="partial")
     assert not ev.failed and not ev.unmatched
     df = pd.read_csv(tmp_path / "out" / "per_slide.csv")
     for slide, want in zip(project.slides, expected, strict=True):
@@ -227,8 +227,9 @@ def test_perfect_prediction_through_cli(project: SyntheticProject, tmp_path: Pat
     assert not (out / "instances.csv").exists()  # no detections or cells anywhere
     df = pd.read_csv(out / "per_slide.csv")
     present = df[df.n_truth > 0]
-    assert len(present) == 6
+    assert len(present) == 8  # exhaustive by default: Background has truth pixels too
     assert (present.dice == 1).all() and (present.iou == 1).all()
+    assert (df.truth_mode == "exhaustive").all()
     assert (df.fp == 0).all() and (df.fn == 0).all()
     slides = pd.read_csv(out / "slides.csv")
     assert list(slides.entry_id) == list(project.entry_ids)
@@ -348,7 +349,7 @@ def test_truth_without_labels_is_unmatched(tmp_path: Path) -> None:
                                                  ann(box(0, 0, 80, 80), "Ignore*")])
     for name in ("a", "b"):
         write_geojson(tmp_path / "p" / f"{name}.geojson", [ann(box(0, 0, 80, 80), "Tumor")])
-    ev = evaluate(tmp_path / "t", tmp_path / "p", mpp=1.0, eval_mpp=1.0)
+    ev = evaluate(tmp_path / "t", tmp_path / "p", mpp=1.0, eval_mpp=1.0, truth_mode="partial")
     assert [s.slide for s in ev.slides] == ["a"]
     assert [(u.slide, u.reason) for u in ev.unmatched] == [
         ("b", "truth has no labelled annotations or instances")]
@@ -516,7 +517,7 @@ def test_cli_flags_json_and_switches(tmp_path: Path) -> None:
     assert exc is None and code == 0, output
     data = json.loads(output)
     assert data["pixel"]["dice"]["Tumor"] == pytest.approx(2 * 40 / 88)
-    assert data["lesion"]["n_detected"] == 1 and data["instance"]["aji"] == 1
+    assert data["lesion"]["n_detected"] == 1 and data["instance"]["aji_pooled"] == 1
     code, output, exc = run_cli([*base, "--out", str(tmp_path / "b"), "--json",
                                  "--lesion-class", "none", "--no-instances", "--seed", "7"])
     assert exc is None and code == 0, output

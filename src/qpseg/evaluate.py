@@ -41,16 +41,34 @@ matching at all is a :class:`~qpseg.errors.ConfigError`.
 What is scored (per slide):
 
 * **Pixels** — truth annotations are rasterised with :func:`qpseg.labels.rasterize_labels` (the
-  partial-label rules: ``Ignore*`` and unclassified annotations carry no label, ``Region*`` marks
-  exhaustively labelled area that is Background where no class is drawn, everything else is
-  unlabelled), predictions with the same function from their classified annotations (or, when a
-  prediction file holds no classified annotations, its classified detections — ``qpseg infer
-  --as detections``); unpredicted pixels are Background. Cells are never pixel data. Only the
-  truth's labelled area is scored. Both are drawn at ``--eval-mpp`` (default
-  :data:`DEFAULT_EVAL_MPP` = 2 µm/px) over the bounding box of the truth's labelled area (grown
-  to whole predicted objects touching it, so a lesion's size is not cut), on a grid aligned to
-  multiples of the eval pixel from the image origin. With a label-mask side, the mask's own
-  grid is used instead.
+  label rules: ``Ignore*`` annotations carry no label, ``Region*`` marks exhaustively labelled
+  area that is Background where no class is drawn), predictions with the same function;
+  unpredicted pixels are Background. Pixel objects of either side are its classified
+  annotations, or, where it has none, its classified detections and cells (a cell's nucleus
+  geometry when it has one): a cells-only truth is pixel truth too. ``--truth-mode`` says what
+  an unannotated truth pixel is:
+
+  - ``exhaustive`` (the default, the papers' protocol: an untrained model painting everything
+    must not score 1.0): Background, over the **whole image** (not a tissue mask: glass
+    painted as a class counts against the model). A slide whose truth has ``Region*``
+    annotations keeps them as the bound of its exhaustive area. A truth file without any
+    annotation (a benign slide, or one holding only AI objects the review rule leaves out)
+    is scored as all-negative: its predicted pixels are false positives and its predicted
+    lesions lesion-level false positives. Without a known image size (GeoJSON folders) the
+    whole image is the bounding box of the truth's and the prediction's objects.
+  - ``partial``: unlabelled (not scored); only the truth's labelled area is scored, and a
+    truth without labelled annotations or instances is listed as unmatched. A warning says
+    when the truth looks exhaustive by intent (one class, no ``Region*``) in this mode.
+
+  Both are drawn at ``--eval-mpp`` (default: the finest pixel size the matched predictions
+  record in their provenance, ``qpseg_map_mpp`` / ``qpseg_mpp``, else
+  :data:`DEFAULT_EVAL_MPP` = 2 µm/px) over the image (exhaustive) or the bounding box of the
+  truth's labelled area grown to whole predicted objects touching it (partial), on a grid
+  aligned to multiples of the eval pixel from the image origin. A raster above
+  ``_FULL_RASTER_PIXELS`` is scored tile by tile (the confusion matrix at the eval pixel
+  size; lesions and the overlay on a grid coarsened to fit, noted per slide). With a
+  label-mask side, the mask's own grid is used instead (a truth mask says itself what is
+  unlabelled: 255).
 * **Lesions** (CAMELYON-style, :mod:`qpseg.metrics.lesion`) of one class: ``--lesion-class``,
   by default the first class (in class order) named Tumor, Tumour or Metastasis; predicted
   lesions outside the labelled area are left out.
@@ -58,7 +76,10 @@ What is scored (per slide):
   instance mask): truth and predicted detections/cells (a cell's nucleus geometry when it has
   one). Geometry against geometry is scored on the polygons themselves (exact areas, no raster);
   a mask side on its grid. If the truth has ``Region*`` annotations, only instances whose
-  interior point lies inside them are scored. Instance metrics are class-agnostic.
+  interior point lies inside them are scored. Instance metrics are class-agnostic. AJI is
+  reported pooled over slides (sums over every slide) and as the per-image mean (the nuclei
+  papers' protocol); a warning says when the prediction of a slide with truth instances holds
+  no detections or cells (annotations cannot be instances: every truth instance is missed).
 
 Classes: ``--classes`` fixes them (Background is index 0); objects of other classes are dropped
 with a warning (truth: unlabelled; prediction: Background). Otherwise the classes are those of
@@ -68,8 +89,10 @@ disagree). Class means (mIoU, ...) average over the classes present in the truth
 slide.
 
 A slide that cannot be scored (unreadable file, unknown pixel size, ...) is listed in
-``failed.csv`` with its reason and the others are still scored; a truth without labelled
-annotations or instances is listed as unmatched. Outputs (see :meth:`Evaluation.write`):
+``failed.csv`` with its reason and the others are still scored; in partial mode a truth
+without labelled annotations or instances is listed as unmatched (its AI-object counts are
+still reported). Every CSV of scores has a ``truth_mode`` column. Outputs (see
+:meth:`Evaluation.write`):
 ``per_slide.csv``, ``slides.csv``, ``summary.csv``, ``confusion.csv``, ``lesions.csv`` and
 ``lesion_slides.csv`` (lesion class present), ``instances.csv`` (instance data present),
 ``unmatched.csv``, ``failed.csv`` and ``report.html``. In the CSVs an empty cell is an undefined
@@ -80,6 +103,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -126,26 +150,31 @@ __all__ = [
 
 #: default pixel size (µm/px) at which pixel and lesion metrics are computed from GeoJSON
 DEFAULT_EVAL_MPP = 2.0
+#: ``--truth-mode``: ``exhaustive`` (unannotated pixels are Background) or ``partial``
+TRUTH_MODES: tuple[str, ...] = ("exhaustive", "partial")
+#: the default: an unannotated pixel is Background, so a model is charged for what it paints
+#: outside the outlines (partial scoring of tumour-only outlines rewards painting everything)
+DEFAULT_TRUTH_MODE = "exhaustive"
 #: default lesion classes, in order of preference (case-insensitive)
 LESION_CLASS_NAMES: tuple[str, ...] = ("Tumor", "Tumour", "Metastasis")
 #: columns of ``per_slide.csv`` (one row per slide x class; pixel counts at the eval mpp)
 PER_SLIDE_COLUMNS: tuple[str, ...] = (
     "slide", "entry_id", "class_index", "class_name", "n_truth", "n_pred", "tp", "fp", "fn",
-    "tn", "precision", "recall", "f1", "dice", "iou",
+    "tn", "precision", "recall", "f1", "dice", "iou", "truth_mode",
 )
 #: columns of ``slides.csv`` (one row per scored slide)
 SLIDE_COLUMNS: tuple[str, ...] = (
     "slide", "entry_id", "truth_file", "pred_file", "base_mpp", "mpp_source", "mpp_replaced",
     "eval_mpp", "width", "height", "n_pixels", "accuracy", "miou", "mrecall", "mprecision",
-    "mf1", "n_truth_instances", "n_pred_instances", "notes",
+    "mf1", "n_truth_instances", "n_pred_instances", "truth_mode", "notes",
 )
 #: columns of ``summary.csv``
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "level", "class_index", "class_name", "metric", "n_slides", "slide_mean", "slide_std",
-    "ci_low", "ci_high", "slide_min", "slide_max", "pooled",
+    "ci_low", "ci_high", "slide_min", "slide_max", "pooled", "truth_mode",
 )
 CONFUSION_COLUMNS: tuple[str, ...] = ("slide", "truth_class", "pred_class", "count",
-                                      "row_fraction")
+                                      "row_fraction", "truth_mode")
 UNMATCHED_COLUMNS: tuple[str, ...] = ("side", "slide", "path", "reason")
 FAILED_COLUMNS: tuple[str, ...] = ("slide", "entry_id", "truth_file", "pred_file", "reason")
 
@@ -161,8 +190,10 @@ _IMAGE_EXTS = frozenset({
     ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".czi", ".png",
     ".jpg", ".jpeg", ".dcm", ".qptiff", ".btf", ".isyntax", ".ome", ".svslide", ".ndpis",
 })
-#: evaluation rasters above this many pixels fail the slide (use a coarser --eval-mpp)
+#: label masks above this many pixels (x4) are refused as too large to read
 MAX_RASTER_PIXELS = 400_000_000
+#: evaluation rasters up to this many pixels are scored in one piece; larger ones tile by tile
+_FULL_RASTER_PIXELS = 50_000_000
 _TILE = 1024
 # Geometric instance areas are passed to the metric core as integers in 1/256 px² (its AJI sums
 # are integer): IoUs and AJI are ratios, so the unit does not change them.
@@ -559,14 +590,17 @@ def _class_names(objs: Iterable[QuPathObject]) -> list[str]:
 # ============================================================================== rasterising
 
 
-def _rasterize(
+def _raster_tiles(
     objects: Sequence[QuPathObject], region: tuple[float, float, int, int], mpp: float,
-    class_map: ClassMap, base_mpp: float,
-) -> np.ndarray:
-    """:func:`qpseg.labels.rasterize_labels` tile by tile (same result, bounded work).
+    class_map: ClassMap, base_mpp: float, exhaustive: bool = False,
+) -> Iterator[tuple[int, int, int, int, np.ndarray | None]]:
+    """``(row, col, height, width, labels)`` per tile of ``region``: the labels of
+    :func:`qpseg.labels.rasterize_labels` on that tile, or None for a tile no object reaches
+    (then every pixel is Background when ``exhaustive``, else unlabelled).
 
     Each tile gets only the objects whose bounds reach it, in their original order, so the
     paint order (smaller on top, then file order) is the same as for the whole region.
+    ``exhaustive``: unlabelled pixels are Background (``unlabelled="background"``).
     """
     import numpy as np
     import shapely
@@ -574,23 +608,69 @@ def _rasterize(
     from qpseg.labels import rasterize_labels
 
     x0, y0, width, height = region
-    out = np.full((height, width), class_map.ignore_index, dtype=np.uint8)
-    if not objects:
-        return out
     ds = mpp / base_mpp
-    tree = shapely.STRtree([o.geometry for o in objects])
+    tree = shapely.STRtree([o.geometry for o in objects]) if objects else None
     for r in range(0, height, _TILE):
         for c in range(0, width, _TILE):
             th, tw = min(_TILE, height - r), min(_TILE, width - c)
             tx, ty = x0 + c * ds, y0 + r * ds
-            window = shapely.box(tx - ds, ty - ds, tx + (tw + 1) * ds, ty + (th + 1) * ds)
-            hits = np.sort(tree.query(window))
+            hits = np.zeros(0, dtype=np.intp)
+            if tree is not None:
+                window = shapely.box(tx - ds, ty - ds, tx + (tw + 1) * ds, ty + (th + 1) * ds)
+                hits = np.sort(tree.query(window))
             if hits.size == 0:
+                yield r, c, th, tw, None
                 continue
-            out[r:r + th, c:c + tw] = rasterize_labels(
-                [objects[i] for i in hits], (tx, ty, tw, th), mpp, class_map,
-                base_mpp=base_mpp)
+            yield r, c, th, tw, rasterize_labels(
+                [objects[i] for i in hits.tolist()], (tx, ty, tw, th), mpp, class_map,
+                base_mpp=base_mpp, unlabelled="background" if exhaustive else "ignore")
+
+
+def _rasterize(
+    objects: Sequence[QuPathObject], region: tuple[float, float, int, int], mpp: float,
+    class_map: ClassMap, base_mpp: float, exhaustive: bool = False,
+) -> np.ndarray:
+    """:func:`qpseg.labels.rasterize_labels` tile by tile (same result, bounded work);
+    ``exhaustive``: unlabelled pixels are Background."""
+    import numpy as np
+
+    _, _, width, height = region
+    fill = 0 if exhaustive else class_map.ignore_index
+    out = np.full((height, width), fill, dtype=np.uint8)
+    for r, c, th, tw, tile in _raster_tiles(objects, region, mpp, class_map, base_mpp,
+                                             exhaustive):
+        if tile is not None:
+            out[r:r + th, c:c + tw] = tile
     return out
+
+
+def _tiled_confusion(
+    truth: Sequence[QuPathObject], pred: Sequence[QuPathObject],
+    region: tuple[float, float, int, int], mpp: float, class_map: ClassMap, base_mpp: float,
+    exhaustive: bool,
+) -> np.ndarray:
+    """The confusion matrix of ``region`` at ``mpp`` computed one tile at a time, so memory
+    stays that of one tile whatever the region's size (unpredicted pixels are Background)."""
+    import numpy as np
+
+    from qpseg.metrics.pixel import confusion_matrix
+
+    n = len(class_map)
+    total = np.zeros((n, n), dtype=np.int64)
+    tiles = zip(_raster_tiles(truth, region, mpp, class_map, base_mpp, exhaustive),
+                _raster_tiles(pred, region, mpp, class_map, base_mpp), strict=True)
+    for (_, _, th, tw, t), (_, _, _, _, p) in tiles:
+        if t is None:
+            if not exhaustive:
+                continue
+            if p is None:  # Background everywhere on both sides
+                total[0, 0] += th * tw
+                continue
+            t = np.zeros((th, tw), dtype=np.uint8)
+        if p is None:
+            p = np.zeros((th, tw), dtype=np.uint8)
+        total += confusion_matrix(t, p, n, IGNORE_INDEX, pred_ignore=0)
+    return total
 
 
 def _paint_instances(geoms: Sequence[BaseGeometry], shape: tuple[int, int],
@@ -702,6 +782,8 @@ class SlideScore:
     mpp_source: str | None = None             # where base_mpp came from (PixelSize.source)
     mpp_replaced: float | None = None         # the known value --mpp-override replaced
     mpp_given_unused: bool = False            # --mpp differs from the slide's/project's own
+    has_region: bool = False                  # the truth has Region* annotations
+    pred_instances: bool | None = None        # the prediction holds detections or cells
 
 
 @dataclass
@@ -715,6 +797,7 @@ class _Options:
     thumbnails: bool
     ai_objects: str = "unreviewed-out"
     mpp_override: bool = False
+    truth_mode: str = DEFAULT_TRUTH_MODE
 
 
 def _pixel_size_option(value: float | None, what: str) -> float | None:
@@ -791,6 +874,24 @@ def _bounds(geoms: Iterable[BaseGeometry]) -> tuple[float, float, float, float] 
     return float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()), float(b[:, 3].max())
 
 
+def _grid_region(box: tuple[float, float, float, float], ds: float,
+                 size: tuple[int, int] | None) -> tuple[float, float, int, int] | None:
+    """Raster region (x, y, w, h at ``ds`` level-0 px per pixel) covering the level-0 box
+    ``(minx, miny, maxx, maxy)`` clipped to the image, on a grid aligned to multiples of the
+    pixel from the image origin; None when nothing is left."""
+    minx, miny, maxx, maxy = box
+    if size is not None:
+        minx, miny = max(minx, 0.0), max(miny, 0.0)
+        maxx, maxy = min(maxx, float(size[0])), min(maxy, float(size[1]))
+    if not (maxx > minx and maxy > miny):
+        return None
+    x0 = math.floor(minx / ds) * ds
+    y0 = math.floor(miny / ds) * ds
+    w = max(1, math.ceil((maxx - x0) / ds - 1e-9))
+    h = max(1, math.ceil((maxy - y0) / ds - 1e-9))
+    return x0, y0, w, h
+
+
 def _eval_region(
     truth_geoms: Sequence[BaseGeometry], pred_geoms: Sequence[BaseGeometry], ds: float,
     size: tuple[int, int] | None,
@@ -806,19 +907,19 @@ def _eval_region(
         if gx1 >= tb[0] and gx0 <= tb[2] and gy1 >= tb[1] and gy0 <= tb[3]:
             minx, miny = min(minx, gx0), min(miny, gy0)
             maxx, maxy = max(maxx, gx1), max(maxy, gy1)
+    return _grid_region((minx, miny, maxx, maxy), ds, size)
+
+
+def _exhaustive_region(
+    geoms: Sequence[BaseGeometry], ds: float, size: tuple[int, int] | None,
+) -> tuple[float, float, int, int] | None:
+    """Raster region of exhaustive truth: the whole image, or, when the image size is not
+    known (GeoJSON folders), the bounding box of every truth and predicted object; None when
+    the size is unknown and there is no object."""
     if size is not None:
-        minx, miny = max(minx, 0.0), max(miny, 0.0)
-        maxx, maxy = min(maxx, float(size[0])), min(maxy, float(size[1]))
-    if not (maxx > minx and maxy > miny):
-        return None
-    x0 = math.floor(minx / ds) * ds
-    y0 = math.floor(miny / ds) * ds
-    w = max(1, math.ceil((maxx - x0) / ds - 1e-9))
-    h = max(1, math.ceil((maxy - y0) / ds - 1e-9))
-    if w * h > MAX_RASTER_PIXELS:
-        raise SlideError(f"evaluation raster would be {w} x {h} pixels; use a coarser "
-                         "--eval-mpp")
-    return x0, y0, w, h
+        return _grid_region((0.0, 0.0, float(size[0]), float(size[1])), ds, size)
+    b = _bounds(geoms)
+    return None if b is None else _grid_region(b, ds, None)
 
 
 def _region_filter(truth_objs: Sequence[QuPathObject],
@@ -841,13 +942,15 @@ def _region_filter(truth_objs: Sequence[QuPathObject],
 
 def _score_pixels(
     score: SlideScore, truth_map: np.ndarray, pred_map: np.ndarray, cm: ClassMap,
-    mpp: float | None, opts: _Options,
+    mpp: float | None, opts: _Options, confusion: np.ndarray | None = None,
 ) -> None:
+    """Confusion (unless given: computed at a finer grid), lesions and the overlay of one
+    slide from its truth and prediction rasters at ``mpp``."""
     from qpseg.metrics.lesion import lesion_metrics
     from qpseg.metrics.pixel import confusion_matrix
 
-    score.confusion = confusion_matrix(truth_map, pred_map, len(cm), IGNORE_INDEX,
-                                       pred_ignore=0)
+    score.confusion = confusion if confusion is not None else confusion_matrix(
+        truth_map, pred_map, len(cm), IGNORE_INDEX, pred_ignore=0)
     valid = truth_map != IGNORE_INDEX
     cands = _lesion_candidates(cm, opts)
     if cands and mpp is None:
@@ -860,47 +963,102 @@ def _score_pixels(
         score.thumbnail = _overlay_codes(truth_map, pred_map)
 
 
-def _pred_pixel_objects(objs: Sequence[QuPathObject]) -> list[QuPathObject]:
-    """Classified prediction annotations, or classified detections when there are none."""
-    out = [o for o in objs if o.object_type in _PIXEL_OBJECT_TYPES
-           and label_role(o.classification) == "class"]
+def _pixel_objects(objs: Sequence[QuPathObject], truth: bool) -> list[QuPathObject]:
+    """The objects drawn as pixel labels: the classified annotations (the truth's ``Region*``
+    and ``Ignore*`` annotations too); where there is no classified annotation, the classified
+    detections and cells instead, each drawn as the geometry instance metrics score (a cell's
+    nucleus when it has one), so a cells-only truth or prediction is pixel data as well."""
+    import dataclasses
+
+    ann = [o for o in objs if o.object_type in _PIXEL_OBJECT_TYPES]
+    out = [o for o in ann if label_role(o.classification) == "class"]
     if not out:
-        out = [o for o in objs if o.object_type == "detection"
+        out = [o if o.nucleus_geometry is None
+               else dataclasses.replace(o, geometry=o.nucleus_geometry, nucleus_geometry=None)
+               for o in objs if o.object_type in _INSTANCE_OBJECT_TYPES
                and label_role(o.classification) == "class"]
+    if truth:
+        out += [o for o in ann if label_role(o.classification) in ("region", "ignore")]
     return out
+
+
+def _pixel_pass(score: SlideScore, truth_pix: Sequence[QuPathObject],
+                pred_pix: Sequence[QuPathObject], region: tuple[float, float, int, int],
+                mpp: float, base: float, cm: ClassMap, opts: _Options, exhaustive: bool) -> None:
+    """Score ``region`` at ``mpp``: in one raster when it is small enough, else the confusion
+    tile by tile at ``mpp`` and lesions and overlay on a grid coarsened to fit in memory."""
+    x0, y0, w, h = region
+    ds = mpp / base
+    score.size = (w, h)
+    score.origin, score.downsample = (x0, y0), ds
+    if w * h <= _FULL_RASTER_PIXELS:
+        truth_map = _rasterize(truth_pix, region, mpp, cm, base, exhaustive)
+        pred_map = _rasterize(pred_pix, region, mpp, cm, base)
+        pred_map[pred_map == IGNORE_INDEX] = 0
+        _score_pixels(score, truth_map, pred_map, cm, mpp, opts)
+        return
+    confusion = _tiled_confusion(truth_pix, pred_pix, region, mpp, cm, base, exhaustive)
+    k = math.ceil(math.sqrt(w * h / _FULL_RASTER_PIXELS))
+    coarse = (x0, y0, math.ceil(w / k), math.ceil(h / k))
+    truth_map = _rasterize(truth_pix, coarse, mpp * k, cm, base, exhaustive)
+    pred_map = _rasterize(pred_pix, coarse, mpp * k, cm, base)
+    pred_map[pred_map == IGNORE_INDEX] = 0
+    score.notes.append(f"pixel metrics computed in tiles at {mpp:g} µm/px ({w} x {h} pixels); "
+                       f"lesions and the overlay at {mpp * k:g} µm/px")
+    score.size, score.downsample = (coarse[2], coarse[3]), ds * k
+    _score_pixels(score, truth_map, pred_map, cm, mpp * k, opts, confusion=confusion)
 
 
 def _score_geometry_pair(t: InputItem, p: InputItem, opts: _Options, score: SlideScore,
                          truth_objs: list[QuPathObject], pred_objs: list[QuPathObject]) -> None:
-    truth_ann = [o for o in truth_objs if o.object_type in _PIXEL_OBJECT_TYPES]
-    pred_pix = _pred_pixel_objects(pred_objs)
-    score.truth_classes = tuple(_class_names(truth_ann))
-    score.pred_classes = tuple(_class_names(pred_pix))
+    truth_pix = _pixel_objects(truth_objs, truth=True)
+    pred_pix = _pixel_objects(pred_objs, truth=False)
+    score.truth_classes = tuple(_class_names(truth_pix))
+    score.has_region = any(label_role(o.classification) == "region" for o in truth_pix)
+    has_instances = any(o.object_type in _INSTANCE_OBJECT_TYPES for o in truth_objs)
+    score.pred_instances = any(o.object_type in _INSTANCE_OBJECT_TYPES for o in pred_objs)
+    # Exhaustive truth: unlabelled pixels are Background over the whole image, unless Region*
+    # annotations say where the truth is exhaustive. A truth of unclassified detections or
+    # cells only is instance data: it has no pixel classes to compare a prediction with.
+    exhaustive = opts.truth_mode == "exhaustive" and not score.has_region
+    pixels = bool(score.truth_classes) or score.has_region or (
+        exhaustive and not has_instances)
+    if not pixels and has_instances:
+        score.notes.append("pixel metrics skipped: the truth's detections/cells carry no class")
+    score.pred_classes = tuple(_class_names(pred_pix)) if pixels else ()
     cm = _local_class_map([*score.truth_classes, *score.pred_classes], opts)
     score.class_names = tuple(cm.names)
 
     labelled = []
-    for o in truth_ann:
+    for o in truth_pix:
         role = label_role(o.classification)
         if role == "region" or (role == "class" and cm.index_of(o.classification) is not None):
             labelled.append(o.geometry)
     pred_known = [o for o in pred_pix if cm.index_of(o.classification) is not None]
-    if len(pred_known) < len(pred_pix):
+    if pixels and len(pred_known) < len(pred_pix):
         score.notes.append(f"{len(pred_pix) - len(pred_known)} predicted object(s) of classes "
                            "not evaluated were ignored")
-    if labelled:
+    if pixels and (labelled or exhaustive):
         base = _base_mpp(t, p, opts, score)
         score.base_mpp = base
         score.eval_mpp = opts.eval_mpp
         ds = opts.eval_mpp / base
-        region = _eval_region(labelled, [o.geometry for o in pred_known], ds, t.size or p.size)
+        size = t.size or p.size
+        if exhaustive:
+            region = _exhaustive_region([*labelled, *(o.geometry for o in pred_known)], ds,
+                                        size)
+            if size is None:
+                score.notes.append("image size unknown: exhaustive truth scored over the "
+                                   "bounding box of the truth's and the prediction's objects")
+        else:
+            region = _eval_region(labelled, [o.geometry for o in pred_known], ds, size)
         if region is not None:
-            truth_map = _rasterize(truth_ann, region, opts.eval_mpp, cm, base)
-            pred_map = _rasterize(pred_known, region, opts.eval_mpp, cm, base)
-            pred_map[pred_map == IGNORE_INDEX] = 0
-            score.size = (region[2], region[3])
-            score.origin, score.downsample = (region[0], region[1]), ds
-            _score_pixels(score, truth_map, pred_map, cm, opts.eval_mpp, opts)
+            _pixel_pass(score, truth_pix, pred_known, region, opts.eval_mpp, base, cm, opts,
+                        exhaustive)
+        elif exhaustive:  # nothing drawn anywhere and no image size: an empty negative slide
+            import numpy as np
+
+            score.confusion = np.zeros((len(cm), len(cm)), dtype=np.int64)
 
     if opts.instances is not False:
         truth_inst = _instance_geometries(truth_objs)
@@ -976,16 +1134,20 @@ def _score_mask_pair(t: InputItem, p: InputItem, t_kind: str, p_kind: str, opts:
         present = np.unique(t_cls)
         score.truth_classes = tuple(cm.names[v] for v in present if 0 < v < len(cm))
     elif truth_objs is not None:
-        ann = [o for o in truth_objs if o.object_type in _PIXEL_OBJECT_TYPES]
+        ann = _pixel_objects(truth_objs, truth=True)
         score.truth_classes = tuple(_class_names(ann))
-        if score.truth_classes or any(label_role(o.classification) == "region" for o in ann):
-            truth_map = _rasterize(ann, region, ds, cm, 1.0)
+        score.has_region = any(label_role(o.classification) == "region" for o in ann)
+        exhaustive = opts.truth_mode == "exhaustive" and not score.has_region
+        has_instances = any(o.object_type in _INSTANCE_OBJECT_TYPES for o in truth_objs)
+        if score.truth_classes or score.has_region or (exhaustive and not has_instances):
+            truth_map = _rasterize(ann, region, ds, cm, 1.0, exhaustive)
     if p_cls is not None:
         pred_map = p_cls
         present = np.unique(p_cls)
         score.pred_classes = tuple(cm.names[v] for v in present if 0 < v < len(cm))
     elif pred_objs is not None:
-        pix = _pred_pixel_objects(pred_objs)
+        pix = _pixel_objects(pred_objs, truth=False)
+        score.pred_instances = any(o.object_type in _INSTANCE_OBJECT_TYPES for o in pred_objs)
         score.pred_classes = tuple(_class_names(pix))
         pred_map = _rasterize([o for o in pix if cm.index_of(o.classification) is not None],
                               region, ds, cm, 1.0)
@@ -1186,6 +1348,14 @@ class Evaluation:
     n_bootstrap: int = 2000
     files: dict[str, Path] = field(default_factory=dict)
     ai_objects: str = "unreviewed-out"
+    truth_mode: str = DEFAULT_TRUTH_MODE
+    eval_mpp_source: str = "--eval-mpp"   # where eval_mpp came from
+    unscored: list[SlideScore] = field(default_factory=list)  # matched, nothing to score
+
+    @property
+    def _reviewed(self) -> list[SlideScore]:
+        """Scored and unscored slides: the AI-object counts of both are reported."""
+        return [*self.slides, *self.unscored]
 
     @property
     def review(self) -> ReviewCounts:
@@ -1193,7 +1363,7 @@ class Evaluation:
         from qpseg.review import ReviewCounts
 
         total = ReviewCounts(self.ai_objects)
-        for s in self.slides:
+        for s in self._reviewed:
             if s.review is not None:
                 total.merge(s.review)
         return total
@@ -1209,7 +1379,7 @@ class Evaluation:
         """``ai_objects.csv``: per slide, object type and class, the AI objects of the truth
         by status and whether they were kept or left out (:mod:`qpseg.review`)."""
         return [{"slide": s.slide, "entry_id": s.entry_id, "policy": self.ai_objects, **r}
-                for s in self.slides if s.review is not None for r in s.review.rows()]
+                for s in self._reviewed if s.review is not None for r in s.review.rows()]
 
     @property
     def pixel_slides(self) -> list[SlideScore]:
@@ -1223,6 +1393,7 @@ class Evaluation:
         for s, m in zip(self.pixel_slides, self.pixel.per_slide, strict=True):
             for r in m.to_rows():
                 r["entry_id"] = s.entry_id
+                r["truth_mode"] = self.truth_mode
                 rows.append({k: r.get(k) for k in PER_SLIDE_COLUMNS})
         return rows
 
@@ -1239,7 +1410,7 @@ class Evaluation:
                 "width": s.size[0] if s.size else None, "height": s.size[1] if s.size else None,
                 "n_truth_instances": s.instance.n_true if s.instance else None,
                 "n_pred_instances": s.instance.n_pred if s.instance else None,
-                "notes": "; ".join(s.notes),
+                "truth_mode": self.truth_mode, "notes": "; ".join(s.notes),
             }
             if m is not None:
                 row.update({k: v for k, v in m.summary_row().items() if k != "slide"})
@@ -1253,7 +1424,7 @@ class Evaluation:
             rows += m.confusion_rows()
         if self.pixel.per_slide:
             rows += self.pixel.pooled().confusion_rows()
-        return rows
+        return [{**r, "truth_mode": self.truth_mode} for r in rows]
 
     def lesion_rows(self) -> list[dict[str, Any]]:
         """``lesions.csv``: one row per truth or predicted lesion; ``row0..col1`` in raster
@@ -1270,7 +1441,7 @@ class Evaluation:
                     (ox, oy), ds = s.origin, s.downsample
                     row.update(qupath_x0=ox + row["col0"] * ds, qupath_y0=oy + row["row0"] * ds,
                                qupath_x1=ox + row["col1"] * ds, qupath_y1=oy + row["row1"] * ds)
-                rows.append(row)
+                rows.append({**row, "truth_mode": self.truth_mode})
         return rows
 
     def lesion_slide_rows(self) -> list[dict[str, Any]]:
@@ -1281,7 +1452,7 @@ class Evaluation:
                 for r in self.lesion.per_slide]
         if rows:
             rows.append({"lesion_class": self.lesion_class, **self.lesion.pooled_row()})
-        return rows
+        return [{**r, "truth_mode": self.truth_mode} for r in rows]
 
     def instance_rows(self) -> list[dict[str, Any]]:
         """``instances.csv``: one row per slide plus ``pooled``."""
@@ -1290,7 +1461,7 @@ class Evaluation:
         rows = [r.summary_row() for r in self.instance.per_slide]
         if rows:
             rows.append(self.instance.pooled().summary_row())
-        return rows
+        return [{**r, "truth_mode": self.truth_mode} for r in rows]
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """``summary.csv`` (:data:`SUMMARY_COLUMNS`): per metric the mean, std, min and max over
@@ -1322,6 +1493,8 @@ class Evaluation:
             rows += _with_ci(self.instance.summary_rows(),
                              lambda r: [float(x[r["metric"]]) for x in irows], "instance", nb,
                              seed)
+        for r in rows:
+            r["truth_mode"] = self.truth_mode
         return rows
 
     def unmatched_rows(self) -> list[dict[str, Any]]:
@@ -1338,7 +1511,8 @@ class Evaluation:
         """A small JSON-able overview (what the CLI prints)."""
         out: dict[str, Any] = {
             "truth": self.truth, "pred": self.pred, "classes": list(self.class_names),
-            "eval_mpp": self.eval_mpp, "n_scored": len(self.slides),
+            "eval_mpp": self.eval_mpp, "eval_mpp_source": self.eval_mpp_source,
+            "truth_mode": self.truth_mode, "n_scored": len(self.slides),
             "n_failed": len(self.failed), "n_unmatched": len(self.unmatched),
             "lesion_class": self.lesion_class, "notes": list(self.notes),
             "files": {k: str(v) for k, v in self.files.items()},
@@ -1357,7 +1531,9 @@ class Evaluation:
                                                  "category_agreement")}
         if self.instance is not None and len(self.instance):
             pooled_i = self.instance.pooled()
-            out["instance"] = {"aji": pooled_i.aji, "map": pooled_i.map, "pq": pooled_i.pq,
+            out["instance"] = {"aji_pooled": pooled_i.aji,
+                               "aji_image_mean": self.instance.image_mean("aji"),
+                               "map": pooled_i.map, "pq": pooled_i.pq,
                                "f1_50": float(pooled_i.at(0.5)["f1"])}
         return out
 
@@ -1401,7 +1577,7 @@ AI_OBJECT_COLUMNS: tuple[str, ...] = (
 _LESION_COLUMNS: tuple[str, ...] = (
     "lesion_class", "slide", "source", "label", "area_px", "area_um2", "diameter_um",
     "category", "hit", "n_overlaps", "overlaps", "row0", "col0", "row1", "col1", "qupath_x0",
-    "qupath_y0", "qupath_x1", "qupath_y1",
+    "qupath_y0", "qupath_x1", "qupath_y1", "truth_mode",
 )
 
 
@@ -1460,6 +1636,57 @@ def _global_classes(scores: Sequence[SlideScore], truth: EvalInput,
     return tuple(ClassMap.from_names(names).names)
 
 
+_PROVENANCE_MPP = re.compile(rb'"qpseg_(map_)?mpp"\s*:\s*"?([0-9][0-9.eE+-]*)')
+
+
+def provenance_mpp(path: str | os.PathLike[str]) -> float | None:
+    """The finest pixel size (µm/px) a prediction file's objects record as made at:
+    ``qpseg_map_mpp`` (the class map the objects were traced from), else ``qpseg_mpp``, as
+    :func:`qpseg.objects.provenance` writes them; None when the file records neither.
+
+    The file's text is searched for the two keys instead of parsed, so a large prediction is
+    not read twice.
+    """
+    import gzip
+
+    p = Path(path)
+    try:
+        if p.name.lower().endswith(".gz"):
+            with gzip.open(p, "rb") as fh:
+                data = fh.read()
+        else:
+            data = p.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None  # the slide's own scoring reports the unreadable file
+    found: dict[bool, set[float]] = {True: set(), False: set()}
+    for m in _PROVENANCE_MPP.finditer(data):
+        try:
+            value = float(m.group(2))
+        except ValueError:
+            continue
+        if math.isfinite(value) and value > 0:
+            found[m.group(1) is not None].add(value)
+    values = found[True] or found[False]
+    return min(values) if values else None
+
+
+def _auto_eval_mpp(pairs: Sequence[tuple[InputItem, InputItem]],
+                   pred: EvalInput) -> tuple[float, str]:
+    """``(eval mpp, where it came from)`` when ``--eval-mpp`` is not given: the finest pixel
+    size among the matched predictions' provenance, else :data:`DEFAULT_EVAL_MPP`."""
+    from qpseg.slide import mpp_problem
+
+    values = []
+    if pred.kind != "masks":
+        for _, p in pairs:
+            if p.path is not None and (v := provenance_mpp(p.path)) is not None \
+                    and mpp_problem(v) is None:
+                values.append(v)
+    if values:
+        return min(values), "the predictions' provenance (finest)"
+    return DEFAULT_EVAL_MPP, "default (the predictions record no pixel size)"
+
+
 def _embed(score: SlideScore, names: Sequence[str]) -> np.ndarray:
     """The slide's confusion matrix in the global class order."""
     import numpy as np
@@ -1486,11 +1713,12 @@ def evaluate(
     *,
     classes: Sequence[str] | None = None,
     mpp: float | None = None,
-    eval_mpp: float = DEFAULT_EVAL_MPP,
+    eval_mpp: float | None = None,
     mask_mpp: float | None = None,
     lesion_class: str | None = None,
     instances: bool | None = None,
     report: bool = True,
+    truth_mode: str = DEFAULT_TRUTH_MODE,
     seed: int = 0,
     n_bootstrap: int = 2000,
     workers: int = 1,
@@ -1502,17 +1730,21 @@ def evaluate(
     ``classes``: class names to evaluate (default: the truth's). ``mpp``: level-0 µm/px of
     slides with no pixel size of their own or in the project (needed for GeoJSON folders);
     ``mpp_override`` makes it replace every known value (module doc; the replacements are in
-    :attr:`Evaluation.mpp_changes`, and a warning says once when ``mpp`` differs from values
-    it does not replace). ``eval_mpp``: pixel
-    size of the evaluation raster. ``mask_mpp``: pixel size of label masks. ``lesion_class``:
-    class of the lesion metrics (default Tumor/Tumour/Metastasis when present; ``"none"`` or
-    ``""`` turns them off). ``instances``: False skips instance metrics. ``seed`` and
-    ``n_bootstrap`` set the bootstrap CIs. ``workers``: processes scoring slides in parallel
-    (0: one per usable CPU from 4 slides on); the results do not depend on it. With
-    ``out_dir`` the CSVs (and ``report.html`` unless ``report`` is False) are written there;
-    it is checked to be writable before any slide is scored. ``ai_objects``: which AI objects
-    of the truth count (:mod:`qpseg.review`: ``unreviewed-out``, ``all-out``, ``all-in``); the
-    counts are in ``Evaluation.review`` and ``ai_objects.csv``.
+    :attr:`Evaluation.mpp_changes`, and a warning says once when ``mpp`` differs from values it
+    does not replace). ``eval_mpp``: pixel size of the evaluation raster (None: the finest pixel
+    size the matched predictions record in their provenance, else :data:`DEFAULT_EVAL_MPP`;
+    which one is in :attr:`Evaluation.eval_mpp_source`). ``truth_mode``: ``exhaustive``
+    (unannotated pixels are Background, slides without annotations are all-negative) or
+    ``partial`` (only the truth's labelled area is scored); see the module doc. ``mask_mpp``:
+    pixel size of label masks. ``lesion_class``: class of the lesion metrics (default
+    Tumor/Tumour/Metastasis when present; ``"none"`` or ``""`` turns them off). ``instances``:
+    False skips instance metrics. ``seed`` and ``n_bootstrap`` set the bootstrap CIs.
+    ``workers``: processes scoring slides in parallel (0: one per usable CPU from 4 slides on);
+    the results do not depend on it. With ``out_dir`` the CSVs (and ``report.html`` unless
+    ``report`` is False) are written there; it is checked to be writable before any slide is
+    scored. ``ai_objects``: which AI objects of the truth count (:mod:`qpseg.review`:
+    ``unreviewed-out``, ``all-out``, ``all-in``); the counts are in ``Evaluation.review`` and
+    ``ai_objects.csv``.
 
     Raises :class:`ConfigError` when nothing matches or an option is invalid,
     :class:`LabelError` when the classes disagree, and a :class:`QpsegError` when no slide could
@@ -1531,10 +1763,14 @@ def evaluate(
             les = ""
     from qpseg.review import check_policy
 
+    if truth_mode not in TRUTH_MODES:
+        raise ConfigError(f"--truth-mode must be one of {', '.join(TRUTH_MODES)}, not "
+                          f"{truth_mode!r}")
+    given_eval_mpp = _pixel_size_option(eval_mpp, "--eval-mpp")
     opts = _Options(
-        ai_objects=check_policy(ai_objects),
+        ai_objects=check_policy(ai_objects), truth_mode=truth_mode,
         classes=cls_list, mpp=_pixel_size_option(mpp, "--mpp"),
-        eval_mpp=_pixel_size_option(eval_mpp, "--eval-mpp") or DEFAULT_EVAL_MPP,
+        eval_mpp=given_eval_mpp or DEFAULT_EVAL_MPP,
         mask_mpp=_pixel_size_option(mask_mpp, "--mask-mpp"), lesion_class=les,
         instances=instances, thumbnails=report, mpp_override=bool(mpp_override),
     )
@@ -1566,8 +1802,13 @@ def evaluate(
         from qpseg._io import ensure_writable_dir
 
         ensure_writable_dir(out_dir)
+    if given_eval_mpp is not None:
+        eval_mpp_source = "--eval-mpp"
+    else:
+        opts.eval_mpp, eval_mpp_source = _auto_eval_mpp(pairs, p_in)
 
     scores: list[SlideScore] = []
+    unscored: list[SlideScore] = []
     failed: list[Failed] = []
     jobs = [(t, p, t_in.kind, p_in.kind, opts) for t, p in pairs]
     for (t, p), (outcome, caught) in zip(pairs, _score_all(jobs, workers), strict=True):
@@ -1578,8 +1819,11 @@ def evaluate(
             continue
         score = outcome
         if score.confusion is None and score.instance is None:
-            unmatched.append(Unmatched("truth", t.name, t.files,
-                                       "truth has no labelled annotations or instances"))
+            what = ("truth holds only AI objects left out by --ai-objects"
+                    if score.review is not None and score.review.total("left_out")
+                    else "truth has no labelled annotations or instances")
+            unmatched.append(Unmatched("truth", t.name, t.files, what))
+            unscored.append(score)  # its AI-object counts are still reported
             continue
         scores.append(score)
     if not scores:
@@ -1591,6 +1835,23 @@ def evaluate(
 
     names = _global_classes(scores, t_in, opts)
     notes: list[str] = []
+    pixel_scored = [s for s in scores if s.confusion is not None]
+    if (opts.truth_mode == "partial" and len(names) == 2 and pixel_scored
+            and t_in.kind != "masks" and not any(s.has_region for s in pixel_scored)):
+        msg = (f"the truth looks exhaustive ({names[1]} only, no Region* annotations) but "
+               "--truth-mode partial scores only inside its outlines: a model that paints "
+               f"{names[1]} everywhere scores 1.0; use --truth-mode exhaustive unless the "
+               "unannotated tissue was not checked")
+        notes.append(msg)
+        warnings.warn(msg, QpsegWarning, stacklevel=2)
+    blind = [s.slide for s in scores if s.instance is not None and s.pred_instances is False]
+    if blind:
+        msg = (f"instance metrics of {len(blind)} slide(s) (e.g. {blind[0]}) score a "
+               "prediction that holds no detections or cells: every truth instance counts "
+               "as missed (AJI 0); predict them with `qpseg infer --as detections` or "
+               "`--as cells`")
+        notes.append(msg)
+        warnings.warn(msg, QpsegWarning, stacklevel=2)
     unused = [s for s in scores if s.mpp_given_unused]
     if unused and opts.mpp is not None:
         shown = "; ".join(f"{s.slide} {s.base_mpp:g} µm/px from the {s.mpp_source}"
@@ -1665,7 +1926,8 @@ def evaluate(
         truth=str(t_in.path), pred=str(p_in.path), class_names=names, eval_mpp=opts.eval_mpp,
         slides=scores, pixel=pixel, lesion_class=chosen, lesion=lesion, instance=instance,
         unmatched=unmatched, failed=failed, notes=notes, seed=seed, n_bootstrap=n_bootstrap,
-        ai_objects=opts.ai_objects,
+        ai_objects=opts.ai_objects, truth_mode=opts.truth_mode,
+        eval_mpp_source=eval_mpp_source, unscored=unscored,
     )
     if out_dir is not None:
         result.write(out_dir, report=report)

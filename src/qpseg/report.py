@@ -208,6 +208,14 @@ _POLICY_TEXT = {
 }
 
 
+_TRUTH_MODE_TEXT = {
+    "exhaustive": "exhaustive: unannotated pixels of the image are Background (inside Region* "
+                  "annotations only, where a slide has them); slides without annotations are "
+                  "all-negative",
+    "partial": "partial: only the truth's labelled area is scored",
+}
+
+
 def _ai_objects_section(ev: Evaluation) -> list[str]:
     """The truth rule's counts (:mod:`qpseg.review`): per object type and class, the AI
     objects found in the truth by status and how many were kept or left out."""
@@ -275,7 +283,10 @@ def render_report(ev: Evaluation) -> str:
         _table(["", ""], [
             ["truth", _e(ev.truth)], ["prediction", _e(ev.pred)],
             ["classes", _e(", ".join(names))],
-            ["evaluation pixel size", f"{_fmt(ev.eval_mpp)} µm/px (label masks: their grid)"],
+            ["truth mode", _e(_TRUTH_MODE_TEXT.get(ev.truth_mode, ev.truth_mode))],
+            ["evaluation pixel size",
+             _e(f"{_fmt(ev.eval_mpp)} µm/px from {ev.eval_mpp_source} (label masks: their "
+                "grid)")],
             ["slides scored / failed / unmatched",
              f"{len(ev.slides)} / {len(ev.failed)} / {len(ev.unmatched)}"],
             ["lesion class", _e(ev.lesion_class or "—")],
@@ -343,7 +354,14 @@ def render_report(ev: Evaluation) -> str:
             at50 = r.at(0.5)
             rows.append([_e(r.slide), _fmt(r.n_true), _fmt(r.n_pred), _fmt(r.aji),
                          _fmt(r.map), _fmt(at50["f1"]), _fmt(r.at(0.7)["f1"]), _fmt(r.pq)])
+        rows[-1][0] = "<b>pooled over slides</b>"
+        rows.append(["<b>per-image mean</b>", "", "", _fmt(ev.instance.image_mean("aji")),
+                     _fmt(ev.instance.image_mean("map")), _fmt(ev.instance.image_mean("f1_50")),
+                     _fmt(ev.instance.image_mean("f1_70")), _fmt(ev.instance.image_mean("pq"))])
         parts += ["<h2>Instances</h2>",
+                  "<p>AJI pooled over slides sums intersections and unions over every slide "
+                  "(large slides weigh more); the per-image mean averages each slide's AJI "
+                  "(the nuclei papers' protocol).</p>",
                   _table(["slide", "truth", "predicted", "AJI", "mAP", "F1@0.5", "F1@0.7",
                           "PQ"], rows)]
 

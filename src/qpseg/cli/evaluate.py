@@ -32,9 +32,16 @@ def evaluate(
         False, "--mpp-override", help="Let --mpp replace every slide's own pixel size (each "
                                       "change is printed as old -> new)."
     ),
-    eval_mpp: float = typer.Option(
-        2.0, "--eval-mpp", help="µm per pixel of the raster on which pixel and lesion metrics "
-                                "are computed."
+    eval_mpp: float | None = typer.Option(
+        None, "--eval-mpp",
+        help="µm per pixel of the raster on which pixel and lesion metrics are computed "
+             "(default: the finest pixel size the predictions record as made at, else 2).",
+    ),
+    truth_mode: str = typer.Option(
+        "exhaustive", "--truth-mode",
+        help="exhaustive: every unannotated pixel of the image is Background (inside Region* "
+             "annotations only, where a slide has them) and a slide without annotations is "
+             "all-negative; partial: only the truth's labelled area is scored.",
     ),
     mask_mpp: float | None = typer.Option(
         None, "--mask-mpp", help="µm per pixel of label masks (default: from the slide size)."
@@ -67,9 +74,10 @@ def evaluate(
 
     Writes per_slide.csv, slides.csv, summary.csv (mean, std, 95 % bootstrap CI, pooled),
     confusion.csv, lesions.csv, instances.csv, unmatched.csv, failed.csv and report.html.
-    Only the truth's labelled area is scored. Objects qpseg wrote that the pathologist left
-    unchanged (and did not lock) are unreviewed predictions, not truth (--ai-objects); the
-    counts left out and kept per class are printed and in ai_objects.csv.
+    --truth-mode exhaustive (the default) scores every pixel of the image, unannotated ones
+    as Background; partial scores only the truth's labelled area. Objects qpseg wrote that
+    the pathologist left unchanged (and did not lock) are unreviewed predictions, not truth
+    (--ai-objects); the counts left out and kept per class are printed and in ai_objects.csv.
     Pixel size: the slide's own, else the one set in QuPath, else --mpp.
     Exits 1 when some slides failed.
     """
@@ -82,7 +90,8 @@ def evaluate(
     ev = run_evaluate(truth, pred, out, classes=class_list, mpp=mpp, eval_mpp=eval_mpp,
                       mask_mpp=mask_mpp, lesion_class=lesion_class, instances=instances,
                       report=not no_report, seed=seed, workers=workers,
-                      ai_objects=ai_objects, mpp_override=mpp_override)
+                      ai_objects=ai_objects, mpp_override=mpp_override,
+                      truth_mode=truth_mode)
     for s, old, new in ev.mpp_changes:
         # stderr, so --json output stays one JSON document
         print(f"pixel size replaced: {s.slide}: {old:g} -> {new:g} µm/px (--mpp-override)",
@@ -96,10 +105,12 @@ def evaluate(
     from qpseg.cli._common import console
 
     c = console()
+    c.print(f"truth mode: {ev.truth_mode}; pixel metrics at {ev.eval_mpp:g} µm/px "
+            f"({ev.eval_mpp_source})", highlight=False)
     if ev.pixel.per_slide:
         pooled = ev.pixel.pooled()
-        table = Table(title=f"{len(ev.slides)} slide(s) scored at {ev.eval_mpp:g} µm/px "
-                            "(pooled over slides)")
+        table = Table(title=f"{len(ev.slides)} slide(s) scored at {ev.eval_mpp:g} µm/px, "
+                            f"{ev.truth_mode} truth (pooled over slides)")
         for col in ("class", "Dice", "IoU", "precision", "recall", "Dice, slide mean"):
             table.add_column(col, justify="left" if col == "class" else "right")
         per = [m.f1 for m in ev.pixel.per_slide]
@@ -119,8 +130,9 @@ def evaluate(
                 f"{_f(les['category_agreement'])}")
     if "instance" in summary:
         ins = summary["instance"]
-        c.print(f"instances: AJI {_f(ins['aji'])}, mAP {_f(ins['map'])}, PQ {_f(ins['pq'])}, "
-                f"F1@0.5 {_f(ins['f1_50'])}")
+        c.print(f"instances: AJI {_f(ins['aji_pooled'])} pooled over slides, "
+                f"{_f(ins['aji_image_mean'])} per-image mean; pooled mAP {_f(ins['map'])}, "
+                f"PQ {_f(ins['pq'])}, F1@0.5 {_f(ins['f1_50'])}")
     for line in ev.review.lines():
         c.print(line, highlight=False)
     for note in ev.notes:
@@ -172,6 +184,11 @@ def evaluate_edits(
              "unchanged and unlocked), all-out (none) or all-in (all).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the per-slide rows as JSON."),
+    history: bool = typer.Option(
+        False, "--history",
+        help="Record this review round in <project>/qpseg/rounds.csv (the same model again "
+             "replaces its round) and plot correction effort per round (OUT/rounds.html).",
+    ),
 ) -> int:
     """Count what the pathologist kept, reshaped, reclassified, deleted and added of the AI
     objects, and the Dice between the AI's and the final areas per class.
@@ -194,10 +211,20 @@ def evaluate_edits(
         print(f"pixel size replaced: {s.slide}: {old:g} -> {new:g} µm/px (--mpp-override)",
               file=sys.stderr)
     code = 1 if res.failed else 0
+    from qpseg.rounds import RoundRecord  # light: the history's row type
+
+    rounds: list[RoundRecord] = []
+    if history:
+        from qpseg.rounds import record_round, rounds_from_edits, write_history_report
+
+        for found in rounds_from_edits(res):  # one per model; the newest model's last
+            rounds, this_round = record_round(project, found)
+        write_history_report(out, rounds)
     if as_json:
         print_json({"slides": res.rows(), "summary": res.summary_rows(),
                     "skipped": res.skipped, "failed": res.failed,
-                    "ai_objects": res.review.to_json()})
+                    "ai_objects": res.review.to_json(),
+                    **({"rounds": [r.row() for r in rounds]} if history else {})})
         return code
     from rich.table import Table
 
@@ -221,5 +248,10 @@ def evaluate_edits(
             c.print(f"note: {s.slide}: {note}")
     for name, reason in res.failed:
         c.print(f"[red]failed[/]: {name}: {reason}")
+    if history:
+        c.print(f"review round {this_round.round} recorded: {this_round.corrections} "
+                f"corrections on {len(this_round.entries)} reviewed slide(s); correction "
+                f"effort per round: {' -> '.join(str(r.corrections) for r in rounds)} "
+                f"({out / 'rounds.html'})", soft_wrap=True, markup=False)
     c.print(f"results: {out}")
     return code

@@ -39,6 +39,7 @@ images are empty, SQ when nothing matches (PQ is then 0 if there are instances a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -532,7 +533,16 @@ class InstanceAccumulator:
         return iter(self.per_slide)
 
     def pooled(self, slide: str = "pooled") -> InstanceMetrics:
+        """One result over all slides' instances together (AJI: sums over every slide)."""
         return InstanceMetrics.combine(self.per_slide, slide)
+
+    def image_mean(self, metric: str = "aji") -> float:
+        """The mean over slides (images) of one :meth:`InstanceMetrics.summary_row` value,
+        undefined (NaN) ones skipped: the per-image mean AJI the nuclei papers report, as
+        opposed to :meth:`pooled`, which weighs every instance the same."""
+        values = [float(r.summary_row()[metric]) for r in self.per_slide]
+        values = [v for v in values if not math.isnan(v)]
+        return sum(values) / len(values) if values else math.nan
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """Long format: ``metric, n_slides, slide_mean, slide_std, slide_min, slide_max,
