@@ -129,10 +129,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     runner = _Runner(pkg.model, pkg, None, device, precision, device.type == "cuda", False)
+    method = str(r.summary.get("qpseg_tissue_method", "otsu_od"))  # the run's tissue rule
+    min_tissue = float(r.summary.get("qpseg_min_tissue", 0.0) or 0.0)
     with open_slide(slide_path) as slide:
-        tissue = None if args.tissue == "none" else detect_tissue(slide, r.summary.get(
-            "qpseg_tissue_method", "otsu_od"))
-        plan = plan_for_slide(pkg.contract, slide, pkg.mpp, tissue=tissue)
+        tissue = None if method == "none" else detect_tissue(slide, method)
+        plan = plan_for_slide(pkg.contract, slide, pkg.mpp, tissue=tissue,
+                              min_tissue=min_tissue)
     ds = TileDataset(slide_path, plan)
     n = min(plan.n_tiles, args.max_preload)
     tiles = [ds.read(k) for k in range(n)]
@@ -173,6 +175,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     mpx_b_slide = tiles_b * tile_l0_mpx / (marks["end"] - marks["start"])
     return {
         "slide": str(slide_path), "level0_gpx": _gpx(slide_path), "tiles": tiles_b,
+        "grid_tiles": plan.grid_tiles, "tiles_low_tissue": r.tiles_low_tissue,
+        "tissue_method": method, "min_tissue": min_tissue,
         "tissue_fraction": r.tissue_fraction, "map_mpp": r.map_mpp,
         "tile_valid_px": plan.valid, "tile_input_px": plan.inputs[0].size_px,
         "objects": r.n_objects,

@@ -17,6 +17,7 @@ from PIL import Image
 from qpseg.engine.stitch import MapSet, Stitcher
 from qpseg.engine.tiling import plan_tiles
 from qpseg.engine.writers import (
+    OVERLAY_GAP,
     MapFile,
     atomic_path,
     write_heatmap_ome_tiff,
@@ -205,12 +206,16 @@ def test_overlay_paints_classes_on_a_thumbnail(tmp_path: Path) -> None:
         out = write_overlay_png(tmp_path / "o.png", slide, cls, 2.0, [(0, 0, 0), (0, 0, 255)],
                                 max_size=200)
         plain = slide.read_region_mpp(0, 0, 200, 100, 1.5)
-    img = np.asarray(Image.open(out))
-    assert img.shape == (100, 200, 3)
+    full = np.asarray(Image.open(out))
+    assert full.shape[1] == 2 * 200 + OVERLAY_GAP and full.shape[0] > 100  # + the legend
+    assert np.array_equal(full[:100, :200], plain)  # the raw thumbnail on the left
+    img = full[:100, 200 + OVERLAY_GAP:]  # the painted one on the right
     assert np.array_equal(img[:, :99], plain[:, :99])  # left half untouched
     blue = img[:, 101:, 2].astype(int) - plain[:, 101:, 2].astype(int)
     assert (blue >= 0).all() and blue.mean() > 5
     assert math.isclose(img[:, 101:, 0].mean(), 0.55 * plain[:, 101:, 0].mean(), rel_tol=0.02)
+    legend = full[100:]
+    assert np.all(legend == (0, 0, 255), axis=-1).sum() >= 100  # class 1's swatch
 
 
 @settings(max_examples=200, deadline=None)

@@ -113,6 +113,8 @@ def test_shards_split_the_work(env: dict[str, Any], tmp_path: Path) -> None:
     (["--as", "polygons"], "--as"),
     (["--shard", "2/2"], "--shard"),
     (["--tissue", "magic"], "--tissue"),
+    (["--min-tissue", "1"], "--min-tissue"),
+    (["--min-tissue", "nan"], "--min-tissue"),
     (["--batch-size", "0"], "--batch-size"),
     (["--entries", "1"], "--entries"),
     (["--lesion-classes", "Stroma"], "--lesion-classes"),

@@ -139,7 +139,8 @@ MAX_SIMPLIFY_AREA_CHANGE = 0.1
 #: ``(min_area_um2, fill_holes_um2)`` per output type, used where the caller gives None: the
 #: objects a pathologist reviews in QuPath, without specks (a model's 1 µm² pixels) or
 #: pinholes. ``lesion``: classes of ``lesion_classes``; ``tissue``: every other class of a
-#: class map; ``nucleus``: cells of an instance map. ``qpseg infer --help`` repeats these.
+#: class map; ``nucleus``: cells of an instance map and the classes of a nuclei model's class
+#: map. ``qpseg infer --help`` repeats these.
 REVIEW_DEFAULTS: dict[str, tuple[float, float]] = {
     # 50 µm² is about one tumour cell (a disc 8 µm across): isolated tumour cells, the smallest
     # metastases khalil2022 segments (§1: ITCs, <= 0.2 mm, down to single cells), are kept;
@@ -1154,6 +1155,7 @@ def polygonise(
     lesion_classes: Sequence[str] = (),
     connectivity: int = 2,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    nuclei: bool = False,
 ) -> list[QuPathObject]:
     """QuPath objects (QuPath coordinates) from a 2-D class map, one per connected component.
 
@@ -1164,15 +1166,17 @@ def polygonise(
     pixel's predicted class); floats in [0, 1] or uint8 (0-255). ``simplify_um`` None means one
     map pixel. ``as_type``: ``"annotation"`` or ``"detection"``. ``lesion_classes``: class
     names that get the khalil2022 size category. ``min_area_um2`` / ``fill_holes_um2`` None:
-    :data:`REVIEW_DEFAULTS` (``lesion`` for ``lesion_classes``, ``tissue`` for the others);
-    0 keeps every object / hole. Objects come in raster order of their first pixel; see the
-    module docstring for every rule.
+    :data:`REVIEW_DEFAULTS` (``lesion`` for ``lesion_classes``, ``tissue`` for the others,
+    ``nucleus`` for every class with ``nuclei``: a nuclei model's map, one object per nucleus,
+    no lesions); 0 keeps every object / hole. Objects come in raster order of their first
+    pixel; see the module docstring for every rule.
     """
     import numpy as np
     import shapely
 
-    lesions = _lesion_set(lesion_classes, classes)
-    kinds = ["lesion" if i in lesions else "tissue" for i in range(len(classes))]
+    lesions = set() if nuclei else _lesion_set(lesion_classes, classes)
+    kinds = ["nucleus" if nuclei else "lesion" if i in lesions else "tissue"
+             for i in range(len(classes))]
     st = _settings(geometry, min_area_um2, fill_holes_um2, simplify_um, connectivity, kinds)
     kind = _object_type(as_type)
     metas = {c: _object_metadata(provenance, geometry, st.as_metadata(c))
@@ -1324,7 +1328,8 @@ def slide_summary(objects: Iterable[QuPathObject], *, lesion_classes: Sequence[s
     objects without a class); ``qpseg_n_lesions``, ``qpseg_lesion_area_um2``,
     ``qpseg_largest_lesion_um`` (0 without lesions) and ``qpseg_slide_category``
     (``negative``/``itc``/``micro``/``macro``: the largest lesion's) over objects of
-    ``lesion_classes``. Areas are the objects' ``Area µm^2`` (cells: ``Cell: Area µm^2``).
+    ``lesion_classes`` (left out when there are none). Areas are the objects' ``Area µm^2``
+    (cells: ``Cell: Area µm^2``).
     """
     from qpseg.metrics.lesion import NEGATIVE, size_category
 
@@ -1357,10 +1362,11 @@ def slide_summary(objects: Iterable[QuPathObject], *, lesion_classes: Sequence[s
     for name in counts:
         row[f"qpseg_count_{name}"] = counts[name]
         row[f"qpseg_area_um2_{name}"] = areas[name]
-    row["qpseg_n_lesions"] = n_les
-    row["qpseg_lesion_area_um2"] = les_area
-    row["qpseg_largest_lesion_um"] = largest
-    row["qpseg_slide_category"] = size_category(largest) if n_les else NEGATIVE
+    if lesion_keys:  # a model without lesion classes says nothing about lesions
+        row["qpseg_n_lesions"] = n_les
+        row["qpseg_lesion_area_um2"] = les_area
+        row["qpseg_largest_lesion_um"] = largest
+        row["qpseg_slide_category"] = size_category(largest) if n_les else NEGATIVE
     return row
 
 

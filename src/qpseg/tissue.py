@@ -42,6 +42,7 @@ __all__ = [
     "TissueMask",
     "binary_closing",
     "detect_tissue",
+    "enough_tissue",
     "otsu_threshold",
     "tissue_fraction",
     "tissue_mask_from_rgb",
@@ -261,6 +262,14 @@ def tissue_fraction(mask: np.ndarray | TissueMask) -> float:
     """Fraction of ``True`` pixels in a tissue mask (0.0 for an empty mask)."""
     m = mask.mask if isinstance(mask, TissueMask) else np.asarray(mask)
     return float(m.mean()) if m.size else 0.0
+
+
+def enough_tissue(fraction: float, min_tissue: float) -> bool:
+    """The one tissue-fraction rule of tiles, in training and at inference: a tile is used
+    when its tissue fraction is *above* ``min_tissue``. pedersen2022 §2.2: "Only patches
+    containing more than 25% tissue were included"; with ``min_tissue`` 0 every tile with any
+    tissue is used."""
+    return fraction > min_tissue
 
 
 def detect_tissue(

@@ -105,12 +105,21 @@ def infer(
         help="Fill holes smaller than this (µm²); 0 fills none. Default per output type: "
              "lesions 50 (smaller than one cell), tissue classes 1000 (as the minimum area), "
              "nuclei 400 (QuPath's largest nucleus: nuclei have no holes)."),
-    as_type: str = typer.Option("annotations", "--as",
-                                help="annotations (lesions) or detections (many small "
-                                     "objects); instance models always write cells."),
-    tissue: str | None = typer.Option(
-        None, "--tissue", help="Tissue detection: otsu, otsu_od, hsv or none (default: the "
-                               "model's, else otsu_od)."),
+    as_type: str | None = typer.Option(
+        None, "--as", help="annotations (lesions, tissue regions) or detections (many small "
+                           "objects); default: the model package's (one detection per nucleus "
+                           "for nuclei models, annotations otherwise); instance models always "
+                           "write cells."),
+    tissue: str = typer.Option(
+        "auto", "--tissue",
+        help="Tissue detection: auto (the model package's rule: none for nuclei and instance "
+             "models, the training's method for the others, else otsu_od; patch classifiers "
+             "hsv), otsu, otsu_od, hsv or none (every tile)."),
+    min_tissue: float | None = typer.Option(
+        None, "--min-tissue",
+        help="Run only tiles with more than this tissue fraction (default: the model "
+             "package's: 0.25 for patch classifiers as in training, pedersen2022; else 0, "
+             "every tile with any tissue)."),
     mpp: float | None = typer.Option(
         None, "--mpp", help="Pixel size (µm/px at full resolution) for slides that have none "
                             "(neither in the slide nor set in QuPath)."),
@@ -195,6 +204,7 @@ def infer(
             c.strip() for c in lesion_classes.split(",") if c.strip())
     params = InferenceParams(
         device=device, batch_size=batch_size, workers=workers, tissue=tissue,
+        min_tissue=min_tissue,
         stitch=stitch, min_area_um2=min_area_um2, fill_holes_um2=fill_holes_um2,
         simplify_um=simplify_um, as_type=as_type, heatmap=heatmap, heatmap_class=heatmap_class,
         overlay=overlay, overwrite=overwrite, keep_maps=keep_maps, mpp=mpp,
@@ -250,15 +260,16 @@ def infer(
     counts = result.counts()
     table = Table(title=f"{counts['done']} done, {counts['skipped']} skipped, "
                         f"{counts['failed']} failed")
-    for col in ("key", "image", "status", "objects", "tissue", "tiles", "s", "reason"):
-        table.add_column(col, justify="right" if col in ("objects", "tissue", "tiles", "s")
-                         else "left")
+    numeric = ("objects", "tissue", "tiles", "low tissue", "s")
+    for col in ("key", "image", "status", "objects", "tissue", "tiles", "low tissue", "s",
+                "reason"):
+        table.add_column(col, justify="right" if col in numeric else "left")
     for r in result.results:
         status = {"failed": "[red]failed[/]", "skipped": "[yellow]skipped[/]"}.get(r.status,
                                                                                  r.status)
         tissue_txt = "" if r.tissue_fraction is None else f"{100 * r.tissue_fraction:.0f} %"
         table.add_row(r.key, r.name, status, str(r.n_objects), tissue_txt, str(r.tiles),
-                      f"{r.seconds:.1f}", r.reason)
+                      str(r.tiles_low_tissue), f"{r.seconds:.1f}", r.reason)
     c = console()
     c.print(table)
     c.print(f"outputs: {result.out_dir}  (summary: {result.summary_csv})")

@@ -15,14 +15,16 @@ def models(
 ) -> int:
     """List the registered architectures (name, paper, what it is)."""
     from qpseg.cli._common import print_json
-    from qpseg.models import get_entry, list_models, model_info
+    from qpseg.models.registry import catalog
 
     rows = []
-    for name in list_models():
-        entry = get_entry(name)
-        row: dict[str, object] = {"name": name, "paper": entry.paper, "summary": entry.summary}
+    for entry in catalog():  # read from the model modules' source: no torch unless --details
+        row: dict[str, object] = {"name": entry.name, "paper": entry.paper,
+                                  "summary": entry.summary}
         if details:
-            info = model_info(name)
+            from qpseg.models import model_info
+
+            info = model_info(entry.name)
             row["parameters"] = info["parameters"]
             row["output"] = info["contract"].get("output")
         rows.append(row)
@@ -43,20 +45,28 @@ def model_info(
         False, "--no-forward", help="Skip the test forward pass on a dummy tile."
     ),
 ) -> int:
-    """Validate a model package (config, weights, checksum, a forward pass) and describe it."""
+    """Print a package's model card (MODEL_CARD.md, or one made from its config.json), then
+    validate it: config, weights, checksum, a forward pass."""
     from qpseg.cli._common import print_json
+    from qpseg.models.card import model_card, read_model_card
+    from qpseg.models.package import read_package_config
+
+    cfg = read_package_config(package)  # no torch: the card comes at once
+    card = read_model_card(package) or model_card(cfg, package)
+    if not as_json:
+        typer.echo(card.rstrip("\n"))
+        typer.echo("")
+        what = "weights and a forward pass" if not no_forward else "weights"
+        typer.echo(f"Checking the {what}…")
     from qpseg.models import describe_package, validate_package
 
     pkg = validate_package(package, forward=not no_forward)
     info = describe_package(pkg)
     if as_json:
-        print_json(info)
+        print_json({**info, "model_card": card})
         return 0
-    typer.echo(f"{info['path']}: {info['architecture']} ({info['parameters'] / 1e6:.2f} M "
-               f"parameters), weights {info['weights']} sha256 {info['sha256'][:16]}…")
-    typer.echo(f"  mpp {info['mpp']} (inputs {info['input_mpp']}), tile {info['tile_px']} px, "
-               f"ignore index {info['ignore_index']}")
-    typer.echo("  classes: " + ", ".join(f"{c['index']}={c['name']}" for c in info["classes"]))
-    norm = info["normalization"]
-    typer.echo(f"  normalisation: mean {norm['mean']} std {norm['std']}")
+    checked = "config, weights and forward pass" if not no_forward else "config and weights"
+    typer.echo(f"{info['path']}: {checked} OK — {info['architecture']} "
+               f"({info['parameters'] / 1e6:.2f} M parameters), weights {info['weights']} "
+               f"sha256 {info['sha256'][:16]}…")
     return 0

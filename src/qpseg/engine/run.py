@@ -101,7 +101,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from qpseg.engine.stitch import MapSet
     from qpseg.engine.tiling import TilePlan
     from qpseg.labels import ClassMap
-    from qpseg.models.contract import ModelContract
+    from qpseg.models.contract import InferenceRules, ModelContract
     from qpseg.models.package import ModelPackage
     from qpseg.objects import MapGeometry
     from qpseg.qupath.geojson import QuPathObject
@@ -126,7 +126,7 @@ __all__ = [
 SLIDE_SUFFIXES: tuple[str, ...] = (
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
     ".dcm", ".png", ".jpg", ".jpeg", ".bmp")
-TISSUE_CHOICES: tuple[str, ...] = ("otsu", "otsu_od", "hsv", "none")
+TISSUE_CHOICES: tuple[str, ...] = ("auto", "otsu", "otsu_od", "hsv", "none")
 STATE_DIR = ".qpseg_state"
 WORK_DIR = ".qpseg_work"
 _LESION_RE = re.compile(r"^(tumou?r|metasta|carcinoma|cancer|malignan)", re.IGNORECASE)
@@ -168,7 +168,10 @@ class SlideJob:
 class InferenceParams:
     """Options of a run (the ``qpseg infer`` flags). ``None`` means "the model's / machine's
     default": ``workers`` 0 on CPU (a reader thread), up to 8 processes on CUDA; ``tissue``
-    the package's ``training.tissue_method`` or ``otsu_od``; ``precision`` bf16 on CUDA, fp32
+    (``auto`` too), ``min_tissue`` and ``as_type`` the package's inference rules
+    (:class:`~qpseg.models.contract.InferenceRules`; packages without them: the rules of
+    their output type, :func:`~qpseg.models.contract.default_inference_rules`); ``precision``
+    bf16 on CUDA, fp32
     elsewhere; ``lesion_classes`` the package's ``training.lesion_classes`` or the classes
     named like tumour/metastasis; ``heatmap_class`` the first lesion class or class 1."""
 
@@ -176,12 +179,12 @@ class InferenceParams:
     batch_size: int = 8
     workers: int | None = None
     tissue: str | None = None
-    min_tissue: float = 0.0
+    min_tissue: float | None = None
     stitch: str = "center"
     min_area_um2: float | None = None   # None: qpseg.objects.REVIEW_DEFAULTS per output type
     fill_holes_um2: float | None = None
     simplify_um: float | None = None
-    as_type: str = "annotation"
+    as_type: str | None = None
     lesion_classes: tuple[str, ...] | None = None
     heatmap: bool = False
     heatmap_class: str | None = None
@@ -213,10 +216,14 @@ class InferenceParams:
                               f"{self.tissue!r}")
         if self.stitch not in ("center", "blend"):
             raise ConfigError(f"--stitch must be 'center' or 'blend', not {self.stitch!r}")
-        kind = self.as_type.strip().lower().rstrip("s")
-        if kind not in ("annotation", "detection"):
+        kind = None if self.as_type is None else self.as_type.strip().lower().rstrip("s")
+        if kind not in (None, "annotation", "detection"):
             raise ConfigError(f"--as must be 'annotations' or 'detections', not "
                               f"{self.as_type!r}")
+        if self.min_tissue is not None and not (math.isfinite(self.min_tissue)
+                                                and 0 <= self.min_tissue < 1):
+            raise ConfigError(f"--min-tissue must be a fraction in [0, 1), not "
+                              f"{self.min_tissue!r}")
         if self.precision not in (None, "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, not {self.precision!r}")
         for name in ("min_area_um2", "fill_holes_um2", "cell_expansion_um", "min_tissue"):
@@ -237,7 +244,7 @@ class InferenceParams:
             raise ConfigError("score and mask thresholds must be between 0 and 1")
         if not self.max_upsample >= 1:
             raise ConfigError("max_upsample must be >= 1")
-        return replace(self, as_type=kind)
+        return replace(self, as_type=kind, tissue=None if self.tissue == "auto" else self.tissue)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready copy (for run_metadata.json)."""
@@ -289,6 +296,7 @@ class SlideResult:
     entry_id: int | None = None
     seconds: float = 0.0
     tiles: int = 0
+    tiles_low_tissue: int = 0  # tiles with some tissue, not more than the least fraction
     tissue_fraction: float | None = None
     tissue_mpx: float = 0.0
     n_objects: int = 0
@@ -312,6 +320,7 @@ class SlideResult:
             "key": self.key, "entry_id": "" if self.entry_id is None else self.entry_id,
             "image": self.name, "slide": self.slide, "status": self.status,
             "reason": self.reason, "seconds": round(self.seconds, 3), "tiles": self.tiles,
+            "tiles_low_tissue": self.tiles_low_tissue,
             "tissue_fraction": "" if self.tissue_fraction is None else
             round(self.tissue_fraction, 6),
             "n_objects": self.n_objects,
@@ -516,20 +525,46 @@ def _heatmap_channel(pkg: ModelPackage, params: InferenceParams,
     return 1 if len(names) > 1 else 0
 
 
-def _tissue_method(pkg: ModelPackage, params: InferenceParams) -> str:
-    if params.tissue is not None:
-        return params.tissue
-    configured = pkg.config.training.get("tissue_method")
-    if isinstance(configured, str) and configured in TISSUE_CHOICES:
-        return configured
-    return "otsu_od"
+def inference_rules(pkg: ModelPackage, params: InferenceParams) -> InferenceRules:
+    """The rules a run follows: the package's recorded inference rules (a package without
+    them: :func:`~qpseg.models.contract.default_inference_rules` of its output type and
+    training summary), with the run's ``tissue``, ``min_tissue``, ``as_type``,
+    ``min_area_um2`` and ``fill_holes_um2`` where given. Instance models always write cells.
+    Warns when a nuclei model is asked for annotations: instance metrics (AJI) read
+    detections and cells only, so such outputs score 0 there."""
+    from qpseg.models.contract import InferenceRules, default_inference_rules
+
+    stored = pkg.config.inference
+    rules = InferenceRules.from_json(stored, pkg.path / "config.json") if stored else \
+        default_inference_rules(pkg.contract, pkg.config.training)
+    objects = rules.objects
+    if pkg.contract.output == "instance":
+        objects = "cell"
+    elif params.as_type is not None:
+        objects = params.as_type
+    rules = replace(
+        rules, objects=objects,
+        tissue=rules.tissue if params.tissue is None else params.tissue,
+        min_tissue=rules.min_tissue if params.min_tissue is None else params.min_tissue,
+        min_area_um2=rules.min_area_um2 if params.min_area_um2 is None
+        else params.min_area_um2,
+        fill_holes_um2=rules.fill_holes_um2 if params.fill_holes_um2 is None
+        else params.fill_holes_um2)
+    if rules.nuclei and rules.objects == "annotation":
+        warnings.warn(f"{pkg.path.name} segments nuclei: --as annotations writes them as "
+                      "annotations, which instance metrics (AJI in qpseg evaluate) do not read; "
+                      "leave out --as for one detection per nucleus", InferenceWarning,
+                      stacklevel=3)
+    return rules
 
 
 def output_params(ctx: _Context, slide_mpp: float | None) -> dict[str, Any]:
     """The options that shape a slide's outputs, as recorded in its done state.
 
-    A finished slide is redone when any of these differ (:func:`_redo_reason`). The pixel
-    size is the one the slide was read at (``slide_mpp``, decided by the pixel-size rule), not
+    A finished slide is redone when any of these differ (:func:`_redo_reason`). The tissue
+    rule, the model's output type, the object type and the post-processing are the resolved
+    :func:`inference_rules`. The pixel size is the one the slide was read at (``slide_mpp``,
+    decided by the pixel-size rule), not
     the options that lead to it: ``--mpp`` for a slide with its own value changes nothing,
     ``--mpp-override`` or a new project calibration for a slide without one does. Options that
     only change how fast the same answer comes (device, batch size, workers, compile, channels
@@ -538,13 +573,15 @@ def output_params(ctx: _Context, slide_mpp: float | None) -> dict[str, Any]:
     """
     p = ctx.params
     pkg = ctx.pkg
+    r = ctx.rules
     data: dict[str, Any] = {
-        "model_mpp": pkg.mpp, "classes": list(pkg.class_names),
+        "model_mpp": pkg.mpp, "classes": list(pkg.class_names), "output": pkg.contract.output,
         "slide_mpp": slide_mpp, "tile_px": ctx.tile_px, "stitch": p.stitch,
-        "tissue": ctx.tissue_method, "min_tissue": p.min_tissue,
-        "max_upsample": p.max_upsample, "min_area_um2": p.min_area_um2,
-        "fill_holes_um2": p.fill_holes_um2, "simplify_um": p.simplify_um,
-        "as_type": p.as_type, "lesion_classes": list(ctx.lesions),
+        "tissue": r.tissue, "min_tissue": r.min_tissue,
+        "max_upsample": p.max_upsample, "min_area_um2": r.min_area_um2,
+        "fill_holes_um2": r.fill_holes_um2, "simplify_um": p.simplify_um,
+        "as_type": r.objects, "nuclei": r.nuclei, "threshold": r.threshold,
+        "lesion_classes": list(ctx.lesions),
         "score_threshold": p.score_threshold, "mask_threshold": p.mask_threshold,
         "instance_margin": p.instance_margin, "cell_expansion_um": p.cell_expansion_um,
         "heatmap": p.heatmap, "overlay": p.overlay,
@@ -763,13 +800,18 @@ class _Context:
     classes: ClassMap
     lesions: tuple[str, ...]
     heat_channel: int
-    tissue_method: str
+    rules: InferenceRules
     run_id: str
     run_date: str
     opener: Opener | None
     progress: ProgressFn | None
     tile_px: int | None = None  # the tile size run (None: two-stage models)
     runners: dict[int, _Runner] = field(default_factory=dict)
+
+    @property
+    def tissue_method(self) -> str:
+        """The tissue detection of the run (``none``: every tile)."""
+        return self.rules.tissue
 
     def runner(self, stage: int | None) -> _Runner:
         key = -1 if stage is None else stage
@@ -1069,7 +1111,7 @@ def _run_tiles(ctx: _Context, job: SlideJob, reader_mpp: float | None, plan: Til
 
 def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, reader_mpp: float | None,
                    tissue: TissueMask | None, work: Path, index: int, total: int
-                   ) -> tuple[MapSet, MapGeometry, int, float, float]:
+                   ) -> tuple[MapSet, MapGeometry, int, float, float, int]:
     """H2G-Net: patch heatmap over the tissue, then refinement of slide + heatmap."""
     import numpy as np
     import torch
@@ -1083,7 +1125,7 @@ def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, reader_mpp: float
     c = pkg.contract
     first, second = c.stages
     plan = plan_for_slide(first, slide, pkg.mpp, tissue=tissue, mode=ctx.params.stitch,
-                          min_tissue=ctx.params.min_tissue,
+                          min_tissue=ctx.rules.min_tissue,
                           max_upsample=ctx.params.max_upsample)
     if plan.map_width * plan.map_height > _MAX_HEATMAP_PIXELS:
         raise ModelError(f"stage-0 heatmap of {plan.map_width}x{plan.map_height} is too large "
@@ -1123,7 +1165,8 @@ def _run_two_stage(ctx: _Context, job: SlideJob, slide: Slide, reader_mpp: float
     ctx.emit(ProgressEvent("tiles", index, total, job.key, job.name, plan.n_tiles + 1,
                            plan.n_tiles + 1))
     geometry = MapGeometry(0.0, 0.0, ds_r, slide.mpp)
-    return maps, geometry, plan.n_tiles + 1, plan.tissue_fraction, _tissue_mpx(plan, slide)
+    return (maps, geometry, plan.n_tiles + 1, plan.tissue_fraction, _tissue_mpx(plan, slide),
+            plan.low_tissue)
 
 
 def _provenance(ctx: _Context, map_mpp: float) -> dict[str, str]:
@@ -1141,17 +1184,38 @@ def _objects(ctx: _Context, maps: MapSet, geometry: MapGeometry,
     from qpseg.objects import polygonise, polygonise_instances
 
     p = ctx.params
+    r = ctx.rules
     if maps.kind == "instance":
         default = ctx.classes.names[1] if len(ctx.classes) > 1 else None
         return polygonise_instances(
             maps.instances, geometry, ctx.classes, provenance=prov, class_map=maps.classes,
-            default_class=default, probabilities=maps.scores, min_area_um2=p.min_area_um2,
-            fill_holes_um2=p.fill_holes_um2, simplify_um=p.simplify_um,
+            default_class=default, probabilities=maps.scores, min_area_um2=r.min_area_um2,
+            fill_holes_um2=r.fill_holes_um2, simplify_um=p.simplify_um,
             cell_expansion_um=p.cell_expansion_um)
+    # nuclei: one object per 4-connected nucleus, so nuclei touching at a corner stay apart
     return polygonise(
         maps.classes, geometry, ctx.classes, provenance=prov, probabilities=maps.probs,
-        min_area_um2=p.min_area_um2, fill_holes_um2=p.fill_holes_um2,
-        simplify_um=p.simplify_um, as_type=p.as_type, lesion_classes=ctx.lesions)
+        min_area_um2=r.min_area_um2, fill_holes_um2=r.fill_holes_um2,
+        simplify_um=p.simplify_um, as_type=r.objects, lesion_classes=ctx.lesions,
+        nuclei=r.nuclei, connectivity=1 if r.nuclei else 2)
+
+
+def _apply_threshold(threshold: float | None, maps: MapSet) -> None:
+    """The rules' probability threshold (lagree2021 post-processing): rewrite the class map so
+    a pixel is foreground when ``1 - P(Background)`` is above the threshold, of its most
+    probable other class; nothing without a threshold (the most probable class stays)."""
+    import numpy as np
+
+    t = threshold
+    if t is None or maps.kind == "instance" or maps.probs is None or maps.probs.shape[0] < 2:
+        return
+    h, w = maps.shape
+    band = max(1, (1 << 22) // max(1, w))
+    for r0 in range(0, h, band):
+        p = np.asarray(maps.probs[:, r0:r0 + band, :])  # uint8, 255 = 1
+        fg = p[0].astype(np.float64) < 255.0 * (1.0 - t)
+        cls = p[1:].argmax(axis=0) + 1
+        maps.classes.write_rows(r0, np.where(fg, cls, 0).astype(maps.classes.dtype))
 
 
 def _process(ctx: _Context, job: SlideJob, index: int, total: int,
@@ -1250,9 +1314,10 @@ def _tissue_mpx(plan: TilePlan, slide: Slide) -> float:
 
 
 def _record_work(result: SlideResult, tiles: int, tissue_fraction: float | None,
-                 tissue_mpx: float, geometry: MapGeometry) -> None:
+                 tissue_mpx: float, geometry: MapGeometry, low_tissue: int = 0) -> None:
     """What a slide's prediction covered, for the summary and run_metadata.json."""
     result.tiles = tiles
+    result.tiles_low_tissue = low_tissue
     result.tissue_fraction = tissue_fraction
     result.tissue_mpx = tissue_mpx
     result.map_mpp = geometry.map_mpp
@@ -1263,7 +1328,7 @@ def _tile_plan(ctx: _Context, slide: Slide, tissue: TissueMask | None) -> TilePl
 
     p = ctx.params
     return plan_for_slide(ctx.pkg.contract, slide, ctx.pkg.mpp, tissue=tissue, mode=p.stitch,
-                          min_tissue=p.min_tissue, instance_margin=p.instance_margin,
+                          min_tissue=ctx.rules.min_tissue, instance_margin=p.instance_margin,
                           max_upsample=p.max_upsample, tile_px=p.tile_px)
 
 
@@ -1360,9 +1425,11 @@ def _process_shared_locked(ctx: _Context, dist: DistContext, job: SlideJob, inde
         assert slide is not None
         geometry = plan.geometry()
         _record_work(result, plan.n_tiles, None if tissue is None else plan.tissue_fraction,
-                     _tissue_mpx(plan, slide), geometry)
-        maps = MapSet.open(folder)
+                     _tissue_mpx(plan, slide), geometry, plan.low_tissue)
+        maps = MapSet.open(folder, writable=ctx.rules.threshold is not None)
+        maps.tissue = tissue
         try:
+            _apply_threshold(ctx.rules.threshold, maps)
             _write_outputs(ctx, job, slide, maps, geometry, result)
         finally:
             maps.close()
@@ -1399,7 +1466,7 @@ def _predict(ctx: _Context, job: SlideJob, slide: Slide, reader_mpp: float | Non
     kind = _check_supported(ctx.pkg.contract)
     c = ctx.pkg.contract
     if kind == "two_stage":
-        maps, geometry, tiles, fraction, tissue_mpx = _run_two_stage(
+        maps, geometry, tiles, fraction, tissue_mpx, low = _run_two_stage(
             ctx, job, slide, reader_mpp, tissue, work, index, total)
     else:
         plan = _tile_plan(ctx, slide, tissue)
@@ -1412,16 +1479,28 @@ def _predict(ctx: _Context, job: SlideJob, slide: Slide, reader_mpp: float | Non
             maps.close()
             raise
         geometry = plan.geometry()
-        tiles, fraction = plan.n_tiles, plan.tissue_fraction
+        tiles, fraction, low = plan.n_tiles, plan.tissue_fraction, plan.low_tissue
         tissue_mpx = _tissue_mpx(plan, slide)
-    _record_work(result, tiles, None if tissue is None else fraction, tissue_mpx, geometry)
+    maps.tissue = tissue
+    try:
+        _apply_threshold(ctx.rules.threshold, maps)
+    except BaseException:
+        maps.close()
+        raise
+    _record_work(result, tiles, None if tissue is None else fraction, tissue_mpx, geometry,
+                 low)
     return maps, geometry
 
 
 def _write_outputs(ctx: _Context, job: SlideJob, slide: Slide, maps: MapSet,
                    geometry: MapGeometry, result: SlideResult) -> None:
     """Objects, summary, optional images, then the GeoJSON (last: it marks the slide done)."""
-    from qpseg.engine.writers import sha256_file, write_heatmap_ome_tiff, write_overlay_png
+    from qpseg.engine.writers import (
+        TissueMasked,
+        sha256_file,
+        write_heatmap_ome_tiff,
+        write_overlay_png,
+    )
     from qpseg.objects import metadata_path, slide_summary, write_predictions
 
     p = ctx.params
@@ -1439,6 +1518,8 @@ def _write_outputs(ctx: _Context, job: SlideJob, slide: Slide, maps: MapSet,
     summary["qpseg_tissue_fraction"] = ("" if result.tissue_fraction is None
                                         else round(result.tissue_fraction, 6))
     summary["qpseg_tiles"] = result.tiles
+    summary["qpseg_tiles_low_tissue"] = result.tiles_low_tissue
+    summary["qpseg_min_tissue"] = ctx.rules.min_tissue
     outputs: dict[str, Path] = {}
     if p.heatmap:
         hp = job.output.with_name(f"{job.key}.heatmap.ome.tif")
@@ -1446,12 +1527,19 @@ def _write_outputs(ctx: _Context, job: SlideJob, slide: Slide, maps: MapSet,
         if src is not None and maps.kind != "instance":
             src = src.channel(ctx.heat_channel)
         if src is not None:
+            if maps.tissue is not None:  # exactly 0 on glass
+                src = TissueMasked(src, maps.tissue, geometry.downsample,
+                                   (geometry.x0, geometry.y0))
+            what = "score" if maps.kind == "instance" else \
+                ctx.pkg.class_names[ctx.heat_channel]
             outputs["heatmap"] = write_heatmap_ome_tiff(hp, src, mpp=geometry.map_mpp,
-                                                        backup=True)
+                                                        name=f"{job.name}: {what} probability",
+                                                        channel=what, backup=True)
     if p.overlay:
         op = job.output.with_name(f"{job.key}.overlay.png")
         outputs["overlay"] = write_overlay_png(op, slide, maps.classes, geometry.downsample,
                                                [c.color for c in ctx.classes.classes],
+                                               names=[c.name for c in ctx.classes.classes],
                                                backup=True)
     write_predictions(job.output, objects, overwrite=job.output.exists(), summary=summary)
     outputs["geojson"] = job.output
@@ -1527,7 +1615,8 @@ def _write_run_files(ctx: _Context, dist: DistContext, results: list[SlideResult
                   "mpp": pkg.mpp, "input_mpp": list(pkg.input_mpp),
                   "contract": pkg.contract.to_dict()},
         "params": ctx.params.to_json(),
-        "resolved": {"tissue": ctx.tissue_method, "lesion_classes": list(ctx.lesions),
+        "resolved": {"tissue": ctx.tissue_method, "inference": ctx.rules.to_json(),
+                     "lesion_classes": list(ctx.lesions),
                      "heatmap_class": pkg.class_names[ctx.heat_channel],
                      "workers": ctx.workers},
         "counts": counts,
@@ -1586,7 +1675,7 @@ def run_inference(
                        channels_last=channels_last, workers=workers,
                        classes=package_class_map(pkg), lesions=lesions,
                        heat_channel=_heatmap_channel(pkg, params, lesions),
-                       tissue_method=_tissue_method(pkg, params), run_id=run_id,
+                       rules=inference_rules(pkg, params), run_id=run_id,
                        run_date=run_date, opener=opener, progress=progress)
         if _check_supported(pkg.contract) != "two_stage":
             from qpseg.engine.tiling import inference_contract

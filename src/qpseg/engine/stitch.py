@@ -32,6 +32,7 @@ from qpseg.engine.writers import MapFile
 
 if TYPE_CHECKING:  # pragma: no cover
     from qpseg.engine.tiling import TilePlan
+    from qpseg.tissue import TissueMask
 
 __all__ = ["MapSet", "Stitcher", "hann_window", "resample_map"]
 
@@ -47,7 +48,8 @@ def hann_window(valid: int, margin: int) -> np.ndarray:
 class MapSet:
     """The map files of one slide: ``classes`` (uint8) and ``probs`` (uint8, ``(C, H, W)``,
     255 = 1) for pixel/patch models; ``instances`` (int32 ids), ``classes`` and ``scores``
-    (uint8) for instance models."""
+    (uint8) for instance models. ``tissue`` is the tissue mask the tiles were planned over
+    (None: every pixel counts), which the heatmap is read through."""
 
     folder: Path
     kind: str
@@ -56,6 +58,7 @@ class MapSet:
     instances: MapFile | None = None
     scores: MapFile | None = None
     paths: dict[str, Path] = field(default_factory=dict)
+    tissue: TissueMask | None = None
 
     @classmethod
     def create(cls, folder: str | os.PathLike[str], shape: tuple[int, int], num_classes: int,

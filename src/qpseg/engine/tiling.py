@@ -121,6 +121,7 @@ class TilePlan:
     inputs: tuple[InputRead, ...]
     tiles: np.ndarray
     tissue_fraction: float = 1.0
+    low_tissue: int = 0        # grid tiles with some tissue, too little to run (min_tissue)
 
     # ------------------------------------------------------------------ derived geometry
     @property
@@ -233,7 +234,7 @@ class TilePlan:
             "map_size": [self.map_width, self.map_height], "tile_out": self.tile_out,
             "margin": self.margin, "valid": self.valid, "step": self.step, "mode": self.mode,
             "grid": [self.nx, self.ny], "tiles": self.n_tiles,
-            "tissue_fraction": self.tissue_fraction,
+            "tissue_fraction": self.tissue_fraction, "low_tissue": self.low_tissue,
         }
 
 
@@ -366,21 +367,26 @@ def plan_tiles(
     jj, ii = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
     tiles = np.stack([ii.ravel(), jj.ravel()], axis=1).astype(np.int64)
     fraction = 1.0
+    low = 0
     if tissue is not None:
+        from qpseg.tissue import enough_tissue
+
         keep = np.zeros(len(tiles), dtype=bool)
         ext = valid if mode != "instance" else tile_out
         off = 0 if mode != "instance" else -margin
         for k, (i, j) in enumerate(tiles):
             x0 = (start + i * step + off) * ds_out
             y0 = (start + j * step + off) * ds_out
-            keep[k] = tissue.region_fraction(x0, y0, ext * ds_out, ext * ds_out) > min_tissue
+            f = tissue.region_fraction(x0, y0, ext * ds_out, ext * ds_out)
+            keep[k] = enough_tissue(f, min_tissue)
+            low += int(f > 0 and not keep[k])
         tiles = tiles[keep]
         fraction = tissue.region_fraction(0.0, 0.0, float(w_q), float(h_q))
     return TilePlan(
         slide_mpp=float(slide_mpp), base_mpp=float(base_mpp), downsample=ds,
         output_stride=stride, tile_px=contract.tile_px, map_width=map_w, map_height=map_h,
         tile_out=tile_out, margin=margin, valid=valid, step=step, start=start, nx=nx, ny=ny,
-        mode=mode, inputs=reads, tiles=tiles, tissue_fraction=float(fraction))
+        mode=mode, inputs=reads, tiles=tiles, tissue_fraction=float(fraction), low_tissue=low)
 
 
 def plan_for_slide(contract: ModelContract, slide: Slide, base_mpp: float, *,

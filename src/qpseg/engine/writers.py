@@ -8,10 +8,13 @@ A new file is sparse and reads as zeros (class 0 = background, probability 0) wh
 wrote.
 
 :func:`write_heatmap_ome_tiff` writes one probability channel as a tiled, zlib-compressed,
-pyramidal OME-TIFF (uint8, 255 = probability 1) with the map's physical pixel size, so QuPath
-(Bio-Formats) opens it as an image aligned with the slide; pyramid levels are 2x2 means,
-computed band by band through temporary map files. :func:`write_overlay_png` writes a quick-look
-thumbnail of the slide with the class map painted over it.
+pyramidal OME-TIFF (uint8, 255 = probability 1) with the map's physical pixel size and a
+channel named after the class, so QuPath (Bio-Formats) opens it as an image aligned with the
+slide; pyramid levels are 2x2 means, computed band by band through temporary map files. The
+engine hands it the probability channel of the stitched maps (the same stitching as the class
+map, so no tile seams) read through :class:`TissueMasked`: exactly 0 wherever the tissue mask
+says glass. :func:`write_overlay_png` writes the slide's thumbnail beside the same thumbnail
+with the class map painted over it, and a legend of the classes' colours.
 
 Every file is written to a temporary name in the same folder and renamed into place, so a
 killed run never leaves a file that looks finished.
@@ -36,10 +39,12 @@ from qpseg.errors import OutputError, QpsegError
 
 if TYPE_CHECKING:  # pragma: no cover
     from qpseg.slide import Slide
+    from qpseg.tissue import TissueMask
 
 __all__ = [
     "MapChannel",
     "MapFile",
+    "TissueMasked",
     "atomic_path",
     "sha256_file",
     "write_heatmap_ome_tiff",
@@ -295,6 +300,48 @@ class MapChannel:
         return self.source[(self.channel, *key)]
 
 
+class TissueMasked:
+    """A 2-D map (array-like, read ``m[r0:r1, c0:c1]``) that reads 0 outside the tissue.
+
+    Map pixel ``(c, r)`` covers QuPath ``x ∈ [x0 + c·downsample, x0 + (c+1)·downsample)`` (and
+    ``y`` likewise, as :class:`~qpseg.objects.MapGeometry` says); it keeps its value when the
+    tissue-mask pixel under its centre is tissue, and reads 0 otherwise (also beyond the mask).
+    Tiles are planned over the same mask, so glass that a tile with some tissue also saw, and
+    that the model gave a non-zero probability, no longer shows as a grey tile-shaped block.
+    """
+
+    def __init__(self, source: Any, tissue: TissueMask, downsample: float,
+                 origin: tuple[float, float] = (0.0, 0.0)) -> None:
+        self.source = source
+        self.shape = (int(source.shape[-2]), int(source.shape[-1]))
+        self.dtype = np.dtype(source.dtype)
+        mask = np.asarray(tissue.mask, dtype=bool)
+        self._mask = mask
+        h, w = self.shape
+        # mask column / row under each map pixel's centre (-1: outside the mask)
+        xs = (origin[0] + (np.arange(w) + 0.5) * downsample - tissue.origin_x) / \
+            tissue.downsample_x
+        ys = (origin[1] + (np.arange(h) + 0.5) * downsample - tissue.origin_y) / \
+            tissue.downsample_y
+        self._cols = np.where((xs >= 0) & (xs < mask.shape[1]), np.floor(xs), -1).astype(np.int64)
+        self._rows = np.where((ys >= 0) & (ys < mask.shape[0]), np.floor(ys), -1).astype(np.int64)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = tuple(key) + (slice(None),) * (2 - len(key))
+        if len(key) != 2 or not all(isinstance(k, slice) and k.step in (None, 1) for k in key):
+            raise IndexError(f"unsupported map index {key!r} (use step-1 slices)")
+        r0, r1, _ = key[0].indices(self.shape[0])
+        c0, c1, _ = key[1].indices(self.shape[1])
+        block = np.array(self.source[r0:r1, c0:c1], dtype=self.dtype)
+        rows, cols = self._rows[r0:r1], self._cols[c0:c1]
+        inside = (rows[:, None] >= 0) & (cols[None, :] >= 0)
+        inside &= self._mask[np.maximum(rows, 0)[:, None], np.maximum(cols, 0)[None, :]]
+        block[~inside] = 0
+        return block
+
+
 # ------------------------------------------------------------------------- OME-TIFF heatmap
 
 def _downsample2(src: Any, dst: MapFile, band: int = 512) -> None:
@@ -326,16 +373,18 @@ def _tiles(src: Any, tile: int) -> Iterator[np.ndarray]:
 
 def write_heatmap_ome_tiff(path: str | os.PathLike[str], heatmap: Any, *, mpp: float,
                            tile: int = 256, name: str = "probability",
-                           backup: bool = False) -> Path:
+                           channel: str | None = None, backup: bool = False) -> Path:
     """Write a 2-D uint8 map (array-like, read in bands) as a pyramidal OME-TIFF.
 
     Levels halve until the longer side fits one tile; the physical pixel size of level 0 is
-    ``mpp`` µm. Written atomically (``backup``: the previous file is kept, see
-    :func:`atomic_path`); a write failure is an OutputError naming ``path``. Returns ``path``.
+    ``mpp`` µm. ``name`` is the OME image name and ``channel`` the channel's name (QuPath shows
+    it in Brightness & Contrast; default ``name``): the class whose probability this is.
+    Written atomically (``backup``: the previous file is kept, see :func:`atomic_path`); a
+    write failure is an OutputError naming ``path``. Returns ``path``.
     """
     path = Path(path)
     try:
-        return _write_heatmap(path, heatmap, mpp, tile, name, backup)
+        return _write_heatmap(path, heatmap, mpp, tile, name, channel or name, backup)
     except OutputError as exc:
         if exc.path == path:
             raise
@@ -344,7 +393,7 @@ def write_heatmap_ome_tiff(path: str | os.PathLike[str], heatmap: Any, *, mpp: f
         raise OutputError.from_os_error(exc, path) from exc
 
 
-def _write_heatmap(path: Path, heatmap: Any, mpp: float, tile: int, name: str,
+def _write_heatmap(path: Path, heatmap: Any, mpp: float, tile: int, name: str, channel: str,
                    backup: bool) -> Path:
     import tifffile
 
@@ -367,7 +416,8 @@ def _write_heatmap(path: Path, heatmap: Any, mpp: float, tile: int, name: str,
         try:
             with atomic_path(path, backup=backup) as tmp, tifffile.TiffWriter(tmp, bigtiff=True,
                                                                ome=True) as tif:
-                meta = {"axes": "YX", "Name": name, "PhysicalSizeX": mpp,
+                meta = {"axes": "YX", "Name": name, "Channel": {"Name": [channel]},
+                        "PhysicalSizeX": mpp,
                         "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
                         "PhysicalSizeYUnit": "µm"}
                 tif.write(_tiles(levels[0], tile), shape=(h, w), subifds=len(levels) - 1,
@@ -384,12 +434,23 @@ def _write_heatmap(path: Path, heatmap: Any, mpp: float, tile: int, name: str,
 
 # ------------------------------------------------------------------------------ PNG overlay
 
+#: White gap between the two panels of the overlay, and the legend's layout (pixels).
+OVERLAY_GAP = 8
+_SWATCH = 14
+_LEGEND_ROW = 22
+_LEGEND_PAD = 8
+
+
 def write_overlay_png(path: str | os.PathLike[str], slide: Slide, class_map: Any,
                       map_downsample: float, colors: Sequence[Sequence[int]], *,
-                      max_size: int = 1024, alpha: float = 0.45, backup: bool = False) -> Path:
-    """A thumbnail of the slide (QuPath's image region, longer side ``max_size``) with every
-    non-background class of ``class_map`` painted in its colour. Written atomically
-    (``backup``: the previous file is kept, see :func:`atomic_path`)."""
+                      names: Sequence[str] | None = None, max_size: int = 1024,
+                      alpha: float = 0.45, backup: bool = False) -> Path:
+    """A quick look at a prediction: the slide's thumbnail (QuPath's image region, longer side
+    ``max_size``) on the left, the same thumbnail with every non-background class of
+    ``class_map`` painted in its colour on the right (``OVERLAY_GAP`` white pixels between
+    them), and under both a legend: a swatch of each non-background class's colour and its
+    name (``names``; default ``class <i>``). Written atomically (``backup``: the previous file
+    is kept, see :func:`atomic_path`)."""
     from PIL import Image
 
     path = Path(path)
@@ -414,7 +475,44 @@ def write_overlay_png(path: str | os.PathLike[str], slide: Slide, class_map: Any
     paint = (labels > 0) & (labels < len(colors))
     out = rgb.astype(np.float64)
     out[paint] = (1 - alpha) * out[paint] + alpha * lut[labels[paint]]
-    img = Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+    painted = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    label_names = [names[i] if names is not None and i < len(names) else f"class {i}"
+                   for i in range(len(colors))]
+    entries = [(label_names[i], tuple(int(v) for v in colors[i][:3]))
+               for i in range(1, len(colors))]
+    img = _overlay_canvas(np.ascontiguousarray(rgb[..., :3], dtype=np.uint8), painted, entries)
     with atomic_path(path, backup=backup) as tmp:
         img.save(tmp, format="PNG")
     return path
+
+
+def _overlay_canvas(raw: np.ndarray, painted: np.ndarray,
+                    entries: Sequence[tuple[str, tuple[int, ...]]]) -> Any:
+    """Raw and painted thumbnails side by side on white, the legend (wrapped rows of swatch +
+    name) under them."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    th, tw = raw.shape[:2]
+    width = 2 * tw + OVERLAY_GAP
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    placed: list[tuple[int, int, str, tuple[int, ...]]] = []  # (x, row, name, colour)
+    x, row = _LEGEND_PAD, 0
+    for name, colour in entries:
+        w = _SWATCH + 6 + math.ceil(probe.textlength(name, font=font)) + 16
+        if x > _LEGEND_PAD and x + w > width - _LEGEND_PAD:
+            x, row = _LEGEND_PAD, row + 1
+        placed.append((x, row, name, colour))
+        x += w
+    legend_h = (row + 1) * _LEGEND_ROW + _LEGEND_PAD if entries else 0
+    canvas = Image.new("RGB", (width, th + legend_h), (255, 255, 255))
+    canvas.paste(Image.fromarray(raw, "RGB"), (0, 0))
+    canvas.paste(Image.fromarray(painted, "RGB"), (tw + OVERLAY_GAP, 0))
+    draw = ImageDraw.Draw(canvas)
+    for x, r, name, colour in placed:
+        y = th + _LEGEND_PAD // 2 + r * _LEGEND_ROW + (_LEGEND_ROW - _SWATCH) // 2
+        fill = (colour[0], colour[1], colour[2])
+        draw.rectangle((x, y, x + _SWATCH - 1, y + _SWATCH - 1), fill=fill, outline=(0, 0, 0))
+        draw.text((x + _SWATCH + 6, y + _SWATCH // 2), name, fill=(0, 0, 0), font=font,
+                  anchor="lm")
+    return canvas

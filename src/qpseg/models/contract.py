@@ -26,6 +26,7 @@ This module is torch-free at import time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,9 +35,12 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
+    "OBJECT_KINDS",
     "OUTPUT_TYPES",
+    "InferenceRules",
     "InputSpec",
     "ModelContract",
+    "default_inference_rules",
     "get_contract",
     "instance_targets_from_label_map",
     "make_inputs",
@@ -45,6 +49,9 @@ __all__ = [
 
 OutputType = Literal["pixel", "patch", "instance"]
 OUTPUT_TYPES: tuple[str, ...] = ("pixel", "patch", "instance")
+#: What the objects of a model's output are: ``regions`` (tissue classes, lesions: one
+#: annotation per connected region) or ``nuclei`` (one detection or cell per nucleus).
+OBJECT_KINDS: tuple[str, ...] = ("regions", "nuclei")
 InputKind = Literal["image", "heatmap"]
 
 
@@ -96,6 +103,9 @@ class ModelContract:
             then refinement); the model exposes them as ``model.stages`` in the same order.
         paper: the paper and section the architecture follows.
         default_mpp: the pixel size (µm) the paper worked at for input 0, if it says.
+        objects: ``"regions"`` or ``"nuclei"`` (:data:`OBJECT_KINDS`): what the paper's
+            model segments, which decides the default inference rules
+            (:func:`default_inference_rules`) of a package that records none.
     """
 
     architecture: str
@@ -113,11 +123,14 @@ class ModelContract:
     stages: tuple[ModelContract, ...] = ()
     paper: str = ""
     default_mpp: float | None = None
+    objects: str = "regions"
     notes: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUT_TYPES:
             raise ValueError(f"output must be one of {OUTPUT_TYPES}, not {self.output!r}")
+        if self.objects not in OBJECT_KINDS:
+            raise ValueError(f"objects must be one of {OBJECT_KINDS}, not {self.objects!r}")
         if not self.inputs:
             raise ValueError("a model needs at least one input")
         if self.num_classes < 1 or self.tile_px < 1 or self.output_px < 1:
@@ -165,6 +178,132 @@ def get_contract(model: object) -> ModelContract:
 
         raise ModelError(f"{type(model).__name__} has no qpseg model contract")
     return contract
+
+
+_RULE_OBJECTS: tuple[str, ...] = ("annotation", "detection", "cell")
+
+
+@dataclass(frozen=True)
+class InferenceRules:
+    """How a model's output becomes QuPath objects: recorded in its package (``config.json``
+    ``"inference"``), overridable per run (``qpseg infer --tissue/--min-tissue/--as``).
+
+    Attributes:
+        tissue: tissue detection run before tiling (:data:`qpseg.tissue.TISSUE_METHODS`) or
+            ``"none"`` (every tile of the image runs).
+        min_tissue: a tile runs only when its tissue fraction is above this
+            (:func:`qpseg.tissue.enough_tissue`, the rule training selects patches with).
+        objects: QuPath object type written: ``annotation``, ``detection`` or ``cell``
+            (instance models always write cells).
+        nuclei: objects are nuclei: the nucleus sizes of :data:`qpseg.objects.REVIEW_DEFAULTS`
+            (small-object removal and hole filling) and 4-connected components, so nuclei
+            that touch only at a corner stay apart.
+        threshold: a pixel is foreground when ``1 - P(Background)`` is above this (its class
+            is then the most probable other class); None: the most probable class (for two
+            classes the same as 0.5). lagree2021 (Methods) chooses it for precision.
+        min_area_um2, fill_holes_um2: None: the review defaults of the object kind.
+    """
+
+    tissue: str = "otsu_od"
+    min_tissue: float = 0.0
+    objects: str = "annotation"
+    nuclei: bool = False
+    threshold: float | None = None
+    min_area_um2: float | None = None
+    fill_holes_um2: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``"inference"`` object of ``config.json``."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, path: Any = None) -> InferenceRules:
+        """Validate a package's ``"inference"`` object; ModelError naming ``path``."""
+        from qpseg.errors import ModelError
+        from qpseg.tissue import TISSUE_METHODS
+
+        if not isinstance(data, dict):
+            raise ModelError("inference must be an object (tissue, min_tissue, objects, ...)",
+                             path)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(f"inference: unknown key(s) {', '.join(map(repr, unknown[:3]))}",
+                             path)
+        out = cls(**data)
+        if out.tissue not in (*TISSUE_METHODS, "none"):
+            raise ModelError(f"inference.tissue must be one of {', '.join(TISSUE_METHODS)} or "
+                             f"none, not {out.tissue!r}", path)
+        if out.objects not in _RULE_OBJECTS:
+            raise ModelError(f"inference.objects must be one of {', '.join(_RULE_OBJECTS)}, "
+                             f"not {out.objects!r}", path)
+        if not isinstance(out.nuclei, bool):
+            raise ModelError("inference.nuclei must be true or false", path)
+
+        def number(value: Any, what: str, lo: float, hi: float) -> None:
+            ok = (isinstance(value, int | float) and not isinstance(value, bool)
+                  and math.isfinite(value) and lo <= value < hi)
+            if not ok:
+                raise ModelError(f"inference.{what} must be a number in [{lo:g}, {hi:g}), "
+                                 f"not {value!r}", path)
+
+        number(out.min_tissue, "min_tissue", 0.0, 1.0)
+        if out.threshold is not None:
+            number(out.threshold, "threshold", 0.0, 1.0)
+        for name in ("min_area_um2", "fill_holes_um2"):
+            if getattr(out, name) is not None:
+                number(getattr(out, name), name, 0.0, math.inf)
+        return out
+
+
+def default_inference_rules(contract: ModelContract,
+                            training: Mapping[str, Any] | None = None) -> InferenceRules:
+    """The inference rules of a model trained as ``training`` says (a package's training
+    summary: ``tissue_method``, ``target``, ``config``), by output type.
+
+    Training writes these into every package it saves; a package saved without them (older
+    qpseg, or :func:`qpseg.models.save_package` without ``inference``) gets the same, so both
+    follow one rule:
+
+    * instance output: cells, no tissue detection (tissue masks on an 8 µm/px thumbnail cut
+      nuclei out of densely packed nuclei tiles).
+    * nuclei (a model trained on instance targets, else a nuclei architecture,
+      ``contract.objects``): detections, one per nucleus, with lagree2021's post-processing
+      (Methods: "morphological operations that filled missing pixels and removed small
+      predicted artifacts"), no tissue detection.
+    * patch output (or a pipeline whose first stage is a patch classifier): the tissue
+      detection it was trained with (default HSV, pedersen2022 §2.2) and its least tissue
+      fraction (pedersen2022 §2.2: "Only patches containing more than 25% tissue were
+      included"; :data:`qpseg.data.grid.MIN_TISSUE`).
+    * other pixel output: the tissue detection it was trained with, else ``otsu_od``; every
+      tile with any tissue runs.
+    """
+    from qpseg.data.grid import MIN_TISSUE
+    from qpseg.tissue import TISSUE_METHODS
+
+    info = dict(training or {})
+    method = info.get("tissue_method")
+    method = method if isinstance(method, str) and method in TISSUE_METHODS else None
+    target = info.get("target")
+    if contract.output == "instance":
+        return InferenceRules(tissue="none", objects="cell", nuclei=True)
+    nuclei = target == "instance" if isinstance(target, str) else contract.objects == "nuclei"
+    if nuclei:
+        return InferenceRules(tissue="none", objects="detection", nuclei=True)
+    first = contract.stages[0] if contract.stages else contract
+    if first.output == "patch":
+        def part(obj: Any, key: str) -> Mapping[str, Any]:
+            value = obj.get(key) if isinstance(obj, Mapping) else None
+            return value if isinstance(value, Mapping) else {}
+
+        cfg = part(info, "config")
+        stage = part(part(cfg, "stages"), "patch")  # two-stage: the patch stage's data
+        least = part(stage or cfg, "data").get("min_tissue")
+        if not (isinstance(least, int | float) and not isinstance(least, bool)
+                and 0 <= least < 1):
+            least = MIN_TISSUE
+        return InferenceRules(tissue=method or "hsv", min_tissue=float(least))
+    return InferenceRules(tissue=method or "otsu_od")
 
 
 def make_inputs(contract: ModelContract, batch: int = 1, *, seed: int = 0,

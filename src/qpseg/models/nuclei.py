@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -69,11 +70,13 @@ def _unet_builder(encoder_name: str) -> Any:
         width_mult = check_fraction("width_mult", width_mult, low=1e-3, high=4.0)
         tile_px = check_positive_int("tile_px", tile_px, maximum=1 << 14)
         encoder = make_encoder(encoder_name, width_mult)
-        return EncoderUNet(num_classes, encoder, name=f"unet_{encoder_name}", tile_px=tile_px,
-                           decoder_filters=decoder_filters,
-                           center=encoder_name.startswith("vgg"),
-                           paper=f"{PAPER}, Methods 'U-net' ({encoder.label} encoder)",
-                           default_mpp=LAGREE_MPP)
+        model = EncoderUNet(num_classes, encoder, name=f"unet_{encoder_name}", tile_px=tile_px,
+                            decoder_filters=decoder_filters,
+                            center=encoder_name.startswith("vgg"),
+                            paper=f"{PAPER}, Methods 'U-net' ({encoder.label} encoder)",
+                            default_mpp=LAGREE_MPP)
+        model.contract = replace(model.contract, objects="nuclei")  # lagree2021 segments nuclei
+        return model
 
     build.__doc__ = f"U-Net with a torchvision {encoder_name} encoder (lagree2021)."
     return build
@@ -164,7 +167,7 @@ class EnsembleUNet(QpsegModule):
             output_px=tile_px, size_multiple=_lcm([c.size_multiple for c in contracts]),
             margin_px=max(c.margin_px for c in contracts),
             paper=f"{PAPER}, Methods 'Ensemble networks' (U-Net ensemble)",
-            default_mpp=LAGREE_MPP)
+            default_mpp=LAGREE_MPP, objects="nuclei")
 
     def pretrained_weights(self) -> NamedWeights:
         """Each member's ImageNet encoder."""
@@ -216,7 +219,8 @@ class GBUNet(QpsegModule):
             size_multiple=_lcm([c.size_multiple] + [get_contract(m).size_multiple
                                                     for m in members]),
             margin_px=c.margin_px, paper=f"{PAPER}, Methods 'Ensemble networks' and Fig. 1 "
-                                         "(GB U-Net)", default_mpp=LAGREE_MPP)
+                                         "(GB U-Net)", default_mpp=LAGREE_MPP,
+            objects="nuclei")
 
     def pretrained_weights(self) -> NamedWeights:
         """Each member's ImageNet encoder (members trained beforehand come from
@@ -389,7 +393,7 @@ def maskrcnn_resnet101(num_classes: int, *, tile_px: int = 256, frozen_bn: bool 
         architecture="maskrcnn_resnet101", num_classes=num_classes,
         inputs=(InputSpec("image", tile_px, 1.0, 3),), output="instance", tile_px=tile_px,
         output_px=tile_px, size_multiple=32, margin_px=tile_px // 8,
-        paper=f"{PAPER}, Methods 'Mask R-CNN'", default_mpp=LAGREE_MPP,
+        paper=f"{PAPER}, Methods 'Mask R-CNN'", default_mpp=LAGREE_MPP, objects="nuclei",
         notes="train: model(images, targets) returns a dict of losses (torchvision API)")
     return model
 
@@ -422,7 +426,7 @@ class OtsuWatershed(QpsegModule):
             inputs=(InputSpec("image", tile_px, 1.0, 3),), output="instance", tile_px=tile_px,
             output_px=tile_px, trainable=False, margin_px=0,
             paper=f"{PAPER}, Methods 'Classical segmentation techniques'",
-            default_mpp=LAGREE_MPP)
+            default_mpp=LAGREE_MPP, objects="nuclei")
 
     def label_image(self, image: torch.Tensor) -> Any:
         """Instance label map (``(H, W)`` int32 numpy array, 0 = background) of one image."""

@@ -4,6 +4,7 @@ Layout::
 
     my_model/
       config.json          what the model is and how to feed it (below)
+      MODEL_CARD.md        what it is, was trained on and is for (qpseg.models.card)
       weights.pt           state dict, read with torch.load(weights_only=True)
       (or weights.safetensors, when the optional 'safetensors' package is installed)
 
@@ -19,6 +20,8 @@ Layout::
       "tile_px": 512,
       "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
       "training": {...},                 free-form summary of the training data and run
+      "inference": {"tissue": "hsv", "min_tissue": 0.25, "objects": "annotation", ...},
+                                         how outputs become objects (optional; InferenceRules)
       "weights": "weights.pt", "weights_sha256": "..."
     }
 
@@ -73,7 +76,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _REQUIRED = ("format_version", "qpseg_version", "architecture", "architecture_kwargs",
              "class_names", "class_colors", "ignore_index", "mpp", "tile_px", "normalization")
 _OPTIONAL = ("format", "input_mpp", "training", "weights", "weights_sha256",
-             "stage_normalization")
+             "stage_normalization", "inference")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
 # Distinct QuPath-like default colours (r, g, b) for packages saved without colours.
@@ -101,6 +104,8 @@ class PackageConfig:
     weights: str | None = None
     weights_sha256: str | None = None
     stage_normalization: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
+    #: the "inference" object (qpseg.models.contract.InferenceRules); {}: not recorded
+    inference: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -127,6 +132,8 @@ class PackageConfig:
         if self.stage_normalization:
             data["stage_normalization"] = [{"mean": list(m), "std": list(s)}
                                            for m, s in self.stage_normalization]
+        if self.inference:
+            data["inference"] = dict(self.inference)
         if self.weights is not None:
             data["weights"] = self.weights
         if self.weights_sha256 is not None:
@@ -254,12 +261,18 @@ def parse_config(data: Any, path: str | os.PathLike[str]) -> PackageConfig:
     sha = data.get("weights_sha256")
     if sha is not None and (not isinstance(sha, str) or not _SHA_RE.match(sha)):
         raise ModelError("weights_sha256 must be 64 lowercase hex digits", path)
+    inference: dict[str, Any] = {}
+    if data.get("inference") is not None:
+        from qpseg.models.contract import InferenceRules
+
+        inference = InferenceRules.from_json(data["inference"], path).to_json()
     return PackageConfig(
         architecture=data["architecture"], architecture_kwargs=dict(kwargs),
         class_names=tuple(names), class_colors=tuple(rgb), ignore_index=ignore,
         mpp=float(mpp), tile_px=tile, mean=mean, std=std, qpseg_version=data["qpseg_version"],
         format_version=version, input_mpp=parsed_input_mpp, training=dict(training),
-        weights=weights, weights_sha256=sha, stage_normalization=tuple(stage_norm))
+        weights=weights, weights_sha256=sha, stage_normalization=tuple(stage_norm),
+        inference=inference)
 
 
 def read_package_config(directory: str | os.PathLike[str]) -> PackageConfig:
@@ -530,19 +543,24 @@ def save_package(directory: str | os.PathLike[str], model: nn.Module, *,
                  ignore_index: int = 255, training: Mapping[str, Any] | None = None,
                  stage_normalization: Sequence[tuple[Sequence[float], Sequence[float]]]
                  | None = None,
-                 weights_format: str = "pt", overwrite: bool = False) -> Path:
+                 weights_format: str = "pt", overwrite: bool = False,
+                 inference: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` (built by :func:`create_model`) as a package in ``directory``.
 
     ``mpp`` is the pixel size of input 0 the model was trained at; the per-input pixel sizes are
     derived from the contract's scales. ``training`` is a free-form JSON summary (slides, class
     pixel counts, epochs, ...). ``weights_format`` is ``"pt"`` or ``"safetensors"`` (needs the
-    optional safetensors package). The config is validated exactly as :func:`load_package`
-    validates it, so whatever is saved loads again. A file that cannot be written is an
+    optional safetensors package). ``inference``: the model's inference rules
+    (:class:`~qpseg.models.contract.InferenceRules` as JSON; tissue rule, object type,
+    post-processing), recorded as ``"inference"``. The config is validated exactly as
+    :func:`load_package` validates it, so whatever is saved loads again. ``MODEL_CARD.md``
+    (:mod:`qpseg.models.card`) is written beside it. A file that cannot be written is an
     :class:`~qpseg.errors.OutputError` naming it. Returns the directory.
     """
     from qpseg import __version__
-    from qpseg._io import write_json_atomic
+    from qpseg._io import atomic_write, write_json_atomic
     from qpseg.models._weights import sha256_file, write_state_dict
+    from qpseg.models.card import MODEL_CARD_NAME, model_card
     from qpseg.models.contract import get_contract
 
     directory = Path(directory)
@@ -577,6 +595,8 @@ def save_package(directory: str | os.PathLike[str], model: nn.Module, *,
         "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
         "training": _jsonable(dict(training or {})),
     }
+    if inference:
+        data["inference"] = dict(inference)
     if stage_normalization:
         data["stage_normalization"] = [{"mean": [float(v) for v in m], "std": [float(v) for v in s]}
                                        for m, s in stage_normalization]
@@ -602,6 +622,9 @@ def save_package(directory: str | os.PathLike[str], model: nn.Module, *,
         data["weights_sha256"] = sha256_file(weights_path)
         current = directory / CONFIG_NAME
         write_json_atomic(current, data, backup=False)
+        current = directory / MODEL_CARD_NAME
+        with atomic_write(current, "w", backup=False) as fh:
+            fh.write(model_card(parse_config(data, directory / CONFIG_NAME), directory))
     except OSError as exc:
         raise OutputError.from_os_error(exc, current) from exc
     return directory

@@ -1,10 +1,14 @@
 """The model registry: ``@register_model``, :func:`create_model`, :func:`list_models`.
 
 Like timm's: each architecture module registers builder functions under a name; the registry
-imports those modules (and with them torch) the first time it is queried, so importing
-``qpseg.models`` stays cheap. Builders never download anything: every model starts from random
-initialisation. ``pretrained="imagenet"`` (or ``"coco"``) then loads the torchvision weights the
-model names (:meth:`~qpseg.models._base.QpsegModule.pretrained_weights`) through torch's cache,
+imports those modules (and with them torch) when it is queried, so importing ``qpseg.models``
+stays cheap. :func:`get_entry` imports only the module that registers the name it is asked
+for (known from :func:`catalog`), so loading a U-Net does not import torchvision's detection
+models; :func:`catalog` reads names, papers and summaries from the modules' source without
+importing them (``qpseg models`` starts without torch). Builders never download anything:
+every model starts from random initialisation. ``pretrained="imagenet"`` (or ``"coco"``)
+then loads the torchvision weights the model names
+(:meth:`~qpseg.models._base.QpsegModule.pretrained_weights`) through torch's cache,
 downloading them once where there is a network; ``pretrained=PATH`` loads a local state dict
 (an ImageNet VGG16 checkpoint with torchvision key names, a full qpseg state dict, ...). Either
 way a one-line ModelError says what does not fit or where the missing file belongs.
@@ -12,8 +16,11 @@ way a one-line ModelError says what does not fit or where the missing file belon
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
 import importlib
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,8 +33,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "NAMED_WEIGHTS",
+    "CatalogEntry",
     "InitWarning",
     "ModelEntry",
+    "catalog",
     "create_model",
     "get_entry",
     "list_models",
@@ -117,6 +126,195 @@ def _ensure_registered() -> None:
     _loaded = True
 
 
+@dataclass(frozen=True)
+class CatalogEntry:
+    """What :func:`catalog` knows of an architecture without building it: its name, the
+    module that registers it, and the ``paper`` / ``summary`` / ``heavy`` / ``paper_init`` of
+    its :class:`ModelEntry`."""
+
+    name: str
+    module: str
+    paper: str = ""
+    summary: str = ""
+    heavy: bool = False
+    paper_init: str = ""
+
+
+class _NotStatic(Exception):
+    """An expression :func:`_static_value` cannot evaluate from the source alone."""
+
+
+_OPAQUE = object()  # a dict value that is not a constant (iterating the dict needs keys only)
+
+
+class _Env(dict[str, Any]):
+    """Module-level constants of a module's source; names imported with ``from M import N``
+    are looked up in M's source on first use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.imports: dict[str, tuple[str, str]] = {}
+
+    def __missing__(self, key: str) -> Any:
+        if key not in self.imports:
+            raise _NotStatic(key)
+        module, name = self.imports.pop(key)
+        value = _module_constants(module).get(name, _OPAQUE)
+        if value is _OPAQUE:
+            raise _NotStatic(f"{module}.{name}")
+        self[key] = value
+        return value
+
+
+def _static_value(node: ast.AST, env: Mapping[str, Any]) -> Any:
+    """The value of a constant expression of a module's source (literals, names of earlier
+    module-level constants, f-strings, indexing, ``+``; dicts whose values are not constant
+    keep their keys)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return env[node.id]
+    if isinstance(node, ast.Tuple | ast.List):
+        return tuple(_static_value(e, env) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        out = {}
+        for k, v in zip(node.keys, node.values, strict=True):
+            if k is None:
+                raise _NotStatic("**")
+            try:
+                out[_static_value(k, env)] = _static_value(v, env)
+            except (_NotStatic, LookupError, TypeError):
+                out[_static_value(k, env)] = _OPAQUE
+        return out
+    if isinstance(node, ast.Subscript):
+        value = _static_value(node.value, env)[_static_value(node.slice, env)]
+        if value is _OPAQUE:
+            raise _NotStatic("subscript")
+        return value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _static_value(node.left, env) + _static_value(node.right, env)
+    if isinstance(node, ast.JoinedStr):
+        out_s = []
+        for part in node.values:
+            if isinstance(part, ast.FormattedValue):
+                if part.conversion != -1 or part.format_spec is not None:
+                    raise _NotStatic("formatted value")
+                out_s.append(str(_static_value(part.value, env)))
+            else:
+                out_s.append(str(_static_value(part, env)))
+        return "".join(out_s)
+    raise _NotStatic(type(node).__name__)
+
+
+def _parse(module: str) -> ast.Module:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise _NotStatic(module)
+    with open(spec.origin, encoding="utf-8") as fh:
+        return ast.parse(fh.read(), filename=spec.origin)
+
+
+def _assign(node: ast.stmt, env: _Env) -> None:
+    """Record a module-level ``NAME = constant`` or ``from qpseg... import NAME``."""
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qpseg"):
+        for alias in node.names:
+            env.imports[alias.asname or alias.name] = (node.module, alias.name)
+        return
+    if not isinstance(node, ast.Assign | ast.AnnAssign) or node.value is None:
+        return
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    if len(targets) == 1 and isinstance(targets[0], ast.Name):
+        env.imports.pop(targets[0].id, None)
+        try:
+            env[targets[0].id] = _static_value(node.value, env)
+        except (_NotStatic, LookupError, TypeError):
+            env.pop(targets[0].id, None)
+
+
+@functools.cache
+def _module_constants(module: str) -> _Env:
+    env = _Env()
+    for node in _parse(module).body:
+        _assign(node, env)
+    return env
+
+
+def _entry(call: ast.Call, env: Mapping[str, Any], module: str,
+           doc: str | None) -> CatalogEntry:
+    """The entry of one ``register_model(...)`` call (``doc``: the builder's first docstring
+    line, None where the builder is not known from the source)."""
+    name = _static_value(call.args[0], env)
+    kw = {k.arg: _static_value(k.value, env) for k in call.keywords
+          if k.arg in ("paper", "summary", "heavy", "paper_init")}
+    summary = kw.get("summary") or doc
+    if summary is None:
+        raise _NotStatic(f"{name}: summary")
+    return CatalogEntry(str(name), module, str(kw.get("paper", "")), str(summary),
+                        bool(kw.get("heavy")), str(kw.get("paper_init", "")))
+
+
+def _is_register(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == "register_model")
+
+
+def _scan_module(module: str) -> list[CatalogEntry]:
+    """The registrations of one family module, read from its source: ``@register_model(...)``
+    on a function, and ``register_model(...)(builder)`` in a module-level ``for`` loop over a
+    constant (e.g. the encoders' names). Any other use raises :class:`_NotStatic`."""
+    tree = _parse(module)
+    env = _Env()
+    found: list[CatalogEntry] = []
+    handled: set[int] = set()
+    try:
+        for node in tree.body:
+            _assign(node, env)
+            if isinstance(node, ast.FunctionDef):
+                for dec in node.decorator_list:
+                    if _is_register(dec):
+                        assert isinstance(dec, ast.Call)
+                        doc = (ast.get_docstring(node, clean=False) or "").strip()
+                        found.append(_entry(dec, env, module, doc.split("\n")[0]))
+                        handled.add(id(dec))
+            elif isinstance(node, ast.For) and isinstance(node.target, ast.Name):
+                calls = [c for c in ast.walk(node) if _is_register(c)]
+                if not calls:
+                    continue
+                for value in _static_value(node.iter, env):
+                    env[node.target.id] = value
+                    for call in calls:
+                        assert isinstance(call, ast.Call)
+                        found.append(_entry(call, env, module, None))
+                handled.update(id(c) for c in calls)
+    except (LookupError, TypeError, ValueError) as exc:
+        raise _NotStatic(f"{module}: {exc}") from exc
+    if any(_is_register(c) and id(c) not in handled for c in ast.walk(tree)):
+        raise _NotStatic(f"{module}: a registration this reader does not follow")
+    return found
+
+
+@functools.cache
+def _static_catalog() -> tuple[CatalogEntry, ...] | None:
+    try:
+        return tuple(e for m in _FAMILY_MODULES for e in _scan_module(m))
+    except (_NotStatic, OSError, SyntaxError, ValueError, ImportError):
+        return None  # the source cannot be read as expected: import the modules instead
+
+
+def catalog() -> list[CatalogEntry]:
+    """Every architecture's name, module, paper and summary, sorted by name, read from the
+    family modules' source without importing them (no torch); models registered at run time
+    are included. Falls back to importing the modules when their source cannot be read."""
+    entries = {e.name: e for e in (_static_catalog() or ())}
+    if not entries:
+        _ensure_registered()
+    for name, entry in _REGISTRY.items():
+        module = getattr(entry.builder, "__module__", "")
+        entries[name] = CatalogEntry(name, module, entry.paper, entry.summary, entry.heavy,
+                                     entry.paper_init)
+    return [entries[n] for n in sorted(entries)]
+
+
 def list_models() -> list[str]:
     """Names of all registered architectures, sorted."""
     _ensure_registered()
@@ -125,7 +323,12 @@ def list_models() -> list[str]:
 
 def get_entry(name: str) -> ModelEntry:
     """The registry entry for ``name``; unknown names get a ModelError listing close names."""
-    _ensure_registered()
+    if isinstance(name, str) and name not in _REGISTRY and not _loaded:
+        module = next((e.module for e in _static_catalog() or () if e.name == name), None)
+        if module is not None:  # only the module that registers it (and what it imports)
+            importlib.import_module(module)
+    if not isinstance(name, str) or name not in _REGISTRY:
+        _ensure_registered()
     if not isinstance(name, str) or name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
