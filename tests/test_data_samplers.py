@@ -11,6 +11,7 @@ import torch
 from qpseg.data.grid import Tile
 from qpseg.data.samplers import (
     BOOST_CHI,
+    BoostedSetSampler,
     BoostingWeights,
     DistributedSlideSampler,
     FocusingSampler,
@@ -217,3 +218,39 @@ def test_samplers_drive_a_dataloader() -> None:
     loader = torch.utils.data.DataLoader(Echo(), sampler=FocusingSampler(TILES, seed=0),
                                          batch_size=2)
     assert sorted(int(v) for b in loader for v in b) == [3, 4, 5, 6]
+
+
+def test_boosted_set_enlarges_training_set() -> None:
+    # khalil2022 §3.2.2-§3.2.3: T_h holds every tile l_e times; boosting grows the epoch instead
+    # of re-weighting a fixed-size draw (where boosting most tiles drifts back to uniform).
+    b = BoostingWeights(TILES)  # weights [0, 0, 0, 1, 1, 1, 1, 0]
+    s = BoostedSetSampler(b, seed=3)
+    assert len(s) == 4 and Counter(s) == {3: 1, 4: 1, 5: 1, 6: 1}
+    b.update([3, 4, 5], [0.5, 0.5, 0.5])  # 3 of 4 hard: l = 2, 2, 2, 1
+    assert len(s) == 7 and Counter(s) == {3: 2, 4: 2, 5: 2, 6: 1}
+    b.update([3, 4, 5], [0.5, 0.5, 0.5])  # hard again in round 2: l = 3, 3, 3, 1
+    assert len(s) == 10 and Counter(s) == {3: 3, 4: 3, 5: 3, 6: 1}
+    # The order is a function of (seed, epoch).
+    s.set_epoch(1)
+    first = list(s)
+    assert first == list(s) and first != list(BoostedSetSampler(b, seed=4).__iter__())
+    # Fractional χ: floor(l) copies plus one with probability frac(l).
+    frac = BoostingWeights(TILES, chi=0.5)
+    frac.update([3], [1.0])  # l_3 = 1.5
+    extra = []
+    for epoch in range(400):
+        fs = BoostedSetSampler(frac, seed=0)
+        fs.set_epoch(epoch)
+        extra.append(Counter(fs)[3] - 1)
+    assert set(extra) == {0, 1} and np.mean(extra) == pytest.approx(0.5, abs=0.08)
+
+
+def test_boosted_set_shards_pad_to_the_largest() -> None:
+    b = BoostingWeights(TILES)
+    b.update([3], [1.0])  # l_3 = 2
+    shards = [[3, 4], [5, 6]]
+    sizes = [len(BoostedSetSampler(b, subsets=shards, rank=r)) for r in (0, 1)]
+    assert sizes == [3, 3]
+    assert Counter(BoostedSetSampler(b, subsets=shards, rank=0)) == {3: 2, 4: 1}
+    items = list(BoostedSetSampler(b, subsets=shards, rank=1))
+    assert len(items) == 3 and set(items) == {5, 6}

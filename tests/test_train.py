@@ -211,6 +211,17 @@ def test_boosting_raises_weights_of_hard_tiles(project: tuple[SyntheticProject, 
     w = np.asarray(found[1]["boosting"]["weights"])
     # eq. (1): 0 or 1 to start; eq. (2): +χ for tiles wrong on >= 5 % of their pixels.
     assert set(np.unique(w)) <= {0.0, 1.0, 2.0} and (w == 2.0).any()
+    # §3.2.3: round 2 trains on the enlarged set T_2 (every tile l_e times): the epoch grows by
+    # the hard tiles' extra copies instead of keeping T_1's size.
+    recs = [json.loads(line) for line in
+            (tmp_path / "boost" / "train_log.jsonl").read_text().splitlines()]
+    (boost,) = [r for r in recs if r["kind"] == "boost"]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert boost["round"] == 1 and boost["hard_tiles"] == int((w == 2.0).sum())
+    assert boost["set_size"] == int(w.sum())
+    t1 = int((w > 0).sum())
+    assert epochs[0]["step"] == t1 // 4
+    assert epochs[1]["step"] - epochs[0]["step"] == int(w.sum()) // 4 > t1 // 4
 
 
 def test_gradient_accumulation_counts_steps(project: tuple[SyntheticProject, Path],
@@ -350,9 +361,13 @@ def test_h2g_net_trains_in_two_stages(project: tuple[SyntheticProject, Path],
                                          "min_labelled": 0.25, "group_by": None},
                                 "sampler": {"samples_per_epoch": 8, "val_samples": 4},
                                 "train": {"batch_size": 4, "steps": 2}},
-                      "refine": {"train": {"batch_size": 1, "accumulate": 2, "steps": 2}}}}
-    result = train(manifest, out, model="h2g_net", config=cfg)
+                      # pedersen2022 §3.4's 4 x 6 slides per step; 3 training slides here
+                      "refine": {"train": {"batch_size": 4, "accumulate": 6, "steps": 2}}}}
+    with pytest.warns(DataWarning, match=r"3 training slide\(s\) per process do not fill a "
+                      r"step of 4 x 6 slides; training with batch_size 3 x accumulate 1"):
+        result = train(manifest, out, model="h2g_net", config=cfg)
     assert [s.name for s in result.stages] == ["patch", "refine"]
+    assert result.stages[1].steps == 2
     assert len(list((out / "refine_data").glob("*.npz"))) == 4
     assert sorted(p.name for p in out.rglob("*") if ".tmp" in p.name) == []  # written atomically
     with np.load(next((out / "refine_data").glob("*.npz"))) as d:
@@ -365,6 +380,7 @@ def test_h2g_net_trains_in_two_stages(project: tuple[SyntheticProject, Path],
                                       .splitlines())}
     assert stages == {"patch", "refine"}
     assert set(pkg.config.training["stages"]) == {"patch", "refine"}
+    assert pkg.config.training["refine_batch"] == {"batch_size": 3, "accumulate": 1}
 
 
 def test_dmmn_multi_magnification_with_class_balance(project: tuple[SyntheticProject, Path],
@@ -418,8 +434,34 @@ def test_nuclei_instance_targets_with_lagree_loss(arch: str, kwargs: dict[str, A
     if arch == "gb_unet":  # the three members stay frozen: only the second stage trains
         first = result.model.members[0].head.weight
         assert not first.requires_grad
+        # One command: the members were trained first (lagree2021, "Ensemble networks"), each
+        # into its own package, and the second stage learns from those, not random members.
+        for i, member in enumerate(result.model.members):
+            pkg = load_package(tmp_path / "out" / "members" / f"{i + 1}-tiny_unet")
+            assert pkg.config.training["stages"]["train"]["steps"] == 2
+            trained = pkg.model.state_dict()
+            for key, value in member.state_dict().items():
+                assert torch.equal(value, trained[key]), key
     assert (tmp_path / "out" / "manifest.json").is_file()
     assert result.metrics["val_dice_nucleus"] >= 0.0
+
+
+def test_gb_unet_config_trains_one_member(tmp_path: Path) -> None:
+    # The documented first step (qpseg train --model <member> --config <gb_unet config>) used
+    # to fail with "unexpected keyword argument 'members'".
+    path = _nuclei_project(tmp_path / "n")
+    cfg = {"model": "gb_unet", "classes": ["Nucleus"],
+           "model_kwargs": {"members": ["tiny_unet"] * 3, "member_kwargs": {"base_filters": 4},
+                            "encoder_filters": [4, 8, 8, 16, 16], "freeze_members": True,
+                            "tile_px": 64},
+           "data": {"mpp": 1.0, "target": "instance", "min_labelled": 0.5},
+           "split": {"val": 0.5, "test": 0.0}, "train": {"batch_size": 2, "steps": 1}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(path, tmp_path / "m", model="tiny_unet", config=cfg)
+        assert result.model.contract.tile_px == 64
+        with pytest.raises(ConfigError, match="trains the members tiny_unet"):
+            train(path, tmp_path / "x", model="unet_vgg19", config=cfg)
 
 
 @pytest.mark.slow

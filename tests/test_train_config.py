@@ -310,3 +310,17 @@ def test_checkpoint_files(tmp_path: Path) -> None:
         find_checkpoint(tmp_path)
     assert err.value.path == path
     assert find_checkpoint(tmp_path / "none") is None
+
+
+def test_boosting_round_structure_is_explicit() -> None:
+    # khalil2022 §3.2.2: χ and the rounds h = 1..H are config keys; an epoch of T_h has no
+    # fixed size, so samples_per_epoch is refused for boosting.
+    k = paper_defaults("fcn32s_vgg16")
+    assert (k["sampler"]["chi"], k["sampler"]["round_epochs"], k["sampler"]["rounds"]) \
+        == (1.0, 1, None)
+    cfg = resolve_config("fcn32s_vgg16", {"sampler": {"rounds": 3, "round_epochs": 2}})
+    assert (cfg["sampler"]["rounds"], cfg["sampler"]["round_epochs"]) == (3, 2)
+    with pytest.raises(ConfigError, match="samples_per_epoch does not apply to boosting"):
+        resolve_config("fcn32s_vgg16", {"sampler": {"samples_per_epoch": 100}})
+    with pytest.raises(ConfigError, match=r"sampler\.round_epochs"):
+        resolve_config("fcn32s_vgg16", {"sampler": {"round_epochs": 0}})

@@ -20,7 +20,7 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qpseg.errors import ConfigError, LabelError, QpsegError
 
@@ -241,17 +241,22 @@ def tile_grid(
     min_tissue: float = MIN_TISSUE,
     tissue: TissueMask | None = None,
     resolution: int = _RESOLUTION,
+    unlabelled: str = "ignore",
 ) -> list[Tile]:
     """Tiles of one slide, in row-major order.
 
+    ``unlabelled`` is :func:`qpseg.labels.rasterize_labels`'s: ``"background"`` (exhaustive
+    annotation) makes unannotated pixels Background inside ``tissue`` (everywhere without it).
+
     ``select``: ``"labelled"`` keeps tiles with labelled fraction >= ``min_labelled``;
-    ``"tissue"`` those with tissue fraction >= ``min_tissue`` (needs ``tissue``); ``"either"``
+    ``"tissue"`` those with tissue fraction > ``min_tissue`` (needs ``tissue``); ``"either"``
     / ``"both"`` combine the two; ``"all"`` keeps every tile of the image. ``image_size`` is
     QuPath's ``(width, height)`` in level-0 pixels and ``base_mpp`` its pixel size.
     """
     import numpy as np
 
     from qpseg.labels import rasterize_labels
+    from qpseg.tissue import enough_tissue
 
     if select not in SELECT_MODES:
         raise ConfigError(f"unknown tile selection {select!r} (choose from "
@@ -302,7 +307,8 @@ def tile_grid(
                 h_cells = (b1 - b0 - 1) * stride_c + tile_c
                 region = (cx0 * stride_l0, b0 * stride_l0, w_cells, h_cells)
                 lab = rasterize_labels(annotations, region, cell_mpp, class_map,
-                                       base_mpp=base_mpp)
+                                       base_mpp=base_mpp, unlabelled=cast(Any, unlabelled),
+                                       within=tissue if unlabelled == "background" else None)
                 r0 = (np.arange(b1 - b0) * stride_c)[:, None]
                 c0 = (np.arange(ncols) * stride_c)[None, :]
                 table = np.zeros((h_cells + 1, w_cells + 1), dtype=np.int64)
@@ -323,7 +329,7 @@ def tile_grid(
             x, y = i * stride_l0, j * stride_l0
             tf = tissue.region_fraction(x, y, tile_l0, tile_l0) if tissue is not None else None
             lab_ok = labelled[j, i] >= min_labelled and labelled[j, i] > 0
-            tis_ok = tf is not None and tf >= min_tissue
+            tis_ok = tf is not None and enough_tissue(tf, min_tissue)
             keep = {"labelled": lab_ok, "tissue": tis_ok, "either": lab_ok or tis_ok,
                     "both": lab_ok and tis_ok, "all": True}[select]
             if keep:
@@ -345,6 +351,7 @@ def build_tiles(
     tissue_method: str | None = None,
     tissue_masks: Sequence[TissueMask | None] | None = None,
     resolution: int = _RESOLUTION,
+    unlabelled: str = "ignore",
 ) -> list[Tile]:
     """Tiles of every slide (``Tile.slide`` indexes ``slides``).
 
@@ -370,7 +377,8 @@ def build_tiles(
             tiles = tile_grid(rec.annotations, class_map, image_size=(rec.width, rec.height),
                               base_mpp=rec.mpp, tile_px=tile_px, mpp=mpp, slide_index=i,
                               stride_px=stride_px, select=select, min_labelled=min_labelled,
-                              min_tissue=min_tissue, tissue=mask, resolution=resolution)
+                              min_tissue=min_tissue, tissue=mask, resolution=resolution,
+                              unlabelled=unlabelled)
         except LabelError as exc:
             raise LabelError(exc.message, rec.annotation_file or rec.path) from None
         except QpsegError:

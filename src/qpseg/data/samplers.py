@@ -9,9 +9,12 @@ a resumed run draws exactly what the uninterrupted one would have.
 * :class:`UniformTileSampler`: every labelled tile once per epoch, shuffled.
 * :class:`FocusingSampler`: khalil2022 §3.2.4 focusing sampling: only tiles whose labelled
   fraction is at least γ = 0.05 (eq. 1), so unlabelled tissue is never a negative sample.
-* :class:`BoostingWeights` + :class:`WeightedTileSampler`: khalil2022 §3.2.2: weights start at
-  1 where ϑ >= γ and 0 elsewhere (eq. 1) and grow by χ for tiles whose error fraction is at
-  least γ after an epoch (eq. 2); tiles are drawn in proportion to their weight.
+* :class:`BoostingWeights` + :class:`BoostedSetSampler`: khalil2022 §3.2.2-§3.2.3: weights
+  start at 1 where ϑ >= γ and 0 elsewhere (eq. 1) and grow by χ for tiles whose error fraction
+  is at least γ after a round (eq. 2); the next round trains on the enlarged set T_{h+1} in
+  which every tile appears ``l_e`` times (the copies differ by the boosted augmentation), so
+  an epoch grows with the weights. :class:`WeightedTileSampler` draws in proportion to weights
+  with a fixed epoch size (kept for other uses).
 * :class:`HierarchicalSampler`: pedersen2022 §2.3: uniform over groups (histological grade),
   then slides of the group, then classes present in the slide, then tiles of that class.
 * :func:`class_balance_items`: ho2021 §2.3: ``r_c`` elastic copies of every tile whose highest
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BOOST_CHI",
+    "BoostedSetSampler",
     "BoostingWeights",
     "DistributedSlideSampler",
     "FocusingSampler",
@@ -47,8 +51,8 @@ __all__ = [
     "slide_shards",
 ]
 
-#: khalil2022 eq. (2) adds χ to a hard tile's weight but gives no value; 1 doubles a tile's
-#: initial weight after its first hard epoch.
+#: khalil2022 eq. (2) adds χ to a hard tile's weight but gives no value; 1 adds one more copy of
+#: a hard tile to the enlarged training set T_{h+1} (§3.2.3) per round it is hard.
 BOOST_CHI = 1.0
 
 
@@ -246,6 +250,71 @@ class BoostingWeights:
                               f"{len(self.weights)}")
         self.gamma, self.chi = float(state["gamma"]), float(state["chi"])
         self.weights[:] = w
+
+
+class BoostedSetSampler(_EpochSampler):
+    """khalil2022 §3.2.2-§3.2.3: one epoch over the enlarged training set T_h.
+
+    "Iteratively for h = 1, ..., H, build a base model θ_h = η(T_h)" and "a boosted data
+    augmentation based on the sample attention weights {l_e^{h+1}} [...] produced new data
+    T_{h+1} [...] to enlarge the training set with additional synthetically modified data":
+    tile ``e`` appears ``l_e`` times in T_h (once for ``l_e = 1``, not at all for 0), each
+    appearance augmented independently by the training augmentation. A fractional weight (χ
+    not an integer) gives ``floor(l_e)`` copies plus one more with probability ``frac(l_e)``,
+    drawn once per ``(seed, epoch)``. The epoch size is ``Σ copies`` and grows as tiles are
+    boosted, unlike a weighted resampling with a fixed epoch size, where boosting most tiles
+    brings the draw back to uniform.
+
+    ``weights`` is read live (a :class:`BoostingWeights` or its array). ``subsets`` (one list
+    of positions per rank) with ``rank`` shards by slide for DDP: every rank yields the length
+    of the largest shard, repeating its own items, so every rank takes the same step count.
+    """
+
+    def __init__(self, weights: BoostingWeights | Sequence[float] | np.ndarray, *,
+                 seed: int = 0, subsets: Sequence[Sequence[int]] | None = None,
+                 rank: int = 0) -> None:
+        self._live = weights if isinstance(weights, BoostingWeights) else None
+        w = self._live.weights if self._live is not None else np.asarray(weights, np.float64)
+        self._static = w
+        if subsets is not None and not 0 <= rank < len(subsets):
+            raise ConfigError(f"rank must be in [0, {len(subsets)}), got {rank}")
+        super().__init__(len(w), seed=seed, subset=None if subsets is None else subsets[rank])
+        self._subsets = None if subsets is None else [
+            np.asarray(sorted(set(s)), np.int64) for s in subsets]
+        self.rank = int(rank)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The current instance weights ``l_e`` (live)."""
+        return self._live.weights if self._live is not None else self._static
+
+    def copies(self) -> np.ndarray:
+        """How many times each tile appears in this epoch's T_h (0 outside the subset)."""
+        w = self.weights
+        if not (np.isfinite(w).all() and (w >= 0).all()):
+            raise ConfigError("boosting weights must be finite and non-negative")
+        base = np.floor(w)
+        extra = np.random.default_rng([self.seed, self.epoch, 1]).random(len(w)) < (w - base)
+        return (base + extra).astype(np.int64)
+
+    def _items(self, pool: np.ndarray, copies: np.ndarray) -> np.ndarray:
+        return np.repeat(pool, copies[pool])
+
+    def __len__(self) -> int:
+        copies = self.copies()
+        pools = self._subsets if self._subsets is not None else [self._pool]
+        return max(int(copies[p].sum()) for p in pools)
+
+    def __iter__(self) -> Iterator[int]:
+        copies = self.copies()
+        items = self._items(self._pool, copies)
+        if len(items) == 0:
+            raise ConfigError("every boosting weight of this process's tiles is zero")
+        n = len(self)
+        items = items[self._rng().permutation(len(items))]
+        if len(items) < n:  # DDP: pad with this rank's own items
+            items = np.tile(items, -(-n // len(items)))[:n]
+        return iter(int(i) for i in items)
 
 
 class HierarchicalSampler(WeightedTileSampler):

@@ -70,10 +70,17 @@ GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
         "min_labelled": 0.05,  # khalil2022 eq. (1) γ
         "tissue_method": None,  # None | otsu | otsu_od | hsv
         "min_tissue": 0.25,  # pedersen2022 §2.2
+        # ignore (partial annotation) | background (exhaustive: unannotated tissue is
+        # Background, inside the tissue mask when tissue_method is set; qpseg.labels)
+        "unlabelled": "ignore",
         # Importing a QuPath project (what import-project's options do; a manifest keeps its own):
         "slide_mpp": None,  # µm/px of slides that have none, in the slide or QuPath (--mpp)
         "slide_mpp_override": False,  # slide_mpp replaces every known pixel size (--mpp-override)
         "ai_objects": None,  # unreviewed-out (None) | all-out | all-in (--ai-objects)
+        # Tiles over regions where a reviewed export disagrees with the saved predictions
+        # (qpseg.rounds.corrected_regions: the model's errors) are drawn this many times as
+        # often (a whole number; 1: no weighting). No effect without AI objects.
+        "correction_weight": 3,
         "group_by": None,  # entry metadata key / tag for hierarchical sampling and strata
         "target": "auto",  # auto | semantic | instance
         "normalization": "imagenet",  # imagenet | none | {mean: [...], std: [...]}
@@ -101,6 +108,11 @@ GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
         "gamma": 0.05,  # khalil2022 eq. (1)-(2)
         "chi": 1.0,  # khalil2022 eq. (2) (no value given; see qpseg.data.samplers.BOOST_CHI)
         "boost_eval": "pass",  # pass (re-predict the tiles) | batches (training predictions)
+        # khalil2022 §3.2.2 round structure: round h trains θ_h on T_h for round_epochs epochs,
+        # then eq. (2) updates the weights and T_{h+1} is built; rounds (H) null: as many
+        # rounds as train.epochs allows, else train.epochs = rounds x round_epochs.
+        "rounds": None,
+        "round_epochs": 1,
         "min_class_pixels": 1,
     },
     "augment": {"preset": "none"},
@@ -173,10 +185,10 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
     # augmentation, §3.2.4 focusing sampling, §3.3 Otsu tissue filter, 512 px tiles.
     # Assumptions: lr 1e-10 is Caffe FCN's "heavy learning" of Shelhamer et al. 2017 (the FCN
     # that §3.4 modifies): unnormalised (summed) loss, batch size 1, momentum 0.99. Epochs
-    # (boosting rounds H) are not given.
+    # (boosting rounds H) are not given: one epoch over T_h per round, H = train.epochs.
     "khalil2022": {
         "data": {"tissue_method": "otsu", "select": "labelled", "min_labelled": 0.05},
-        "sampler": {"name": "boosting", "gamma": 0.05, "chi": 1.0},
+        "sampler": {"name": "boosting", "gamma": 0.05, "chi": 1.0, "round_epochs": 1},
         "augment": {"preset": "khalil2022"},
         "loss": {"name": "ce", "reduction": "sum"},
         "optimizer": {"name": "sgd", "lr": 1e-10, "momentum": 0.99, "weight_decay": 5e-4},
@@ -187,8 +199,11 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
     # sampling; §3.4: "Adam optimizer with an initial learning rate of 1e-4. [...] 500 and 200
     # batches of size 64 for training and validation [...] each epoch. The models were trained
     # for 100 epochs", augmentation (flip, 90°, HSV ±20, brightness [0.8, 1.2]) at 50 %.
+    # §2.1/§2.3: the tumour was outlined and everything else is non-tumour (exhaustive
+    # annotation: unannotated tissue is Background).
     "pedersen2022_patch": {
         "data": {"mpp": 1.0, "tissue_method": "hsv", "select": "both", "min_tissue": 0.25,
+                 "unlabelled": "background",
                  "min_labelled": 0.25, "patch_threshold": 0.25, "group_by": "grade"},
         "sampler": {"name": "hierarchical", "samples_per_epoch": 500 * 64,
                     "val_samples": 200 * 64},
@@ -206,7 +221,7 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
     # The paper names no loss: the authors' code (AICAN-Research/H2G-Net,
     # src/apps/refinement/train.py) uses a Dice loss and monitors val_loss.
     "pedersen2022_refine": {
-        "data": {"normalization": "none"},
+        "data": {"normalization": "none", "unlabelled": "background"},
         "augment": {"preset": "pedersen2022_refine"},
         "loss": {"name": "dice"},
         "optimizer": {"name": "adam", "lr": 1e-3},
@@ -524,6 +539,7 @@ def validate_config(cfg: Mapping[str, Any], path: Path | None = None, *,
     from qpseg.review import POLICIES  # the truth rule for objects qpseg wrote
 
     _choice(d["ai_objects"], f"{pre}data.ai_objects", (None, *POLICIES), path)
+    _num(d["correction_weight"], f"{pre}data.correction_weight", path, lo=1, integer=True)
     _num(d["tile_px"], f"{pre}data.tile_px", path, lo=1, integer=True, allow_none=True)
     _num(d["stride_px"], f"{pre}data.stride_px", path, lo=1, integer=True, allow_none=True)
     _choice(d["select"], f"{pre}data.select", ("labelled", "tissue", "either", "both", "all"),
@@ -534,6 +550,9 @@ def validate_config(cfg: Mapping[str, Any], path: Path | None = None, *,
     _choice(d["tissue_method"], f"{pre}data.tissue_method", (None, "otsu", "otsu_od", "hsv"),
             path)
     _choice(d["target"], f"{pre}data.target", ("auto", "semantic", "instance"), path)
+    from qpseg.labels import UNLABELLED_MODES
+
+    _choice(d["unlabelled"], f"{pre}data.unlabelled", tuple(UNLABELLED_MODES), path)
     _choice(d["on_error"], f"{pre}data.on_error", ("raise", "skip"), path)
     _choice(d["stain_normalization"], f"{pre}data.stain_normalization",
             (None, "macenko", "reinhard"), path)
@@ -571,6 +590,12 @@ def validate_config(cfg: Mapping[str, Any], path: Path | None = None, *,
     _num(sa["gamma"], f"{pre}sampler.gamma", path, lo=0, hi=1)
     _num(sa["chi"], f"{pre}sampler.chi", path, lo=0)
     _choice(sa["boost_eval"], f"{pre}sampler.boost_eval", ("pass", "batches"), path)
+    _num(sa["rounds"], f"{pre}sampler.rounds", path, lo=1, integer=True, allow_none=True)
+    _num(sa["round_epochs"], f"{pre}sampler.round_epochs", path, lo=1, integer=True)
+    if sa["name"] == "boosting" and sa["samples_per_epoch"] is not None:
+        raise ConfigError(f"{pre}sampler.samples_per_epoch does not apply to boosting: an epoch "
+                          "is the enlarged training set T_h (every tile l_e times, khalil2022 "
+                          "§3.2.3); set sampler.round_epochs / sampler.rounds instead", path)
     aug = cfg["augment"]
     _choice(aug.get("preset", "none"), f"{pre}augment.preset", _PRESET_NAMES, path)
     _choice(lo["name"], f"{pre}loss.name", ("auto", "ce", "dice", "ce+dice", "lagree2021",

@@ -233,6 +233,9 @@ class StageData:
     val_patch_labels: list[int] | None = None
     tissue_method: str | None = None
     skipped: list[str] = field(default_factory=list)
+    #: Training tiles over corrected regions and how many times each is drawn as often
+    #: (``data.correction_weight``; :func:`correction_items`).
+    corrections: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -283,7 +286,7 @@ def _tiles(slides: list[SlideRecord], class_map: ClassMap, d: Mapping[str, Any],
                         select=select, min_labelled=float(d["min_labelled"]),
                         min_tissue=float(d["min_tissue"]),
                         tissue_masks=masks if d["tissue_method"] else None,
-                        resolution=int(d["resolution"]))
+                        resolution=int(d["resolution"]), unlabelled=d["unlabelled"])
     return slides, tiles
 
 
@@ -339,6 +342,11 @@ def prepare_data(manifest: Manifest, cfg: Mapping[str, Any], contract: ModelCont
     target = d["target"]
     if target == "auto":
         target = "instance" if contract.output == "instance" else "semantic"
+    if d["unlabelled"] != "ignore" and contract.output != "patch":
+        raise ConfigError("data.unlabelled: background (exhaustive annotation) is implemented "
+                          "for patch classifiers and the H2G-Net refinement stage; for a dense "
+                          "model, mark the exhaustively annotated area with a Region* "
+                          "annotation")
     if contract.output == "instance" and target != "instance":
         raise ConfigError("instance models train on instance targets (data.target: instance)")
     if target == "semantic" and cfg.get("classes"):
@@ -403,6 +411,9 @@ def prepare_data(manifest: Manifest, cfg: Mapping[str, Any], contract: ModelCont
             from qpseg.data.augment import ElasticDeformation
 
             elastic = ElasticDeformation()
+    weight = int(d.get("correction_weight", 1))
+    items, n_corrected = correction_items(manifest, train_slides, train_tiles, items, weight,
+                                          tile_px, mpp)
     normalizer = _stain_normalizer(d["stain_normalization"], train_slides, train_tiles,
                                    tile_px, mpp)
     common: dict[str, Any] = {"tile_px": tile_px, "mpp": mpp, "scales": scales,
@@ -419,7 +430,58 @@ def prepare_data(manifest: Manifest, cfg: Mapping[str, Any], contract: ModelCont
         scales=scales, context_px=context, target=target, mean=mean, std=std,
         train_slides=train_slides, val_slides=val_slides, train=train_ds, val=val_ds,
         train_patch_labels=train_pl, val_patch_labels=val_pl,
-        tissue_method=d["tissue_method"])
+        tissue_method=d["tissue_method"],
+        corrections={"tiles": n_corrected, "weight": weight} if n_corrected else {})
+
+
+def correction_items(manifest: Manifest, slides: Sequence[SlideRecord], tiles: Sequence[Tile],
+                     items: Sequence[tuple[int, int]] | None, weight: int, tile_px: int,
+                     mpp: float) -> tuple[list[tuple[int, int]] | None, int]:
+    """Weigh the pathologist's corrections: every item whose tile overlaps a region where the
+    slide's reviewed export disagrees with the predictions qpseg saved for it
+    (:func:`qpseg.rounds.corrected_regions`) is served ``weight`` times, so any sampler draws
+    it ``weight`` times as often. Returns the items (``items`` unchanged, None for "every tile
+    once", when nothing was corrected or ``weight`` is 1) and the number of tiles weighted."""
+    if weight <= 1:
+        return (list(items) if items is not None else None), 0
+    from shapely import union_all
+    from shapely.geometry import box
+    from shapely.prepared import prep
+
+    from qpseg.errors import GeoJSONError
+    from qpseg.qupath.geojson import read_geojson
+    from qpseg.rounds import corrected_regions
+
+    by_entry = {e.entry_id: e for e in manifest.entries}
+    zones: dict[int, Any] = {}
+    for i, rec in enumerate(slides):
+        entry = by_entry.get(rec.entry_id) if rec.entry_id is not None else None
+        if entry is None or not entry.predictions_file or not rec.annotation_file:
+            continue
+        try:
+            regions = corrected_regions(read_geojson(rec.annotation_file),
+                                        read_geojson(entry.predictions_file))
+        except (OSError, GeoJSONError) as exc:
+            warnings.warn(f"{rec.name or rec.path}: corrections not weighted ({exc})",
+                          TrainingWarning, stacklevel=2)
+            continue
+        if regions:
+            zones[i] = prep(union_all(regions))
+    if not zones:
+        return (list(items) if items is not None else None), 0
+    out: list[tuple[int, int]] = []
+    hit: set[int] = set()
+    for t, copy in (items if items is not None else [(t, 0) for t in range(len(tiles))]):
+        tile = tiles[t]
+        out.append((t, copy))
+        zone = zones.get(tile.slide)
+        if zone is None:
+            continue
+        side = tile_px * mpp / slides[tile.slide].mpp
+        if zone.intersects(box(tile.x, tile.y, tile.x + side, tile.y + side)):
+            out += [(t, copy)] * (weight - 1)
+            hit.add(t)
+    return out, len(hit)
 
 
 def _stain_normalizer(method: str | None, slides: Sequence[SlideRecord], tiles: Sequence[Tile],
@@ -453,6 +515,7 @@ def data_summary(data: StageData) -> dict[str, Any]:
         "train": data.train.summary(),
         "val": data.val.summary() if data.val is not None else None,
         "ai_objects": data.manifest.review.to_json(),
+        "corrections": dict(data.corrections),
     }
     for name, labels in (("train", data.train_patch_labels), ("val", data.val_patch_labels)):
         if labels is not None:

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from qpseg.errors import ConfigError, LabelError, OutputError, QpsegError, SlideError
 
@@ -30,21 +30,24 @@ if TYPE_CHECKING:
 
     from qpseg.data.grid import SlideRecord, Tile
     from qpseg.labels import ClassMap
+    from qpseg.tissue import TissueMask
     from qpseg.training.distributed import Dist
 
 from qpseg.engine.stitch import resample_map
 
-__all__ = ["RefineDataset", "heatmap_for_slide", "prepare_refine_sample", "resample_map"]
+__all__ = ["RefineDataset", "fit_refine_batch", "heatmap_for_slide", "prepare_refine_sample",
+           "resample_map"]
 
 
 def heatmap_for_slide(model: Any, rec: SlideRecord, class_map: ClassMap, *, mpp: float,
                       tile_px: int, heatmap_class: int, mean: Sequence[float],
                       std: Sequence[float], device: Any, batch_size: int = 32,
-                      tissue_method: str | None = None, min_tissue: float = 0.25
-                      ) -> tuple[np.ndarray, float]:
+                      tissue_method: str | None = None, min_tissue: float = 0.25,
+                      tissue: TissueMask | None = None) -> tuple[np.ndarray, float]:
     """The stage-0 heatmap of one slide: ``(ny, nx)`` float32 class-``heatmap_class``
     probabilities, one per ``tile_px`` patch of the grid from QuPath (0, 0), and the level-0
-    pixels per heatmap pixel."""
+    pixels per heatmap pixel. ``tissue``: the slide's mask (else detected with
+    ``tissue_method``)."""
     import numpy as np
     import torch
 
@@ -59,15 +62,13 @@ def heatmap_for_slide(model: Any, rec: SlideRecord, class_map: ClassMap, *, mpp:
     ny = max(1, math.ceil(rec.height / (tile_px * ds) - 1e-9))
     heat = np.zeros((ny, nx), dtype=np.float32)
     keep = list(range(len(tiles)))
-    if tissue_method is not None:
-        from qpseg.slide import open_slide
-        from qpseg.tissue import detect_tissue
+    if tissue is not None or tissue_method is not None:
+        from qpseg.tissue import enough_tissue
 
-        with open_slide(rec.path, mpp=rec.mpp) as slide:
-            mask = detect_tissue(slide, tissue_method)
+        mask = tissue if tissue is not None else _detect(rec, str(tissue_method))
         side = tile_px * ds
         keep = [i for i, t in enumerate(tiles)
-                if mask.region_fraction(t.x, t.y, side, side) >= min_tissue]
+                if enough_tissue(mask.region_fraction(t.x, t.y, side, side), min_tissue)]
     if not keep:
         return heat, tile_px * ds
     ds_set = TileDataset([rec], [tiles[i] for i in keep], class_map, tile_px=tile_px, mpp=mpp)
@@ -84,10 +85,21 @@ def heatmap_for_slide(model: Any, rec: SlideRecord, class_map: ClassMap, *, mpp:
     return heat, tile_px * ds
 
 
+def _detect(rec: SlideRecord, method: str) -> TissueMask:
+    from qpseg.slide import open_slide
+    from qpseg.tissue import detect_tissue
+
+    with open_slide(rec.path, mpp=rec.mpp) as slide:
+        return detect_tissue(slide, method)
+
+
 def prepare_refine_sample(rec: SlideRecord, heat: np.ndarray, heat_ds: float,
-                          class_map: ClassMap, size: int) -> dict[str, np.ndarray]:
+                          class_map: ClassMap, size: int, *, unlabelled: str = "ignore",
+                          tissue: TissueMask | None = None) -> dict[str, np.ndarray]:
     """Image (uint8 ``(S, S, 3)``), heatmap (float32 ``(S, S)``) and labels (uint8 ``(S, S)``)
-    of one slide for the refinement stage (see the module docstring)."""
+    of one slide for the refinement stage (see the module docstring). ``unlabelled`` /
+    ``tissue``: :func:`qpseg.labels.rasterize_labels`'s ``unlabelled`` / ``within``
+    (pedersen2022: all tissue outside the tumour outline is non-tumour)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -101,7 +113,8 @@ def prepare_refine_sample(rec: SlideRecord, heat: np.ndarray, heat_ds: float,
     with open_slide(rec.path, mpp=rec.mpp) as slide:
         img = slide.read_region_mpp(0.0, 0.0, wr, hr, rec.mpp * ds_r)
     lab = rasterize_labels(rec.annotations, (0.0, 0.0, wr, hr), rec.mpp * ds_r, class_map,
-                           base_mpp=rec.mpp)
+                           base_mpp=rec.mpp, unlabelled=cast(Any, unlabelled),
+                           within=tissue if unlabelled == "background" else None)
     heat_r = resample_map(heat[None], heat_ds, (hr, wr), ds_r)
     x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -178,7 +191,8 @@ class RefineData:
 
 def build_refine_data(patch_model: Any, stage0: Any, refine_size: int, heat_class: int,
                       out_dir: Path, dist: Dist, *, batch_size: int, tissue_method: str | None,
-                      min_tissue: float, on_error: str) -> RefineData:
+                      min_tissue: float, on_error: str, unlabelled: str = "ignore"
+                      ) -> RefineData:
     """Heatmaps and refinement samples of the train/val slides of ``stage0`` (a
     :class:`~qpseg.training.data.StageData`), computed by slide over the ranks."""
     import numpy as np
@@ -201,11 +215,13 @@ def build_refine_data(patch_model: Any, stage0: Any, refine_size: int, heat_clas
         if target.is_file():
             continue
         try:
+            mask = _detect(rec, tissue_method) if tissue_method is not None else None
             heat, hds = heatmap_for_slide(
                 patch_model, rec, stage0.class_map, mpp=stage0.mpp, tile_px=stage0.tile_px,
                 heatmap_class=heat_class, mean=stage0.mean, std=stage0.std, device=dist.device,
-                batch_size=batch_size, tissue_method=tissue_method, min_tissue=min_tissue)
-            sample = prepare_refine_sample(rec, heat, hds, stage0.class_map, refine_size)
+                batch_size=batch_size, min_tissue=min_tissue, tissue=mask)
+            sample = prepare_refine_sample(rec, heat, hds, stage0.class_map, refine_size,
+                                           unlabelled=unlabelled, tissue=mask)
         except QpsegError as exc:
             if on_error == "raise":
                 raise
@@ -254,6 +270,35 @@ def check_stages(cfg: Mapping[str, Any]) -> None:
     if sorted((cfg.get("stages") or {}).keys()) != ["patch", "refine"]:
         raise ConfigError("h2g_net needs stages.patch and stages.refine (and no other stage) "
                           "in the config")
+
+
+def fit_refine_batch(rcfg: dict[str, Any], n_slides: int, world_size: int = 1
+                     ) -> dict[str, Any]:
+    """The refinement stage's batch fitted to the training slides there are.
+
+    An item of the refinement stage is a whole slide, and an epoch one pass over the training
+    slides; pedersen2022 §3.4 accumulated 4 x 6 = 24 of them per step, more than a lab with 10
+    slides has. With fewer slides per process than ``batch_size x accumulate`` the
+    accumulation shrinks first (the batch size is what memory allows), then the batch, so one
+    step takes at most every slide once; a :class:`~qpseg.data.DataWarning` says so and the
+    stage's config (recorded in the package) holds the values used.
+    """
+    import warnings
+
+    from qpseg.data import DataWarning
+
+    tr = rcfg["train"]
+    batch, accumulate = int(tr["batch_size"]), int(tr["accumulate"])
+    per_process = n_slides // max(1, world_size)
+    if per_process >= batch * accumulate or per_process < 1:
+        return rcfg
+    new_batch = min(batch, per_process)
+    new_acc = max(1, per_process // new_batch)
+    warnings.warn(f"refinement stage: {per_process} training slide(s) per process do not fill "
+                  f"a step of {batch} x {accumulate} slides; training with batch_size "
+                  f"{new_batch} x accumulate {new_acc} ({new_batch * new_acc} slides per step)",
+                  DataWarning, stacklevel=2)
+    return {**rcfg, "train": {**tr, "batch_size": new_batch, "accumulate": new_acc}}
 
 
 def train_two_stage(manifest: Any, out: Path, cfg: Mapping[str, Any], arch: str, model: Any,
@@ -325,7 +370,9 @@ def train_two_stage(manifest: Any, out: Path, cfg: Mapping[str, Any], arch: str,
     rdata = build_refine_data(
         r0.model, data0, refine.contract.tile_px, heat_class, out, dist,
         batch_size=int(pcfg["train"]["batch_size"]), tissue_method=data0.tissue_method,
-        min_tissue=float(pcfg["data"]["min_tissue"]), on_error=pcfg["data"]["on_error"])
+        min_tissue=float(pcfg["data"]["min_tissue"]), on_error=pcfg["data"]["on_error"],
+        unlabelled=rcfg["data"]["unlabelled"])
+    rcfg = fit_refine_batch(rcfg, len(rdata.train), dist.world_size)
     rmean, rstd = normalization(rcfg["data"]["normalization"])
     tiles = rdata.train.pseudo_tiles()
     n = len(data0.class_map)
@@ -349,6 +396,8 @@ def train_two_stage(manifest: Any, out: Path, cfg: Mapping[str, Any], arch: str,
     r1 = run_stage(spec1, dist, resume=resume, callback=callback, seed=seed + 1)
     training = _training_summary(cfg, data0, [r0, r1], w0)
     training["heatmap_class"] = heat_class
+    training["refine_batch"] = {"batch_size": int(rcfg["train"]["batch_size"]),
+                                "accumulate": int(rcfg["train"]["accumulate"])}
     package = None
     if dist.is_main:
         package = _save(out, model, data0, training,

@@ -367,6 +367,7 @@ def _sampler(spec: StageSpec, dist: Dist, seed: int) -> tuple[Any, Any]:
     import numpy as np
 
     from qpseg.data.samplers import (
+        BoostedSetSampler,
         BoostingWeights,
         DistributedSlideSampler,
         FocusingSampler,
@@ -409,10 +410,9 @@ def _sampler(spec: StageSpec, dist: Dist, seed: int) -> tuple[Any, Any]:
         if spec.task.output != "pixel":
             raise ConfigError("boosting (khalil2022) needs a dense (pixel) model")
         boost = BoostingWeights(tiles, gamma=float(sa["gamma"]), chi=float(sa["chi"]))
-        n = count(sa["gamma"])
-        if n is None:
-            n = int((boost.weights > 0).sum())
-        return boost.sampler(num_samples=n, seed=seed, subset=mine), boost
+        # §3.2.3: an epoch is the enlarged training set T_h, every tile l_e times.
+        shards = [s for s in subsets if s is not None] if world > 1 else None
+        return BoostedSetSampler(boost, seed=seed, subsets=shards, rank=rank), boost
     # hierarchical (pedersen2022 §2.3)
     n = count(0.0)
     if n is None:
@@ -469,7 +469,7 @@ class _Logger:
                 continue
             if rec.get("kind") == "step" and int(rec.get("step", 0)) > step:
                 continue
-            if rec.get("kind") == "epoch" and int(rec.get("epoch", 0)) >= epoch:
+            if rec.get("kind") in ("epoch", "boost") and int(rec.get("epoch", 0)) >= epoch:
                 continue
             kept.append(line)
             if rec.get("kind") == "epoch":
@@ -588,16 +588,28 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
     sampler, boost = _sampler(spec, dist, seed)
     batch_size = int(tr["batch_size"])
     accumulate = int(tr["accumulate"])
-    n_batches = len(sampler) // batch_size
-    steps_per_epoch = n_batches // accumulate
-    if steps_per_epoch < 1:
-        raise ConfigError(f"stage {spec.name}: {len(sampler)} training tile(s) per epoch and "
-                          f"process do not fill one step of {batch_size} x {accumulate}; lower "
-                          "train.batch_size or add data")
+
+    def epoch_steps() -> int:
+        """Optimizer steps of the current epoch (boosting: of T_h, which grows by round)."""
+        n = (len(sampler) // batch_size) // accumulate
+        if n < 1:
+            raise ConfigError(f"stage {spec.name}: {len(sampler)} training tile(s) per epoch and "
+                              f"process do not fill one step of {batch_size} x {accumulate}; "
+                              "lower train.batch_size or add data")
+        return n
+
+    steps_per_epoch = epoch_steps()
     epochs = int(tr["epochs"])
+    round_epochs = int(cfg["sampler"]["round_epochs"])
+    if boost is not None and cfg["sampler"]["rounds"] is not None:
+        epochs = int(cfg["sampler"]["rounds"]) * round_epochs  # H rounds of round_epochs
+    # Boosting: T_h grows, so the step total is known only as rounds go by; schedules and
+    # progress count T_1's size, the run ends after its epochs (or train.steps).
     max_steps = epochs * steps_per_epoch
+    step_cap = max_steps if boost is None else 1 << 62
     if tr["steps"] is not None:  # --steps overrides --epochs
-        max_steps = int(tr["steps"])
+        max_steps = step_cap = int(tr["steps"])
+        # T_h never shrinks, so T_1's step count bounds the epochs needed from above.
         epochs = math.ceil(max_steps / steps_per_epoch)
     wrapped = _SkipSampler(sampler, steps_per_epoch * accumulate * batch_size)
     workers = _workers(cfg["data"]["workers"], device, dist.world_size)
@@ -737,9 +749,12 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
     val_every = int(tr["val_every"])
     max_norm = tr["max_grad_norm"]
     stop = False
-    while not stop and state["epoch"] < epochs and state["step"] < max_steps:
+    while not stop and state["epoch"] < epochs and state["step"] < step_cap:
         epoch = int(state["epoch"])
         sampler.set_epoch(epoch)
+        if boost is not None:
+            steps_per_epoch = epoch_steps()
+            wrapped.limit = steps_per_epoch * accumulate * batch_size
         wrapped.skip = int(state["batches_done"]) * batch_size
         loader.generator.manual_seed(seed * 1009 + epoch)
         model.train()
@@ -783,7 +798,7 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
             step_losses = []
             state["loss_sum"] += step_loss
             state["loss_n"] += 1
-            if state["step"] % log_every == 0 or state["step"] == max_steps:
+            if state["step"] % log_every == 0 or state["step"] == step_cap:
                 t = torch.tensor([step_loss, float(prep.n * accumulate)], dtype=torch.float64,
                                  device=device if device.type == "cuda" else "cpu")
                 dist.all_reduce_sum(t)
@@ -799,7 +814,7 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
                 if emit:
                     emit(TrainEvent("step", spec.name, epoch, epochs, int(state["step"]),
                                     max_steps, loss=mean_loss, lr=lr, tiles_per_s=rate))
-            if state["step"] >= max_steps:
+            if state["step"] >= step_cap:
                 stop = True
             if ckpt_every and state["step"] % ckpt_every == 0 and not stop:
                 checkpoint()
@@ -812,9 +827,14 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
                 (epoch + 1) % val_every == 0 or last_epoch):
             metrics = validate()
             scheduler.step_metric(float(metrics.get("val_loss", math.nan)))
-        if boost is not None and epoch_complete and not last_epoch:
-            _boost(boost, spec, task, model, dist, state, batch_size, workers, amp_dtype,
-                   device)
+        if boost is not None and epoch_complete and not last_epoch \
+                and (epoch + 1) % round_epochs == 0:  # end of round h: eq. (2), then T_{h+1}
+            hard = _boost(boost, spec, task, model, dist, state, batch_size, workers, amp_dtype,
+                          device)
+            logger.write({"kind": "boost", "stage": spec.name, "epoch": epoch,
+                          "round": (epoch + 1) // round_epochs, "hard_tiles": hard,
+                          "set_size": int(boost.weights.round().sum()),
+                          "time": round(time.time(), 3)})
         record = {"kind": "epoch", "stage": spec.name, "epoch": epoch,
                   "step": int(state["step"]),
                   "train_loss": state["loss_sum"] / max(1, state["loss_n"]),
@@ -837,7 +857,7 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
         state["epoch"] = epoch + 1
         state["batches_done"] = 0
         state["loss_sum"], state["loss_n"] = 0.0, 0
-        if stop or state["epoch"] >= epochs or state["step"] >= max_steps:
+        if stop or state["epoch"] >= epochs or state["step"] >= step_cap:
             state["finished"] = True
         checkpoint()
     state["finished"] = True
@@ -967,9 +987,10 @@ def _validate(model: Any, task: Task, spec: StageSpec, indices: Sequence[int], d
 
 def _boost(boost: Any, spec: StageSpec, task: Task, model: Any, dist: Dist,
            state: dict[str, Any], batch_size: int, workers: int, amp_dtype: Any,
-           device: Any) -> None:
-    """khalil2022 eq. (2) after an epoch: error fractions of the tiles (re-predicted, or
-    recorded from the training batches), gathered over ranks, then ``l_e += χ``."""
+           device: Any) -> int:
+    """khalil2022 eq. (2) after round h: error fractions of θ_h on the tiles (re-predicted, or
+    recorded from the training batches), gathered over ranks, then ``l_e += χ``; returns how
+    many tiles were hard."""
     import numpy as np
     import torch
 
@@ -998,5 +1019,4 @@ def _boost(boost: Any, spec: StageSpec, task: Task, model: Any, dist: Dist,
     gathered = dist.all_gather((pos, err))
     all_pos = [p for g in gathered for p in g[0]]
     all_err = [e for g in gathered for e in g[1]]
-    if all_pos:
-        boost.update(all_pos, all_err)
+    return int(boost.update(all_pos, all_err)) if all_pos else 0

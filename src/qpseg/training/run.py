@@ -205,24 +205,145 @@ def train(
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the saved configuration: {exc}",
                               out / "train_config.json") from None
-    arch = model or file_cfg.get("model") or saved.get("model")
+    recipe: dict[str, Any] = {}
+    init_pkg = (overrides or {}).get("init_from")
+    if init_pkg and not resume and model is None and not file_cfg:
+        recipe = finetune_recipe(init_pkg)  # fine-tuning: the package's own recipe, shorter
+        params = {**(params or {}), "recipe_from": str(init_pkg),
+                  "recipe_schedule": FINETUNE_SCHEDULE}
+    arch = model or file_cfg.get("model") or saved.get("model") or recipe.get("model")
     if not arch or not isinstance(arch, str):
         raise ConfigError("no model: pass --model NAME or set model: in the config")
+    file_cfg = _member_layer(file_cfg, arch, cfg_path)
     if saved and saved.get("model") != arch:
         raise ConfigError(f"the run in {out} trains {saved.get('model')}, not {arch}")
     base_layers: list[Mapping[str, Any]] = []
     if saved:
         base_layers.append({k: v for k, v in saved.items() if k != "model"})
+    if recipe:
+        base_layers.append({k: v for k, v in recipe.items() if k != "model"})
     cfg = resolve_config(arch, *base_layers, {k: v for k, v in file_cfg.items() if k != "model"},
                          overrides or {}, path=cfg_path)
     if device is not None:
         cfg["train"]["device"] = device
+    if arch == "gb_unet" and not dry_run:
+        _train_gb_members(source, out, cfg, file_cfg, overrides, device=device,
+                          callback=callback, params=params)
     dist = setup(cfg["train"]["device"])
     try:
         return _train(source, out, cfg, arch, dist, resume=resume, dry_run=dry_run,
                       callback=callback, params=params or {})
     finally:
         dist.close()
+
+
+#: model_kwargs of gb_unet that configure the ensemble, not a member U-Net.
+_GB_ONLY = ("members", "member_kwargs", "member_packages", "freeze_members", "encoder_filters",
+            "decoder_filters", "dropout")
+
+
+def _member_layer(file_cfg: dict[str, Any], arch: str, path: Path | None) -> dict[str, Any]:
+    """The config file as it applies to one GB U-Net member: ``qpseg train --model
+    unet_vgg19 --config lagree2021_gb_unet.yaml`` trains that member with the file's data,
+    loss, optimiser and augmentation, and the member's own model options (``tile_px`` and
+    ``member_kwargs``) instead of the ensemble's."""
+    kwargs = file_cfg.get("model_kwargs")
+    if file_cfg.get("model") != "gb_unet" or arch == "gb_unet" or not isinstance(kwargs, Mapping):
+        return file_cfg
+    from qpseg.models.nuclei import ENSEMBLE_MEMBERS
+
+    members = list(kwargs.get("members") or ENSEMBLE_MEMBERS)
+    if arch not in members:
+        raise ConfigError(f"this GB U-Net config trains the members {', '.join(members)}, not "
+                          f"{arch}", path)
+    member = {k: v for k, v in kwargs.items() if k == "tile_px"}
+    member.update(dict(kwargs.get("member_kwargs") or {}))
+    return {**file_cfg, "model": arch, "model_kwargs": member}
+
+
+def _train_gb_members(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any],
+                      file_cfg: Mapping[str, Any], overrides: Mapping[str, Any] | None, *,
+                      device: str | None, callback: Callback | None,
+                      params: Mapping[str, Any] | None) -> None:
+    """lagree2021 GB U-Net in one command (Methods, "Ensemble networks": the second U-Net
+    learns from the pre-softmax maps of U-Nets trained beforehand). Frozen members without
+    ``member_packages`` are trained first, each into ``OUT/members/<i>-<name>`` with the same
+    config (a finished member package is reused; an interrupted one resumes when the command
+    runs again), and the second stage then loads them."""
+    kwargs = cfg["model_kwargs"]
+    if not kwargs.get("freeze_members", True) or kwargs.get("member_packages") is not None:
+        return
+    from qpseg.models.nuclei import ENSEMBLE_MEMBERS
+
+    members = list(kwargs.get("members") or ENSEMBLE_MEMBERS)
+    layer = {k: v for k, v in file_cfg.items() if k not in ("model", "stages")}
+    layer["model_kwargs"] = {**{k: v for k, v in kwargs.items() if k == "tile_px"},
+                             **dict(kwargs.get("member_kwargs") or {})}
+    for key in ("pretrained", "init_from", "classes"):
+        if cfg.get(key) is not None:
+            layer[key] = cfg[key]
+    for section in ("data", "split", "sampler", "augment", "loss", "optimizer", "scheduler",
+                    "train"):
+        layer[section] = cfg[section]
+    packages = []
+    for i, name in enumerate(members):
+        folder = out / "members" / f"{i + 1}-{name}"
+        packages.append(str(folder))
+        if (folder / "config.json").is_file() and (folder / "weights.pt").is_file():
+            continue  # trained by an earlier (interrupted) run of this command
+        again = (folder / "train_config.json").is_file()
+        if callback is not None:
+            from qpseg.training.loop import TrainEvent
+
+            callback(TrainEvent("stage", f"member {i + 1}/{len(members)}",
+                                message=f"GB U-Net member {name} -> {folder}"))
+        train(source, folder, model=name, config=layer, overrides=overrides, resume=again,
+              device=device, callback=callback, params=params)
+    cfg["model_kwargs"] = {**kwargs, "member_packages": packages}
+
+
+#: Share of a package's training schedule that ``train --init-from PACKAGE`` runs when no
+#: model or config is given: the package's own recipe (its ``training.config``) with
+#: ``train.steps`` / ``train.epochs`` scaled by this (rounded up, at least 1), since the model
+#: starts from what it learnt. A package that was itself fine-tuned from another one already
+#: has the shorter schedule, which is kept (round after round, it does not shrink further).
+#: ``--steps`` / ``--epochs`` still decide when given.
+FINETUNE_SCHEDULE = 0.5
+#: Recipe keys not carried over: the architecture (returned as ``model``) and the earlier
+#: run's starting weights (``init_from`` replaces them).
+_NOT_RECIPE = ("model", "init_from", "pretrained")
+
+
+def finetune_recipe(package: str | os.PathLike[str]) -> dict[str, Any]:
+    """The training config ``package`` was trained with (``config.json`` ``training.config``),
+    ready to fine-tune from it: ``model`` is its architecture; starting weights, split file and
+    device are dropped; the schedule is :data:`FINETUNE_SCHEDULE` of the original. A package
+    without a recorded recipe gives its architecture and model options only."""
+    import math
+
+    from qpseg.models.package import read_package_config
+
+    pc = read_package_config(package)
+    saved = pc.training.get("config") if isinstance(pc.training, Mapping) else None
+    recipe: dict[str, Any] = {"model": pc.architecture,
+                              "model_kwargs": dict(pc.architecture_kwargs)}
+    if isinstance(saved, Mapping):
+        recipe.update({k: v for k, v in saved.items() if k not in _NOT_RECIPE})
+        kwargs = dict(recipe.get("model_kwargs") or {})
+        kwargs.pop("pretrained", None)
+        recipe["model_kwargs"] = kwargs
+        split = dict(recipe.get("split") or {})
+        split.pop("file", None)
+        recipe["split"] = split
+        tr = dict(recipe.get("train") or {})
+        tr.pop("device", None)
+        init = pc.training.get("initialisation")
+        already = isinstance(init, Mapping) and bool(init.get("init_from"))
+        for key in () if already else ("steps", "epochs"):
+            if isinstance(tr.get(key), int) and not isinstance(tr[key], bool):
+                tr[key] = max(1, math.ceil(tr[key] * FINETUNE_SCHEDULE))
+        recipe["train"] = tr
+    return recipe
 
 
 def _open(source: str | os.PathLike[str], out: Path, cfg: Mapping[str, Any], dist: Dist,
@@ -398,6 +519,11 @@ def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch:
     class_map = class_map_for(manifest, cfg.get("classes"))
     model = _build_model(arch, len(class_map), cfg, seed, meta=dry_run,
                          class_names=class_map.names)
+    if arch == "gb_unet" and not dry_run and model.freeze_members and not all(
+            getattr(m, "qpseg_from_package", None) for m in model.members):
+        raise ConfigError("GB U-Net: frozen members must be trained U-Nets "
+                          "(model_kwargs.member_packages, one package per member); frozen "
+                          "members at their initial weights would give the second stage noise")
     if callback is not None and dist.is_main and not dry_run:
         callback(TrainEvent("stage", "init", message=describe_init(model)))
     contract = model.contract
@@ -548,8 +674,11 @@ def describe_init(model: Any) -> str:
 def _save(out: Path, module: Any, data: StageData, training: Mapping[str, Any],
           stage_normalization: Any = None, mean: Any = None, std: Any = None) -> Path:
     from qpseg.models import save_package
+    from qpseg.models.contract import default_inference_rules, get_contract
 
     training = {**training, "initialisation": getattr(module, "qpseg_init", None)}
+    # the tissue rule and object type inference follows (the same rule as training's tiles)
+    inference = default_inference_rules(get_contract(module), training).to_json()
     names = data.class_map.names
     colors = [c.color for c in data.class_map.classes]
     with warnings.catch_warnings():
@@ -558,4 +687,5 @@ def _save(out: Path, module: Any, data: StageData, training: Mapping[str, Any],
                             mpp=data.mpp, mean=mean if mean is not None else data.mean,
                             std=std if std is not None else data.std,
                             ignore_index=data.class_map.ignore_index, training=_clean(training),
-                            stage_normalization=stage_normalization, overwrite=True)
+                            stage_normalization=stage_normalization, overwrite=True,
+                            inference=inference)
