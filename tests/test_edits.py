@@ -272,3 +272,19 @@ def test_the_slides_own_pixel_size_wins_over_mpp(project: SyntheticProject,
             evaluate_edits(path, mpp=bad)
     with pytest.raises(ConfigError, match="--mpp-override needs --mpp"):
         evaluate_edits(path, mpp_override=True)
+
+
+def test_user_object_of_another_class_is_added_only_when_it_shares_area() -> None:
+    # Overlap with the AI objects is decided per object against the AI polygons near it: an
+    # edge shared with an AI object is no overlap, a sliver of area is.
+    a1, a2 = ai(box(0, 0, 100, 100), "Tumor"), ai(box(300, 0, 400, 100), "Tumor")
+    touching = user(box(100, 0, 150, 50), "Immune cells")
+    sliver = user(box(399, 50, 450, 60), "Immune cells")
+    across = user(box(50, 40, 350, 60), "Immune cells")  # spans both, no vertex inside
+    far = user(box(1000, 0, 1050, 50), "Immune cells")
+    res = compare_edits([a1, a2], [edited(a1), edited(a2), touching, sliver, across, far],
+                        ai_objects="all-in")
+    status = {o.object_id: o.status for o in res.objects}
+    assert status[touching.id] == "user-other" and status[far.id] == "user-other"
+    assert status[sliver.id] == "added" and status[across.id] == "added"
+    assert res.row()["n_added"] == 2

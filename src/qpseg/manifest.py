@@ -26,7 +26,7 @@ from qpseg.errors import (
     QpsegError,
     QpsegWarning,
 )
-from qpseg.labels import ClassMap, class_geometries, label_role
+from qpseg.labels import ClassMap, class_areas, label_role
 from qpseg.qupath import compat
 
 if TYPE_CHECKING:
@@ -277,12 +277,12 @@ def _entry_geometry_stats(
             if idx is not None:
                 stats.setdefault(class_map.classes[idx].name, ClassStats()).count += 1
     labelled = 0.0
-    for value, geom in class_geometries(objects, class_map).items():
+    for value, area in class_areas(objects, class_map).items():
         if value == class_map.ignore_index:
             continue
         name = class_map.classes[value].name
         st = stats.setdefault(name, ClassStats())
-        st.area_px = float(geom.area)
+        st.area_px = float(area)
         labelled += st.area_px
     for st in stats.values():
         st.area_um2 = st.area_px * mpp * mpp if mpp else None
