@@ -237,11 +237,12 @@ def test_perfect_prediction_through_cli(project: SyntheticProject, tmp_path: Pat
     summary = pd.read_csv(out / "summary.csv")
     assert (summary[summary.metric == "dice"].dropna(subset=["pooled"]).pooled == 1).all()
     assert pd.read_csv(out / "unmatched.csv").empty
-    # the report is self-contained: inline SVG charts and PNG thumbnails
+    # the report is self-contained: inline SVG charts and the error maps over the slides
+    # (the truth is a project whose images are found: JPEG of the tissue under the map)
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/jpeg;base64,") == 2
     svgs = html.split("<svg")[1:]
-    assert len(svgs) == 2
+    assert len(svgs) == 5  # Dice and IoU strips, confusion, Dice per slide, lesion FROC
     for s in svgs:
         ET.fromstring("<svg" + s.split("</svg>")[0] + "</svg>")  # well-formed
     assert "http" not in html.replace("http://www.w3.org/2000/svg", "")

@@ -59,7 +59,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -609,6 +609,7 @@ def evaluate_edits(
     mpp: float | None = None,
     ai_objects: str = DEFAULT_POLICY,
     mpp_override: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> EditsResult:
     """Compare every entry's AI objects with its reviewed annotation export (module doc).
 
@@ -619,6 +620,7 @@ def evaluate_edits(
     values (module doc; the replacements are in :attr:`EditsResult.mpp_changes`).
     ``ai_objects``: the truth rule's policy (:mod:`qpseg.review`). ``out_dir`` is checked to
     be writable before any file is read (:class:`~qpseg.errors.OutputError`).
+    ``progress(done, total, slide)`` is called as entries are read, then compared.
     Raises :class:`ConfigError` when there is nothing to compare; entries whose files cannot
     be read are listed in ``failed``.
     """
@@ -659,8 +661,11 @@ def evaluate_edits(
     failed: list[tuple[str, str]] = []
     model_classes = set(_run_classes(pred_dir))
     n_with_predictions = 0
-    for entry in proj.entries:
+    n_entries = len(proj.entries)
+    for step, entry in enumerate(proj.entries, 1):  # reading, then comparing (progress)
         name = entry.image_name or f"entry {entry.entry_id}"
+        if progress is not None:
+            progress(step, 2 * n_entries, name)
         pf = find_annotation_file(entry, [pred_dir])
         if pf is None:
             skipped.append((name, "no predictions"))
@@ -693,8 +698,10 @@ def evaluate_edits(
 
     slides: list[SlideEdits] = []
     unused: list[str] = []  # slides with a pixel size of their own: --mpp is not used
-    for entry, pf, af, ai, final, ids in loaded:
+    for step, (entry, pf, af, ai, final, ids) in enumerate(loaded, n_entries + 1):
         name = entry.image_name or f"entry {entry.entry_id}"
+        if progress is not None:
+            progress(step, n_entries + len(loaded), name)
         chosen, mpp_notes = _entry_pixel_size(entry, mpp, mpp_override)  # the CLI prints notes
         if chosen is not None and chosen.given_unused:
             unused.append(f"{name} {chosen.mpp:g} µm/px from the {chosen.source}")

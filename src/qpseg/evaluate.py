@@ -198,7 +198,8 @@ _TILE = 1024
 # Geometric instance areas are passed to the metric core as integers in 1/256 px² (its AJI sums
 # are integer): IoUs and AJI are ratios, so the unit does not change them.
 _AREA_SCALE = 256.0
-_THUMB_SIDE = 256
+_THUMB_SIDE = 512   # error maps: the longer side, in outcome cells (report.html enlarges
+_MAP_SIDE = 512     # smaller ones to at least this many pixels, the tissue read at that size)
 _PIXEL_OBJECT_TYPES = ("annotation",)
 _INSTANCE_OBJECT_TYPES = ("detection", "cell")
 
@@ -220,6 +221,17 @@ class InputItem:
     image_path: Path | None = None  # the slide (project entries): its own pixel size
     problem: str | None = None     # why there is no data (e.g. "no prediction file")
     originals: Path | None = None  # truth of a project: the predictions qpseg saved for it
+    image_name: str | None = None  # the slide's image name (a project entry; a prediction
+    #                                folder's run_metadata.json), for reports
+
+    @property
+    def overlay(self) -> Path | None:
+        """The overlay PNG ``qpseg infer --overlay`` wrote beside this prediction file."""
+        if self.path is None:
+            return None
+        stem = _strip_suffix(self.path.name, GEOJSON_SUFFIXES)
+        found = self.path.with_name(f"{stem}.overlay.png") if stem else None
+        return found if found is not None and found.is_file() else None
 
     @property
     def has_data(self) -> bool:
@@ -354,9 +366,29 @@ def _project_input(path: Path, role: str) -> EvalInput:
             name=name, keys=_dedupe(keys), path=f, entry_id=entry.entry_id, mpp=entry.mpp_xy,
             size=entry.dimensions, image_path=entry.image_path if entry.image_found else None,
             problem=None if f is not None else f"no {what} in {folder}", originals=originals,
+            image_name=name,
         ))
     return EvalInput("project", project.path, role, items,
                      tuple(pc.name for pc in project.classes))
+
+
+def _recorded_names(folder: Path, items: Sequence[InputItem]) -> None:
+    """Image names of a folder written by ``qpseg infer``: its ``run_metadata.json`` lists
+    each slide's key (the file stem) and image name. A missing or unreadable file names
+    nothing (the file stems stay the names)."""
+    import json
+
+    try:
+        data = json.loads((folder / "run_metadata.json").read_text(encoding="utf-8"))
+        slides = data.get("slides") if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return
+    names: dict[str, str] = {}
+    for row in slides if isinstance(slides, list) else []:
+        if isinstance(row, dict) and row.get("key") and row.get("name"):
+            names[str(row["key"]).lower()] = str(row["name"])
+    for item in items:
+        item.image_name = names.get(item.name.lower(), item.image_name)
 
 
 def load_input(path: str | os.PathLike[str], role: str = "truth") -> EvalInput:
@@ -405,6 +437,7 @@ def load_input(path: str | os.PathLike[str], role: str = "truth") -> EvalInput:
         for f in geojson:
             stem = _strip_suffix(f.name, GEOJSON_SUFFIXES) or f.name
             items.append(InputItem(stem, _file_keys(stem), path=f))
+        _recorded_names(p, items)
         return EvalInput("geojson", p, role, items)
     if masks:
         by_stem: dict[str, InputItem] = {}
@@ -733,17 +766,24 @@ def _geometric_overlap(truth: Sequence[BaseGeometry],
 
 def _overlay_codes(truth: np.ndarray, pred: np.ndarray, max_side: int = _THUMB_SIDE
                    ) -> np.ndarray:
-    """Thumbnail of outcome codes, the worst outcome of each block kept: 0 unlabelled,
-    1 correct Background, 2 TP (correct class), 3 FN (class missed: predicted Background),
-    4 FP (a class predicted where the truth is Background or another class)."""
+    """Thumbnail of outcome codes ``outcome * 256 + class``, the worst outcome of each block
+    kept. Outcomes: 0 unlabelled, 1 correct Background, 2 TP (correct class), 3 FN (class
+    missed: predicted Background), 4 FP (a class predicted where the truth is Background or
+    another class); the class (local index) is the truth's for TP and FN, the predicted one for
+    FP, 0 otherwise."""
     import numpy as np
 
+    truth = np.asarray(truth)
+    pred = np.asarray(pred)
     labelled = truth != IGNORE_INDEX
-    codes = np.zeros(truth.shape, dtype=np.uint8)
-    codes[labelled] = 1
-    codes[labelled & (truth == pred) & (truth != 0)] = 2
-    codes[labelled & (truth != 0) & (pred == 0)] = 3
-    codes[labelled & (pred != 0) & (pred != truth)] = 4
+    codes = np.zeros(truth.shape, dtype=np.uint16)
+    codes[labelled] = 1 << 8
+    tp = labelled & (truth == pred) & (truth != 0)
+    fn = labelled & (truth != 0) & (pred == 0)
+    fp = labelled & (pred != 0) & (pred != truth)
+    codes[tp] = (2 << 8) | truth[tp].astype(np.uint16)
+    codes[fn] = (3 << 8) | truth[fn].astype(np.uint16)
+    codes[fp] = (4 << 8) | np.minimum(pred[fp], 255).astype(np.uint16)
     shape: tuple[int, ...] = codes.shape
     h, w = shape[0], shape[1]
     step = max(1, math.ceil(max(h, w) / max_side))
@@ -775,6 +815,8 @@ class SlideScore:
     lesions: dict[str, LesionMetrics] = field(default_factory=dict)  # class key -> result
     instance: InstanceMetrics | None = None
     thumbnail: np.ndarray | None = None       # :func:`_overlay_codes`
+    tissue: np.ndarray | None = None          # RGB of the slide under the thumbnail (enlarged)
+    overlay: str | None = None                # the prediction's overlay PNG (qpseg infer)
     notes: list[str] = field(default_factory=list)
     review: ReviewCounts | None = None        # the truth rule's counts (AI objects in truth)
     origin: tuple[float, float] = (0.0, 0.0)  # level-0 position of raster pixel (0, 0)
@@ -1176,7 +1218,7 @@ def _score_mask_pair(t: InputItem, p: InputItem, t_kind: str, p_kind: str, opts:
 def _score_pair(t: InputItem, p: InputItem, t_kind: str, p_kind: str,
                 opts: _Options) -> SlideScore:
     score = SlideScore(
-        slide=t.name, entry_id=t.entry_id if t.entry_id is not None else p.entry_id,
+        slide=display_name(t, p), entry_id=t.entry_id if t.entry_id is not None else p.entry_id,
         truth_file=t.files, pred_file=p.files, base_mpp=None, eval_mpp=None, size=None,
         class_names=(), confusion=None,
     )
@@ -1188,7 +1230,45 @@ def _score_pair(t: InputItem, p: InputItem, t_kind: str, p_kind: str,
         _score_mask_pair(t, p, t_kind, p_kind, opts, score, truth_objs, pred_objs)
     else:
         _score_geometry_pair(t, p, opts, score, truth_objs or [], pred_objs or [])
+    if opts.thumbnails:
+        overlay = p.overlay
+        score.overlay = str(overlay) if overlay is not None else None
+        image = t.image_path or p.image_path
+        if score.thumbnail is not None and image is not None:
+            _read_tissue(score, image)
     return score
+
+
+def display_name(t: InputItem, p: InputItem) -> str:
+    """The name a matched slide is shown by: its image name where either side knows it (a
+    project entry, a prediction folder's ``run_metadata.json``), else the truth file's name."""
+    return t.image_name or p.image_name or t.name
+
+
+def _read_tissue(score: SlideScore, image: Path) -> None:
+    """The slide's pixels under the error map of ``score`` (its scored region), at the size
+    report.html shows (the longer side at least ``_MAP_SIDE``); a note when unreadable."""
+    import numpy as np
+
+    from qpseg.slide import open_slide
+
+    assert score.thumbnail is not None
+    th, tw = score.thumbnail.shape[:2]
+    if score.size is None or score.downsample is None or score.base_mpp is None:
+        return
+    factor = max(1, math.ceil(_MAP_SIDE / max(th, tw)))
+    # one thumbnail cell covers `step` raster pixels of `downsample` level-0 pixels each
+    step = max(1, math.ceil(max(score.size) / _THUMB_SIDE))
+    mpp = score.base_mpp * score.downsample * step / factor
+    try:
+        with open_slide(image, mpp=score.base_mpp) as slide:
+            rgb = slide.read_region_mpp(score.origin[0], score.origin[1], tw * factor,
+                                        th * factor, mpp)
+    except (SlideError, ValueError, MemoryError) as exc:
+        text = exc.one_line() if isinstance(exc, SlideError) else f"{type(exc).__name__}: {exc}"
+        score.notes.append(f"the error map is drawn without the tissue ({text})")
+        return
+    score.tissue = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
 
 
 def _truth_rule(t: InputItem, p: InputItem, opts: _Options, score: SlideScore,
@@ -1288,6 +1368,116 @@ def _score_all(jobs: Sequence[_Job], workers: int) -> Iterator[_Outcome]:
         yield from pool.map(_score_job_recorded, jobs)
 
 
+# ============================================================================== model
+
+
+_PROVENANCE_KEYS = ("qpseg_model", "qpseg_model_sha256", "qpseg_run", "qpseg_architecture")
+_PROVENANCE_TEXT = re.compile(
+    rb'"(qpseg_model|qpseg_model_sha256|qpseg_run|qpseg_architecture)"\s*:\s*"([^"\\]{1,200})"')
+_PROVENANCE_HEAD = 1 << 20   # provenance is in every object: the first MiB of a file has it
+
+
+@dataclass
+class ModelInfo:
+    """What made the predictions: the provenance their objects record (model package name,
+    weights SHA-256, run ids) and, when the package is found (``--model``, or the path the
+    prediction folder's ``run_metadata.json`` records), its training split."""
+
+    names: tuple[str, ...] = ()
+    sha256: tuple[str, ...] = ()
+    runs: tuple[str, ...] = ()
+    architecture: str | None = None
+    package: str | None = None            # the package folder read, if any
+    split: dict[str, tuple[str, ...]] = field(default_factory=dict)  # subset -> slide keys
+    notes: list[str] = field(default_factory=list)
+
+    def subset_of(self, slide: str) -> str | None:
+        """``train`` / ``val`` / ``test`` when the package's split holds ``slide`` (its name
+        with or without the image extension, case-insensitive), else None."""
+        keys = set(_name_keys(slide))
+        for subset in ("train", "val", "test"):
+            if any(k in keys for s in self.split.get(subset, ()) for k in _name_keys(s)):
+                return subset
+        return None
+
+
+def _file_provenance(path: Path) -> dict[str, set[str]]:
+    import gzip
+
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(_PROVENANCE_HEAD)
+        else:
+            with open(path, "rb") as fh:
+                head = fh.read(_PROVENANCE_HEAD)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return {}
+    out: dict[str, set[str]] = {}
+    for m in _PROVENANCE_TEXT.finditer(head):
+        out.setdefault(m.group(1).decode(), set()).add(m.group(2).decode("utf-8", "replace"))
+    return out
+
+
+def model_info(preds: Sequence[InputItem], pred: EvalInput,
+               model: str | os.PathLike[str] | None = None) -> ModelInfo | None:
+    """The :class:`ModelInfo` of the matched prediction files; None when they record no
+    provenance and no ``model`` is given. ``model``: a package folder (its ``config.json`` is
+    read, not its weights: no torch); a folder that is not a package is a
+    :class:`~qpseg.errors.ModelError`."""
+    import json
+
+    from qpseg.models.package import read_package_config
+
+    found: dict[str, set[str]] = {}
+    if pred.kind != "masks":
+        for item in preds:
+            if item.path is not None:
+                for k, v in _file_provenance(item.path).items():
+                    found.setdefault(k, set()).update(v)
+    info = ModelInfo(names=tuple(sorted(found.get("qpseg_model", ()))),
+                     sha256=tuple(sorted(found.get("qpseg_model_sha256", ()))),
+                     runs=tuple(sorted(found.get("qpseg_run", ()))))
+    archs = sorted(found.get("qpseg_architecture", ()))
+    info.architecture = ", ".join(archs) or None
+    package: Path | None = Path(model) if model is not None else None
+    if package is None:
+        folders = {i.path.parent for i in preds if i.path is not None}
+        for folder in sorted(folders):
+            try:
+                meta = json.loads((folder / "run_metadata.json").read_text(encoding="utf-8"))
+                recorded = meta["model"]["path"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(recorded, str) and (Path(recorded) / "config.json").is_file():
+                package = Path(recorded)
+                break
+    if package is None:
+        return info if found else None
+    cfg = read_package_config(package)  # ModelError when it is no package
+    info.package = str(package)
+    info.architecture = info.architecture or cfg.architecture
+    if not info.names:
+        info.names = (package.name,)
+    if cfg.weights_sha256 and info.sha256 and cfg.weights_sha256 not in info.sha256:
+        info.notes.append(f"the package {package} holds other weights (SHA-256 "
+                          f"{cfg.weights_sha256[:12]}…) than the predictions record "
+                          f"({', '.join(s[:12] + '…' for s in info.sha256)}): its training "
+                          "split may not be the one of the model scored")
+    if not info.sha256 and cfg.weights_sha256:
+        info.sha256 = (cfg.weights_sha256,)
+    training = cfg.training if isinstance(cfg.training, dict) else {}
+    for source in (training.get("split"), training.get("slides")):
+        if isinstance(source, dict):
+            for subset in ("train", "val", "test"):
+                vals = source.get(subset)
+                if isinstance(vals, list) and subset not in info.split:
+                    info.split[subset] = tuple(str(v) for v in vals)
+    if not info.split:
+        info.notes.append(f"the package {package} records no training split")
+    return info
+
+
 # ============================================================================== results
 
 
@@ -1351,6 +1541,7 @@ class Evaluation:
     truth_mode: str = DEFAULT_TRUTH_MODE
     eval_mpp_source: str = "--eval-mpp"   # where eval_mpp came from
     unscored: list[SlideScore] = field(default_factory=list)  # matched, nothing to score
+    model: ModelInfo | None = None  # what made the predictions (provenance, package)
 
     @property
     def _reviewed(self) -> list[SlideScore]:
@@ -1724,6 +1915,8 @@ def evaluate(
     workers: int = 1,
     ai_objects: str = "unreviewed-out",
     mpp_override: bool = False,
+    model: str | os.PathLike[str] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> Evaluation:
     """Score predictions ``pred`` against ``truth`` slide by slide (see the module doc).
 
@@ -1744,7 +1937,10 @@ def evaluate(
     ``report`` is False) are written there; it is checked to be writable before any slide is
     scored. ``ai_objects``: which AI objects of the truth count (:mod:`qpseg.review`:
     ``unreviewed-out``, ``all-out``, ``all-in``); the counts are in ``Evaluation.review`` and
-    ``ai_objects.csv``.
+    ``ai_objects.csv``. ``model``: the model package that made the predictions (default: the
+    one their folder's ``run_metadata.json`` records): its training split marks the slides it
+    was trained on (:attr:`Evaluation.model`). ``progress(done, total, slide)`` is called
+    before the first slide and after each one.
 
     Raises :class:`ConfigError` when nothing matches or an option is invalid,
     :class:`LabelError` when the classes disagree, and a :class:`QpsegError` when no slide could
@@ -1802,6 +1998,7 @@ def evaluate(
         from qpseg._io import ensure_writable_dir
 
         ensure_writable_dir(out_dir)
+    info = model_info([p for _, p in pairs], p_in, model)  # a bad --model fails here
     if given_eval_mpp is not None:
         eval_mpp_source = "--eval-mpp"
     else:
@@ -1811,18 +2008,24 @@ def evaluate(
     unscored: list[SlideScore] = []
     failed: list[Failed] = []
     jobs = [(t, p, t_in.kind, p_in.kind, opts) for t, p in pairs]
+    done = 0
+    if progress is not None:
+        progress(0, len(jobs), "")
     for (t, p), (outcome, caught) in zip(pairs, _score_all(jobs, workers), strict=True):
         for category, message in caught:  # a worker's warnings, said here as if said here
             warnings.warn(message, category, stacklevel=2)
+        done += 1
+        if progress is not None:
+            progress(done, len(jobs), display_name(t, p))
         if isinstance(outcome, str):
-            failed.append(Failed(t.name, t.entry_id, t.files, p.files, outcome))
+            failed.append(Failed(display_name(t, p), t.entry_id, t.files, p.files, outcome))
             continue
         score = outcome
         if score.confusion is None and score.instance is None:
             what = ("truth holds only AI objects left out by --ai-objects"
                     if score.review is not None and score.review.total("left_out")
                     else "truth has no labelled annotations or instances")
-            unmatched.append(Unmatched("truth", t.name, t.files, what))
+            unmatched.append(Unmatched("truth", display_name(t, p), t.files, what))
             unscored.append(score)  # its AI-object counts are still reported
             continue
         scores.append(score)
@@ -1928,6 +2131,7 @@ def evaluate(
         unmatched=unmatched, failed=failed, notes=notes, seed=seed, n_bootstrap=n_bootstrap,
         ai_objects=opts.ai_objects, truth_mode=opts.truth_mode,
         eval_mpp_source=eval_mpp_source, unscored=unscored,
+        model=info,
     )
     if out_dir is not None:
         result.write(out_dir, report=report)

@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,6 +94,9 @@ class ManifestEntry:
     predictions_file: str | None = None
     predictions_sha256: str | None = None
     ai_review: dict[str, Any] = field(default_factory=dict)
+    # SHA-256 of ``annotation_file`` when it was imported: a resumed training run compares it
+    # with the file now (qpseg.training.run). Old manifests: None.
+    annotation_sha256: str | None = None
 
     @property
     def usable(self) -> bool:
@@ -355,8 +358,12 @@ def import_project(
     use_paquo: bool | None = None,
     ai_objects: str = "unreviewed-out",
     predictions_dir: str | os.PathLike[str] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> Manifest:
     """Read a project's entries and annotations and write ``<out_dir>/manifest.json``.
+
+    ``progress(done, total, entry)`` is called as entries are read (their annotations, then
+    their slides: ``total`` counts both passes).
 
     Annotations come from ``<project>/qpseg/annotations/`` (what ``groovy/export_annotations
     .groovy`` writes), or ``geojson_dir``; files are matched by entry id or image name. When
@@ -385,7 +392,7 @@ def import_project(
     file and the counts (``ai_review``; :attr:`Manifest.review` sums them).
     """
     from qpseg import __version__
-    from qpseg._io import ensure_writable_dir
+    from qpseg._io import ensure_writable_dir, sha256_file
     from qpseg.qupath.geojson import read_geojson
     from qpseg.qupath.project import QuPathProject
     from qpseg.slide import check_mpp, open_slide
@@ -420,7 +427,10 @@ def import_project(
     read_errors: list[GeoJSONError] = []
     cell_classes: set[str] = set()
     unclassified_cells = False
-    for entry in project.entries:
+    n_steps = 2 * len(project.entries)
+    for step, entry in enumerate(project.entries, 1):
+        if progress is not None:
+            progress(step, n_steps, entry.image_name)
         f = find_annotation_file(entry, folders)
         annotation_files[entry.entry_id] = f
         try:
@@ -493,7 +503,9 @@ def import_project(
 
     entries: list[ManifestEntry] = []
     unused_mpp: list[str] = []  # slides that have their own pixel size, so --mpp is not used
-    for entry in project.entries:
+    for step, entry in enumerate(project.entries, len(project.entries) + 1):
+        if progress is not None:
+            progress(step, n_steps, entry.image_name)
         eid = entry.entry_id
         objs = objects[eid]
         ann = annotation_files[eid]
@@ -506,6 +518,7 @@ def import_project(
             width=None,
             height=None,
             annotation_file=str(ann.resolve()) if ann else None,
+            annotation_sha256=sha256_file(ann) if ann else None,
             status="ok",
             metadata=dict(entry.metadata),
             tags=list(entry.tags),

@@ -68,6 +68,12 @@ def evaluate(
         help="Which objects qpseg wrote count as truth: unreviewed-out (all but those left "
              "unchanged and unlocked in the review), all-out (none) or all-in (all).",
     ),
+    model: Path | None = typer.Option(
+        None, "--model",
+        help="The model package that made the predictions (default: the one their folder's "
+             "run_metadata.json records): the report names it and marks the slides of its "
+             "training split.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> int:
     """Score predictions against ground truth per slide: pixels, lesions and instances.
@@ -83,15 +89,16 @@ def evaluate(
     """
     import sys
 
-    from qpseg.cli._common import print_json
+    from qpseg.cli._common import StepProgress, print_json
     from qpseg.evaluate import evaluate as run_evaluate
 
     class_list = [c for c in classes.split(",")] if classes else None
-    ev = run_evaluate(truth, pred, out, classes=class_list, mpp=mpp, eval_mpp=eval_mpp,
-                      mask_mpp=mask_mpp, lesion_class=lesion_class, instances=instances,
-                      report=not no_report, seed=seed, workers=workers,
-                      ai_objects=ai_objects, mpp_override=mpp_override,
-                      truth_mode=truth_mode)
+    with StepProgress("scoring slides") as progress:
+        ev = run_evaluate(truth, pred, out, classes=class_list, mpp=mpp, eval_mpp=eval_mpp,
+                          mask_mpp=mask_mpp, lesion_class=lesion_class, instances=instances,
+                          report=not no_report, seed=seed, workers=workers,
+                          ai_objects=ai_objects, mpp_override=mpp_override,
+                          truth_mode=truth_mode, model=model, progress=progress)
     for s, old, new in ev.mpp_changes:
         # stderr, so --json output stays one JSON document
         print(f"pixel size replaced: {s.slide}: {old:g} -> {new:g} µm/px (--mpp-override)",
@@ -200,12 +207,13 @@ def evaluate_edits(
     """
     import sys
 
-    from qpseg.cli._common import print_json
+    from qpseg.cli._common import StepProgress, print_json
     from qpseg.edits import evaluate_edits as run_edits
 
-    res = run_edits(project, out, predictions_dir=predictions, annotations_dir=annotations,
-                    baseline_dir=baseline, tolerance_px=tolerance_px, mpp=mpp,
-                    ai_objects=ai_objects, mpp_override=mpp_override)
+    with StepProgress("comparing entries") as progress:
+        res = run_edits(project, out, predictions_dir=predictions, annotations_dir=annotations,
+                        baseline_dir=baseline, tolerance_px=tolerance_px, mpp=mpp,
+                        ai_objects=ai_objects, mpp_override=mpp_override, progress=progress)
     for s, old, new in res.mpp_changes:
         # stderr, so --json output stays one JSON document
         print(f"pixel size replaced: {s.slide}: {old:g} -> {new:g} µm/px (--mpp-override)",

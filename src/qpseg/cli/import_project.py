@@ -43,13 +43,15 @@ def import_project(
     """
     import sys
 
-    from qpseg.cli._common import console, print_json
+    from qpseg.cli._common import StepProgress, console, print_json
     from qpseg.manifest import import_project as run_import
 
     class_list = [c for c in classes.split(",")] if classes else None
-    manifest = run_import(project, out, geojson_dir=geojson_dir, classes=class_list, mpp=mpp,
-                          mpp_override=mpp_override, use_paquo=False if no_paquo else None,
-                          ai_objects=ai_objects)
+    with StepProgress("reading entries") as progress:
+        manifest = run_import(project, out, geojson_dir=geojson_dir, classes=class_list,
+                              mpp=mpp, mpp_override=mpp_override,
+                              use_paquo=False if no_paquo else None, ai_objects=ai_objects,
+                              progress=progress)
     failed = manifest.failed_entries
     for e, old, new in manifest.mpp_changes:
         # stderr, so --json output stays one JSON document
