@@ -8,9 +8,53 @@ from typing import Any
 import typer
 
 
+def _split_option(value: str | None, name: str) -> float | list[str] | None:
+    """``--val`` / ``--test``: a share of the slides (``0.2``) or slide names (``a,b``)."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        share = float(text)
+    except ValueError:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names:
+            raise typer.BadParameter("give a share of the slides (0.2) or slide names "
+                                     "(name1,name2)", param_hint=name) from None
+        return names
+    if not 0 <= share < 1:
+        raise typer.BadParameter(f"a share of the slides must be in [0, 1), not {text}",
+                                 param_hint=name)
+    return share
+
+
+def _split_overrides(val: str | None, test: str | None) -> dict[str, Any]:
+    """The ``split`` section that ``--val`` / ``--test`` set."""
+    v, t = _split_option(val, "--val"), _split_option(test, "--test")
+    out: dict[str, Any] = {}
+    if isinstance(v, list):
+        out["val_slides"] = v
+        if isinstance(t, float):
+            raise typer.BadParameter("with validation slides named, name the test slides too "
+                                     "(or leave --test out: no test slides)",
+                                     param_hint="--test")
+        out["test_slides"] = t or []
+    elif isinstance(t, list):
+        raise typer.BadParameter("name the validation slides too (--val NAME,...) when naming "
+                                 "test slides", param_hint="--val")
+    else:
+        if v is not None:
+            out["val"] = v
+        if t is not None:
+            out["test"] = t
+    return out
+
+
 def _overrides(epochs: int | None, steps: int | None, batch_size: int | None, seed: int | None,
-               workers: int | None, ai_objects: str | None = None) -> dict[str, Any]:
+               workers: int | None, ai_objects: str | None = None,
+               tensorboard: bool = False) -> dict[str, Any]:
     train: dict[str, Any] = {}
+    if tensorboard:
+        train["tensorboard"] = True
     if epochs is not None:
         train["epochs"] = epochs
     if steps is not None:
@@ -92,6 +136,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
                 f"slide(s), {refine['tile_px']} px whole-slide inputs")
 
 
+def _clock(seconds: float | None) -> str:
+    """``H:MM:SS`` of a number of seconds (``-:--:--`` when unknown)."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-:--:--"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class _Progress:
     """Renders :class:`~qpseg.training.loop.TrainEvent` objects with rich."""
 
@@ -102,7 +154,6 @@ class _Progress:
             Progress,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
 
         from qpseg.cli._common import console
@@ -112,7 +163,7 @@ class _Progress:
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tiles/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+            TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"), console=self.console,
             disable=quiet, transient=False)
         self.task: Any = None
 
@@ -128,14 +179,14 @@ class _Progress:
             desc = f"{ev.stage}"
             if self.task is None or self.progress.tasks[self.task].description != desc:
                 self.task = self.progress.add_task(desc, total=ev.total_steps, loss="-",
-                                                   rate="-")
+                                                   rate="-", eta="-:--:--")
             self.progress.update(self.task, completed=ev.step, total=ev.total_steps)
             if ev.kind == "resumed" and not self.quiet:
                 self.progress.console.print(f"resumed {ev.stage} at step {ev.step} from "
                                             f"{ev.message}")
         elif ev.kind == "step" and self.task is not None:
             self.progress.update(self.task, completed=ev.step, loss=f"{ev.loss:.4g}",
-                                 rate=f"{ev.tiles_per_s:.1f}")
+                                 rate=f"{ev.tiles_per_s:.1f}", eta=_clock(ev.eta_s))
         elif ev.kind == "epoch" and not self.quiet:
             parts = [f"{ev.stage} epoch {ev.epoch + 1}/{ev.epochs}", f"step {ev.step}",
                      f"train loss {ev.loss:.4g}"]
@@ -185,6 +236,18 @@ def train(
              "unreviewed-out (all but those left unchanged and unlocked in the review), all-out "
              "(none) or all-in (all). Default: the config's data.ai_objects, else "
              "unreviewed-out. A manifest keeps the rule it was imported with."),
+    val: str | None = typer.Option(None, "--val", help="Validation slides: a share of the "
+                                   "slides (0.2) or their QuPath image names (name1,name2; "
+                                   "every other slide trains). Sets split.val / "
+                                   "split.val_slides."),
+    test: str | None = typer.Option(None, "--test", help="Test slides (never trained on): a "
+                                    "share (0.1) or image names, like --val."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also log to TensorBoard "
+                                     "(OUT/tensorboard; pip install 'qpseg[tensorboard]')."),
+    allow_changed_annotations: bool = typer.Option(
+        False, "--allow-changed-annotations",
+        help="With --resume: continue although annotation files changed since the run "
+             "started (without it, resuming on changed annotations is refused)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the summary as "
                                  "JSON."),
@@ -209,8 +272,12 @@ def train(
               "dry_run": dry_run, "device": device, "epochs": epochs, "steps": steps,
               "batch_size": batch_size, "seed": seed, "workers": workers,
               "init_from": None if init_from is None else str(init_from),
-              "ai_objects": ai_objects}
-    overrides = _overrides(epochs, steps, batch_size, seed, workers, ai_objects)
+              "ai_objects": ai_objects, "val": val, "test": test, "tensorboard": tensorboard,
+              "allow_changed_annotations": allow_changed_annotations}
+    overrides = _overrides(epochs, steps, batch_size, seed, workers, ai_objects, tensorboard)
+    split = _split_overrides(val, test)
+    if split:
+        overrides["split"] = split
     if init_from is not None:
         overrides["init_from"] = str(init_from)
     if dry_run:
@@ -226,7 +293,8 @@ def train(
         return 0
     with _Progress(quiet) as progress:
         result = run_train(source, out, model=model, config=config, overrides=overrides,
-                           resume=resume, device=device, callback=progress, params=params)
+                           resume=resume, device=device, callback=progress, params=params,
+                           allow_changed_annotations=allow_changed_annotations)
     if result.rank == 0 and not quiet:
         m = result.metrics
         from qpseg.cli._common import console

@@ -16,9 +16,11 @@ Defaults and presets follow the papers (:meth:`AugmentConfig.preset`):
   (StainTools), each with a 50 % chance.
 * ho2021 §2.3/§2.5: elastic deformation on a 17 x 17 grid with σ = 4 px (bicubic), used to
   multiply patches of minor classes; random rotation, flips, brightness, contrast and colour
-  jitter (the paper gives no ranges: ours are ±10 %, hue ±0.02).
+  jitter with the authors' code's values (DMMN training.py: quarter turns, brightness ±0.25,
+  contrast [0.25, 1.75], saturation ±30/255, hue ±20/180, colour at 50 %).
 * lagree2021 (Methods, U-Net): rotation, distortion (elastic), skew/shear and flips, no ranges
-  given (ours: any angle, the ho2021 elastic field, shear ±10°).
+  given and no code (ours: any angle, Augmentor's README distortion of 4 x 4 cells by ±8 px,
+  shear ±10°, each at 50 %; no skew).
 
 Colour operations expect images in [0, 1] (``mean``/``std`` normalisation, if any, is the last
 step of :class:`Augmenter`). Randomness is drawn on the CPU from an optional
@@ -397,26 +399,32 @@ class AugmentConfig:
     """What :class:`Augmenter` does. Ranges are symmetric around "no change"; ``p`` is the
     chance of each operation per sample (1.0: always drawn, as khalil2022 describes)."""
 
-    rot90: bool = True
+    rot90: bool = True  # rotate by a random multiple of 90° (exact; khalil2022 §3.2.3)
     rotation_step_deg: float | None = ROTATION_STEP_DEG  # None: no fine rotation; 0: any angle
-    hflip: bool = True
-    vflip: bool = True
+    hflip: bool = True  # mirror left-right with a 50 % chance (khalil2022 §3.2.3)
+    vflip: bool = True  # mirror top-bottom with a 50 % chance (khalil2022 §3.2.3)
+    # [low, high] scale factor drawn per sample, > 1 zooms in; null: none (pedersen2022
+    # refinement §3.4: [0.8, 1.2])
     zoom: tuple[float, float] | None = None
-    shear_deg: float = 0.0
-    brightness: float = 0.125
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.0
+    shear_deg: float = 0.0  # shear angle drawn in ±shear_deg degrees (lagree2021 preset: 10)
+    brightness: float = 0.125  # multiply by a factor in 1 ± this (khalil2022 §3.2.3: ±12.5 %)
+    contrast: float = 0.2  # contrast factor in 1 ± this, about the mean grey (khalil2022: ±20 %)
+    saturation: float = 0.2  # saturation factor in 1 ± this (khalil2022 §3.2.3: ±20 %)
+    hue: float = 0.0  # hue shift in ± this fraction of the colour circle, at most 0.5
     hsv_shift: float = 0.0  # on the 0-255 scale (pedersen2022: 20)
     stain_sigma: tuple[float, float] | None = None  # Macenko σ1, σ2 (pedersen2022: 0.1, 0.1)
     elastic: bool = False  # deform every sample (not only class-balancing copies)
-    elastic_grid: int = ELASTIC_GRID
-    elastic_sigma: float = ELASTIC_SIGMA
-    p: float = 1.0
+    elastic_grid: int = ELASTIC_GRID  # control points per side of the elastic field (ho2021: 17)
+    elastic_sigma: float = ELASTIC_SIGMA  # std of control-point shifts in px (ho2021 §2.3: 4)
+    p: float = 1.0  # chance of each operation per sample (khalil2022: always; pedersen2022: 0.5)
+    # label value of pixels that come from outside the tile (training sets the class map's
+    # ignore index, 255)
     ignore_index: int = IGNORE_INDEX
-    fill: float = 1.0
+    fill: float = 1.0  # image value (0-1) of pixels from outside the tile (1: white glass)
+    # per-channel mean/std applied as the augmenter's last step; null: none (training
+    # normalises with data.normalization instead, so leave these null there)
     mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None  # see mean
 
     def __post_init__(self) -> None:
         if not 0 <= self.p <= 1:
@@ -442,10 +450,35 @@ class AugmentConfig:
             "pedersen2022_refine": cls(rotation_step_deg=None, brightness=0.0, contrast=0.0,
                                        saturation=0.0, zoom=(0.8, 1.2), stain_sigma=(0.1, 0.1),
                                        p=0.5),
-            "ho2021": cls(rotation_step_deg=0.0, brightness=0.1, contrast=0.1, saturation=0.1,
-                          hue=0.02),
-            "lagree2021": cls(rotation_step_deg=0.0, brightness=0.0, contrast=0.0,
-                              saturation=0.0, shear_deg=10.0, elastic=True, p=0.5),
+            # ho2021 §2.5 names the operations, the authors' code gives the values
+            # (MSKCC-Computational-Pathology/DMMN, training.py, train_transform: albumentations
+            # RandomRotate90, Vertical/HorizontalFlip, HueSaturationValue(hue_shift_limit=20,
+            # sat_shift_limit=30, val_shift_limit=0, p=0.5), RandomBrightnessContrast(
+            # brightness_limit=(-0.25, 0.25), contrast_limit=(0.25, 1.75), p=0.5)).
+            "ho2021": cls(
+                rotation_step_deg=None,  # code: quarter turns only (RandomRotate90)
+                brightness=0.25,  # code: ±0.25 (additive there, a factor 1 ± 0.25 here)
+                # code: contrast_limit (0.25, 1.75) read as the factor range [0.25, 1.75];
+                # albumentations adds 1 to the draw (a gain of 1.25-2.75 that whitens H&E)
+                contrast=0.75,
+                saturation=0.12,  # code: sat_shift_limit 30 of 255 (added there, factor here)
+                hue=0.11,  # code: hue_shift_limit 20 of OpenCV's 180-step hue circle
+                p=0.5,  # code: p=0.5 on each colour transform
+            ),
+            # lagree2021 (Methods, U-Net) names "rotation, distortion, skew, shear, and flip",
+            # Augmentor's operations (Bloice et al. 2019), with no values and no code released.
+            "lagree2021": cls(
+                rotation_step_deg=0.0,  # assumption: any angle (histology has no "up")
+                brightness=0.0, contrast=0.0, saturation=0.0,  # the paper lists no colour op
+                shear_deg=10.0,  # assumption (Augmentor allows up to 25°); skew: no such op
+                elastic=True,
+                # "distortion": Augmentor README's random_distortion(grid_width=4,
+                # grid_height=4, magnitude=8): 4 x 4 cells (5 x 5 points), shifts uniform in
+                # ±8 px, i.e. a standard deviation of 8 / √3 px
+                elastic_grid=5,
+                elastic_sigma=4.62,
+                p=0.5,  # "randomly applied" (Augmentor README's flips use 0.5)
+            ),
             "none": cls(rot90=False, rotation_step_deg=None, hflip=False, vflip=False,
                         brightness=0.0, contrast=0.0, saturation=0.0),
         }

@@ -142,6 +142,37 @@ def _intended_use(cfg: PackageConfig, n_train: int | None) -> str:
             "(`qpseg evaluate`). It is not a medical device and not for diagnosis.")
 
 
+_CURVE_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_mdice", "val_miou")
+_CURVE_ROWS = 25  # longer runs show every k-th epoch and the last
+
+
+def _curves_section(training: Mapping[str, Any], image: bool) -> list[str]:
+    """``## Training curves``: the plot (when the package folder has it) and the loss and
+    validation scores per epoch of every stage (``training.stages.<stage>.history``)."""
+    found = training.get("stages")
+    stages: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    tables: list[str] = []
+    for stage, info in stages.items():
+        history = info.get("history") if isinstance(info, Mapping) else None
+        if not isinstance(history, list) or not history:
+            continue
+        rows = [r for r in history if isinstance(r, Mapping)]
+        if len(rows) > _CURVE_ROWS:
+            k = math.ceil(len(rows) / (_CURVE_ROWS - 1))
+            rows = rows[::k] + ([rows[-1]] if (len(rows) - 1) % k else [])
+        cols = [c for c in _CURVE_COLUMNS if any(c in r for r in rows)]
+        tables += ["", f"Stage `{stage}`:" if len(stages) > 1 else "",
+                   "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        tables += ["| " + " | ".join(_num(r[c]) if c in r else "" for c in cols) + " |"
+                   for r in rows]
+    if not tables and not image:
+        return []
+    out = ["", "## Training curves", ""]
+    if image:
+        out.append(f"![training curves]({CURVES_NAME})")
+    return out + tables
+
+
 def model_card(cfg: PackageConfig, directory: str | os.PathLike[str] | None = None) -> str:
     """The Markdown model card of a package whose ``config.json`` is ``cfg`` (``directory``:
     the package folder, for its ``run_metadata.json`` and training curves)."""
@@ -212,8 +243,7 @@ def model_card(cfg: PackageConfig, directory: str | os.PathLike[str] | None = No
             lines += ["", "| metric | value |", "|---|---|"]
             lines += [f"| {_cell(k)} | {_num(v)} |" for k, v in metrics.items()]
         lines.append("")
-    if folder is not None and (folder / CURVES_NAME).is_file():
-        lines += ["", f"![training curves]({CURVES_NAME})"]
+    lines += _curves_section(training, folder is not None and (folder / CURVES_NAME).is_file())
     n_train = len(slides["train"]) if "train" in slides else None
     lines += ["", "## Intended use", "", _intended_use(cfg, n_train), ""]
     return "\n".join(line.rstrip() for line in lines).replace("\n\n\n", "\n\n")

@@ -7,6 +7,7 @@ A configuration is a mapping of sections (YAML or JSON file, ``qpseg train --con
     pretrained: imagenet        # imagenet | coco | PATH: starting weights of the backbone
     init_from: runs/lung        # start from another qpseg model package (classes by name)
     classes: null               # label classes (Background first, implied); null = the project's
+    paper: lagree2021           # free-text note of the recipe's source (kept, not used)
     data: {...}                 # tiles: mpp, tile size, selection, tissue, target, workers
     split: {...}                # slide-level train/val/test split
     sampler: {...}              # uniform | focusing | boosting | hierarchical
@@ -84,7 +85,8 @@ GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
         "group_by": None,  # entry metadata key / tag for hierarchical sampling and strata
         "target": "auto",  # auto | semantic | instance
         "normalization": "imagenet",  # imagenet | none | {mean: [...], std: [...]}
-        "stain_normalization": None,  # None | macenko | reinhard (fitted on a train tile)
+        "stain_normalization": None,  # None | macenko | reinhard | vahadane (fitted on a train
+        # tile, stored in the package and applied to every tile at inference too)
         "class_balance": None,  # ho2021 §2.3: {rates: {class: r}, order: [classes]}
         "elastic_in_workers": False,  # deform class-balancing copies in the loader workers
         "on_error": "raise",  # raise | skip (unreadable slides mid-training)
@@ -95,10 +97,14 @@ GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
         "resolution": 16,  # coarse label cells per tile side when measuring tiles
     },
     "split": {
-        "val": 0.15,  # pedersen2022 §2.1: ~70/15/15
-        "test": 0.15,
+        "val": 0.15,  # share of slides for validation (pedersen2022 §2.1: ~70/15/15)
+        "test": 0.15,  # share of slides held out for testing, never trained on (pedersen2022)
         "seed": None,  # None: train.seed
         "file": None,  # an existing split.json to reuse
+        # slide names (QuPath image names) for validation, instead of the val share (--val);
+        # the other slides train unless named in test_slides
+        "val_slides": None,
+        "test_slides": None,  # slide names held out for testing, with val_slides (--test)
         "stratify": True,  # split each data.group_by group on its own
     },
     "sampler": {
@@ -112,7 +118,9 @@ GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
         # then eq. (2) updates the weights and T_{h+1} is built; rounds (H) null: as many
         # rounds as train.epochs allows, else train.epochs = rounds x round_epochs.
         "rounds": None,
-        "round_epochs": 1,
+        "round_epochs": 1,  # epochs per boosting round (assumption: the paper gives none)
+        # hierarchical sampler: a tile counts for a class from this many pixels of it in the
+        # tile's coarse class histogram (qpseg choice: any)
         "min_class_pixels": 1,
     },
     "augment": {"preset": "none"},
@@ -120,56 +128,61 @@ GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
         "name": "auto",  # auto | ce | dice | ce+dice | lagree2021 | cwce | instance
         "class_weights": None,  # None | ho2021 | balanced | [w0, w1, ...] | {class: w}
         "reduction": "mean",  # mean | labelled | pixels | sum (qpseg.losses)
-        "ce_weight": 1.0,
-        "dice_weight": 1.0,
+        "ce_weight": 1.0,  # weight of the cross-entropy term of ce+dice and lagree2021 eq. (1)
+        "dice_weight": 1.0,  # weight of the soft Dice term (lagree2021 eq. (1): 1)
         "dice_mode": None,  # macro | global (None: global for lagree2021, else macro)
-        "dice_squared": True,
+        "dice_squared": True,  # squared terms in the Dice denominator (Milletari et al. 2016)
         "dice_classes": None,  # None/all | foreground | [indices]
         "border_w0": 10.0,  # Ronneberger et al. 2015
-        "border_sigma": 5.0,
+        "border_sigma": 5.0,  # px; width of the border weight (Ronneberger et al. 2015)
         "clusters": None,  # cwce: {k: 10, variance: 0.95, batches: 100, batch_size: 32,
         #                    features: vgg16 | rgb, weights: PATH}
     },
     "optimizer": {
-        "name": "adam",
-        "lr": 1e-3,
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-        "nesterov": False,
-        "betas": [0.9, 0.999],
-        "eps": 1e-8,
+        "name": "adam",  # sgd | adam | adamw | adadelta | rmsprop (qpseg choice: adam)
+        "lr": 1e-3,  # initial learning rate (qpseg choice; each paper sets its own)
+        "momentum": 0.9,  # sgd and rmsprop momentum (torch's usual 0.9)
+        "weight_decay": 0.0,  # L2 penalty added by the optimizer
+        "nesterov": False,  # sgd: Nesterov momentum
+        "betas": [0.9, 0.999],  # adam/adamw moment decay rates (Kingma & Ba 2015)
+        "eps": 1e-8,  # adam/adamw/adadelta/rmsprop denominator term (Kingma & Ba 2015)
         "rho": 0.9,  # adadelta
     },
     "scheduler": {
-        "name": "constant",
+        "name": "constant",  # constant | step | multistep | exponential | cosine | poly |
+        #                      plateau (lr schedule over optimizer steps; plateau: val loss)
         "step_size": 1000,  # steps (step)
         "milestones": [],  # steps (multistep)
-        "gamma": 0.1,
+        "gamma": 0.1,  # lr factor per step_size (step, exponential) or milestone (multistep)
         "power": 0.9,  # poly
-        "min_lr": 0.0,
-        "warmup_steps": 0,
+        "min_lr": 0.0,  # floor of the learning rate (cosine, plateau; every schedule)
+        "warmup_steps": 0,  # linear ramp of the lr from 0 over this many optimizer steps
         "patience": 10,  # plateau (validations)
-        "factor": 0.1,
+        "factor": 0.1,  # plateau: lr multiplier when the validation loss stops improving
     },
     "train": {
-        "epochs": 10,
+        "epochs": 10,  # passes over the training tiles (qpseg choice; papers set their own)
         "steps": None,  # stop after this many optimizer steps (overrides epochs when set)
-        "batch_size": 16,
+        "batch_size": 16,  # tiles per batch and process (qpseg choice)
         "accumulate": 1,  # gradient accumulation (micro-batches per optimizer step)
         "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-        "seed": 0,
-        "device": "auto",
-        "deterministic": False,
+        "seed": 0,  # seed of the split, sampling, augmentation and initial weights
+        "device": "auto",  # auto (GPU when present) | cpu | cuda | cuda:N (--device)
+        "deterministic": False,  # torch deterministic algorithms (slower; same run, same result)
         "checkpoint_every": 200,  # optimizer steps (and at every epoch end)
-        "keep_checkpoints": 1,
+        "keep_checkpoints": 1,  # newest step checkpoints kept (best.pt is kept apart)
         "log_every": 10,  # optimizer steps
         "val_every": 1,  # epochs (0: never)
         "early_stopping": None,  # {metric: val_loss, mode: min, patience: 10, min_delta: 0}
         "select": {"metric": "val_loss", "mode": "min"},  # which weights are packaged
-        "max_grad_norm": None,
-        "sync_bn": False,
+        "max_grad_norm": None,  # clip the gradient norm to this (None: no clipping)
+        "sync_bn": False,  # torchrun: batch-norm statistics over all processes (SyncBatchNorm)
+        # torchrun: DDP find_unused_parameters, for models whose step skips some weights
         "find_unused_parameters": False,
-        "channels_last": False,
+        "channels_last": False,  # NHWC memory layout (faster convolutions on recent GPUs)
+        # also write TensorBoard event files to OUT/tensorboard/<stage> (--tensorboard; needs
+        # the optional extra: pip install 'qpseg[tensorboard]')
+        "tensorboard": False,
     },
 }
 SECTIONS: tuple[str, ...] = tuple(GENERIC_DEFAULTS)
@@ -234,7 +247,9 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
     # skew, shear and flip augmentation. Assumptions: batch size (not given) 8; "until
     # convergence" = early stopping on the validation loss (patience 10 epochs).
     "lagree2021": {
-        "data": {"mpp": 0.25, "target": "instance", "min_labelled": 0.5},
+        # Methods: "All images were colour normalized" (ref. 39: Vahadane et al. 2016)
+        "data": {"mpp": 0.25, "target": "instance", "min_labelled": 0.5,
+                 "stain_normalization": "vahadane"},
         "augment": {"preset": "lagree2021"},
         "loss": {"name": "lagree2021", "reduction": "labelled"},
         "optimizer": {"name": "adam", "lr": 1e-4},
@@ -244,7 +259,8 @@ PAPER_DEFAULTS: dict[str, dict[str, Any]] = {
     # lagree2021, Methods "Mask R-CNN": "Gradient Descent was set to a momentum to 0.9, a
     # learning rate of 1e-3, a weight regularizer of 1e-4, and trained until convergence".
     "lagree2021_maskrcnn": {
-        "data": {"mpp": 0.25, "target": "instance", "min_labelled": 0.5},
+        "data": {"mpp": 0.25, "target": "instance", "min_labelled": 0.5,
+                 "stain_normalization": "vahadane"},  # as the U-Nets (Methods)
         "augment": {"preset": "lagree2021", "elastic": False, "shear_deg": 0.0,
                     "rotation_step_deg": None},
         "loss": {"name": "instance"},
@@ -555,7 +571,7 @@ def validate_config(cfg: Mapping[str, Any], path: Path | None = None, *,
     _choice(d["unlabelled"], f"{pre}data.unlabelled", tuple(UNLABELLED_MODES), path)
     _choice(d["on_error"], f"{pre}data.on_error", ("raise", "skip"), path)
     _choice(d["stain_normalization"], f"{pre}data.stain_normalization",
-            (None, "macenko", "reinhard"), path)
+            (None, "macenko", "reinhard", "vahadane"), path)
     if d["workers"] != "auto":
         _num(d["workers"], f"{pre}data.workers", path, lo=0, hi=256, integer=True)
     _num(d["max_open"], f"{pre}data.max_open", path, lo=1, integer=True)
@@ -581,6 +597,15 @@ def validate_config(cfg: Mapping[str, Any], path: Path | None = None, *,
     if sp["val"] + sp["test"] >= 1:
         raise ConfigError(f"{pre}split.val + split.test must be < 1", path)
     _num(sp["seed"], f"{pre}split.seed", path, integer=True, allow_none=True)
+    for key in ("val_slides", "test_slides"):
+        names = sp[key]
+        if names is not None and (not isinstance(names, list) or not all(
+                isinstance(n, str) and n.strip() for n in names)):
+            raise ConfigError(f"{pre}split.{key} must be a list of slide names (or null), not "
+                              f"{names!r}", path)
+    if sp["test_slides"] is not None and sp["val_slides"] is None:
+        raise ConfigError(f"{pre}split.test_slides needs {pre}split.val_slides (slides are "
+                          "named for both subsets, or split by shares)", path)
     _choice(sa["name"], f"{pre}sampler.name", ("uniform", "focusing", "boosting",
                                                "hierarchical"), path)
     _num(sa["samples_per_epoch"], f"{pre}sampler.samples_per_epoch", path, lo=1, integer=True,
@@ -637,6 +662,9 @@ def validate_config(cfg: Mapping[str, Any], path: Path | None = None, *,
     _num(tr["keep_checkpoints"], f"{pre}train.keep_checkpoints", path, lo=1, integer=True)
     _num(tr["log_every"], f"{pre}train.log_every", path, lo=1, integer=True)
     _num(tr["val_every"], f"{pre}train.val_every", path, lo=0, integer=True)
+    if not isinstance(tr["tensorboard"], bool):
+        raise ConfigError(f"{pre}train.tensorboard must be true or false, not "
+                          f"{tr['tensorboard']!r}", path)
     _num(tr["max_grad_norm"], f"{pre}train.max_grad_norm", path, lo=0, open_lo=True,
          allow_none=True)
     es = tr["early_stopping"]

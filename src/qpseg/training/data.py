@@ -188,11 +188,51 @@ def split_for(slides: Sequence[SlideRecord], split_cfg: Mapping[str, Any], seed:
             warnings.warn(f"{len(unknown)} slide(s) are not in {split_cfg['file']} and are not "
                           f"used: {', '.join(unknown[:5])}", TrainingWarning, stacklevel=2)
         return split
+    if split_cfg.get("val_slides") is not None:
+        return _named_split(keys, split_cfg, seed)
     groups = {s.key: s.group for s in slides} if (group_by and split_cfg.get("stratify", True)) \
         else None
     s_seed = seed if split_cfg.get("seed") is None else int(split_cfg["seed"])
     return split_slides(keys, val=float(split_cfg["val"]), test=float(split_cfg["test"]),
                         seed=s_seed, groups=groups)
+
+
+def _named_split(keys: Sequence[str], split_cfg: Mapping[str, Any], seed: int) -> Split:
+    """The split of ``split.val_slides`` / ``split.test_slides``: those slides validate / test,
+    every other slide trains. A name no slide has is a ConfigError (with the closest name)."""
+    import difflib
+
+    from qpseg.data.splits import Split
+
+    lower = {k.lower(): k for k in keys}
+
+    def find(names: Sequence[str], what: str) -> list[str]:
+        found = []
+        for name in names:
+            key = name if name in keys else lower.get(name.strip().lower())
+            if key is None:
+                close = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"split.{what} names {name!r}, which is not a slide of this "
+                                  f"project{hint}; slides: {', '.join(sorted(keys)[:10])}"
+                                  f"{', ...' if len(keys) > 10 else ''}")
+            if key not in found:
+                found.append(key)
+        return found
+
+    val = find(split_cfg["val_slides"], "val_slides")
+    test = find(split_cfg.get("test_slides") or [], "test_slides")
+    both = sorted(set(val) & set(test))
+    if both:
+        raise ConfigError(f"slide(s) {', '.join(both)} are named for both validation and test")
+    train = sorted(k for k in keys if k not in val and k not in test)
+    if not train:
+        raise ConfigError("split.val_slides / split.test_slides name every slide: none is left "
+                          "to train on")
+    n = len(keys)
+    s_seed = seed if split_cfg.get("seed") is None else int(split_cfg["seed"])
+    return Split(tuple(train), tuple(sorted(val)), tuple(sorted(test)), s_seed, len(val) / n,
+                 len(test) / n)
 
 
 def patch_labels(tiles: Sequence[Tile], n_classes: int, tile_area: float, *,
@@ -425,6 +465,8 @@ def prepare_data(manifest: Manifest, cfg: Mapping[str, Any], contract: ModelCont
     if val_ds is None and val_slides:
         warnings.warn("no validation tile passes the selection: training without validation",
                       TrainingWarning, stacklevel=2)
+    for problem in data_problems(manifest, slides, split, class_map, train_ds, train_pl):
+        warnings.warn(problem, TrainingWarning, stacklevel=2)
     return StageData(
         manifest=manifest, class_map=class_map, split=split, mpp=mpp, tile_px=tile_px,
         scales=scales, context_px=context, target=target, mean=mean, std=std,
@@ -432,6 +474,65 @@ def prepare_data(manifest: Manifest, cfg: Mapping[str, Any], contract: ModelCont
         train_patch_labels=train_pl, val_patch_labels=val_pl,
         tissue_method=d["tissue_method"],
         corrections={"tiles": n_corrected, "weight": weight} if n_corrected else {})
+
+
+#: Fewer slides than this cannot train, validate and test on different slides.
+MIN_SLIDES = 3
+
+
+def data_problems(manifest: Manifest, slides: Sequence[SlideRecord], split: Split,
+                  class_map: ClassMap, train: TileDataset,
+                  train_patch_labels: Sequence[int] | None = None) -> list[str]:
+    """What the user should know before a long run (warned by :func:`prepare_data`): fewer
+    than :data:`MIN_SLIDES` slides; a class annotated only on slides outside the training
+    split (named: the validation slide(s) that hold it); a class with no training pixels (no
+    training patches for a patch classifier) in the selected tiles."""
+    out: list[str] = []
+    if len(slides) < MIN_SLIDES:
+        out.append(f"only {len(slides)} slide(s) with labels: validation scores cannot come "
+                   "from slides the model did not train on, so they will not tell how it does "
+                   f"on new slides (annotate at least {MIN_SLIDES})")
+    by_entry = {e.entry_id: e for e in manifest.entries}
+    holders: dict[str, list[str]] = {}  # class (lower case) -> slides annotated with it
+    for rec in slides:
+        entry = by_entry.get(rec.entry_id) if rec.entry_id is not None else None
+        if entry is None:
+            continue
+        for name, stats in entry.classes.items():
+            if stats.area_px > 0 or stats.count > 0:
+                holders.setdefault(name.lower(), []).append(rec.key)
+    if train_patch_labels is not None:
+        counts = [0] * len(class_map)
+        for lab in train_patch_labels:
+            counts[lab] += 1
+        unit = "training patches"
+    else:
+        summary = train.summary()["classes"]
+        counts = [int(summary[c.name]["pixels"]) for c in class_map.classes]
+        unit = "training pixels"
+    for cls in class_map.classes:
+        if counts[cls.index] > 0:
+            continue
+        where = holders.get(cls.name.lower(), [])
+        subsets = {k: split.subset_of(k) for k in where}
+        if where and "train" not in subsets.values():
+            val = [k for k, v in subsets.items() if v == "val"]
+            place = (f"only on {'slide' if len(where) == 1 else 'slides'} "
+                     f"{', '.join(where)}, in the "
+                     + ("validation split" if len(val) == len(where) else "validation/test "
+                        "splits"))
+            out.append(f"class {cls.name!r} is annotated {place}: the model never sees it in "
+                       "training; name the validation slides (--val NAME,...) so a slide with "
+                       "it trains")
+        elif cls.index == 0:
+            out.append(f"class {cls.name!r} has no {unit}: the model never learns to say "
+                       "'none of the classes'; annotate some background, or mark exhaustively "
+                       "annotated areas with a Region* annotation")
+        else:
+            out.append(f"class {cls.name!r} has no {unit}: the model cannot learn it"
+                       + ("" if where else " (no slide is annotated with it)")
+                       + "; annotate it on a training slide or leave it out (classes:)")
+    return out
 
 
 def correction_items(manifest: Manifest, slides: Sequence[SlideRecord], tiles: Sequence[Tile],
@@ -486,18 +587,19 @@ def correction_items(manifest: Manifest, slides: Sequence[SlideRecord], tiles: S
 
 def _stain_normalizer(method: str | None, slides: Sequence[SlideRecord], tiles: Sequence[Tile],
                       tile_px: int, mpp: float) -> Any:
-    """A colour normaliser fitted on the training tile with the most labelled tissue."""
+    """A colour normaliser fitted on the training tile with the most labelled tissue: a
+    callable ``uint8 (H, W, 3) -> uint8`` whose ``to_json()`` the model package stores, so
+    inference normalises every tile the same way (:mod:`qpseg.data.stain`)."""
     if method is None:
         return None
-    from qpseg.data.stain import MacenkoNormalizer, ReinhardNormalizer
+    from qpseg.data.stain import fit_normalizer
     from qpseg.slide import open_slide
 
     ref = max(tiles, key=lambda t: (t.labelled_fraction, -t.slide, -t.y, -t.x))
     rec = slides[ref.slide]
     with open_slide(rec.path, mpp=rec.mpp) as slide:
         rgb = slide.read_region_mpp(ref.x, ref.y, tile_px, tile_px, mpp)
-    norm = MacenkoNormalizer() if method == "macenko" else ReinhardNormalizer()
-    return norm.fit(rgb).transform
+    return fit_normalizer(method, rgb)
 
 
 def data_summary(data: StageData) -> dict[str, Any]:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from qpseg.models.contract import ModelContract
     from qpseg.training.distributed import Dist
 
-__all__ = ["StageResult", "StageSpec", "Task", "TrainEvent", "metric_key", "run_stage"]
+__all__ = ["CURVES_NAME", "TENSORBOARD_DIR", "StageResult", "StageSpec", "Task", "TrainEvent",
+           "metric_key", "run_stage", "tensorboard_writer"]
 
 Callback = Callable[["TrainEvent"], None]
 
@@ -39,7 +40,12 @@ Callback = Callable[["TrainEvent"], None]
 class TrainEvent:
     """Progress of a run (what the CLI renders): ``kind`` is ``start``, ``step``, ``epoch``,
     ``checkpoint``, ``stage`` (a stage begins), ``resumed``, ``stopped`` (early stopping) or
-    ``done``. An exception raised by the callback aborts the run (the last checkpoint stays)."""
+    ``done``. An exception raised by the callback aborts the run (the last checkpoint stays).
+
+    ``step`` events come after every optimizer step: ``loss`` is that step's loss on this
+    process (averaged over all processes on the steps written to ``train_log.jsonl``, every
+    ``train.log_every``), ``eta_s`` the seconds left at the average pace of this stage so far
+    (validation and checkpoints included)."""
 
     kind: str
     stage: str
@@ -52,6 +58,7 @@ class TrainEvent:
     tiles_per_s: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     message: str = ""
+    eta_s: float | None = None
 
 
 @dataclass
@@ -446,13 +453,37 @@ def _precision(name: str, device: Any) -> str:
     return "fp32"
 
 
-class _Logger:
-    """train_log.jsonl (every record) and train_log.csv (one row per epoch), rank 0 only."""
+#: Beside ``train_log.csv``: the loss and validation scores per epoch (qpseg.training.curves).
+CURVES_NAME = "training_curves.png"
+#: Under the run folder, one subfolder per stage: TensorBoard event files (train.tensorboard).
+TENSORBOARD_DIR = "tensorboard"
 
-    def __init__(self, spec: StageSpec, enabled: bool) -> None:
+
+def tensorboard_writer(log_dir: Path) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing into ``log_dir``; ConfigError when
+    the optional ``tensorboard`` package is missing (``pip install 'qpseg[tensorboard]'``)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard (--tensorboard) needs the tensorboard package: "
+                          "pip install 'qpseg[tensorboard]'") from None
+    try:
+        return SummaryWriter(log_dir=str(log_dir))
+    except OSError as exc:
+        raise OutputError.from_os_error(exc, log_dir) from exc
+
+
+class _Logger:
+    """train_log.jsonl (every record), train_log.csv (one row per epoch) and
+    training_curves.png beside it (redrawn every epoch), rank 0 only; with ``tensorboard`` (a
+    SummaryWriter) the same numbers as TensorBoard scalars."""
+
+    def __init__(self, spec: StageSpec, enabled: bool, tensorboard: Any = None) -> None:
         self.spec = spec
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []
+        self.others: list[dict[str, Any]] = []  # epoch records of the run's other stages
+        self.tensorboard = tensorboard if enabled else None
 
     def truncate(self, step: int, epoch: int) -> None:
         """Drop records a resumed run will write again (after checkpoint ``step``/``epoch``)."""
@@ -466,6 +497,8 @@ class _Logger:
                 continue
             if rec.get("stage") != self.spec.name:
                 kept.append(line)
+                if rec.get("kind") == "epoch":
+                    self.others.append(rec)
                 continue
             if rec.get("kind") == "step" and int(rec.get("step", 0)) > step:
                 continue
@@ -489,9 +522,48 @@ class _Logger:
                 fh.write(json.dumps(clean, allow_nan=False) + "\n")
         except OSError as exc:  # disk full, folder made read-only mid-run, ...
             raise OutputError.from_os_error(exc, self.spec.log_path) from exc
+        if self.tensorboard is not None:
+            self._scalars(clean)
         if record.get("kind") == "epoch":
             self.history.append(clean)
             self._write_csv()
+            self._write_curves()
+
+    def _scalars(self, record: Mapping[str, Any]) -> None:
+        """A step record's loss, lr and speed, an epoch record's losses and validation
+        scores, as TensorBoard scalars at the record's optimizer step."""
+        board = self.tensorboard
+        if board is None:
+            return
+        step = int(record.get("step", 0))
+        if record.get("kind") == "step":
+            tags = {"loss": "train/loss_step", "lr": "train/lr", "tiles_per_s": "train/tiles_per_s"}
+        elif record.get("kind") == "epoch":
+            tags = {"train_loss": "train/loss_epoch"}
+            tags.update({k: "val/" + k[4:] for k in record if str(k).startswith("val_")
+                         and k != "val_pixels"})
+        else:
+            return
+        for key, tag in tags.items():
+            value = record.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                board.add_scalar(tag, float(value), step)
+        board.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (when there is one)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def _write_curves(self) -> None:
+        from qpseg.training.curves import draw_training_curves
+
+        path = self.spec.csv_path.with_name(CURVES_NAME)
+        try:
+            draw_training_curves([*self.others, *self.history], path)
+        except OSError as exc:
+            raise OutputError.from_os_error(exc, path) from exc
 
     def _write_csv(self) -> None:
         import csv
@@ -631,7 +703,10 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
                              "best_value": None, "best_step": None, "best_epoch": None,
                              "stopped_early": False, "finished": False, "boost_pos": [],
                              "boost_err": [], "last_metrics": {}}
-    logger = _Logger(spec, dist.is_main)
+    board = None
+    if tr["tensorboard"] and dist.is_main:
+        board = tensorboard_writer(spec.log_path.parent / TENSORBOARD_DIR / spec.name)
+    logger = _Logger(spec, dist.is_main, board)
     seed_everything(seed + 7919 * dist.rank + 1)
     found = find_checkpoint(ckpt_dir) if resume else None
     if found is not None:
@@ -744,6 +819,9 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
                         message=f"{steps_per_epoch} steps/epoch, {len(spec.train_ds)} items"))
     t_last = time.perf_counter()
     tiles_last = int(state["tiles"]) * dist.world_size
+    # The pace of this stage in this process (after a resume: since the resume), for the ETA.
+    t_start, step_start, tiles_start = t_last, int(state["step"]), tiles_last
+    rate_shown: float | None = None
     log_every = int(tr["log_every"])
     ckpt_every = int(tr["checkpoint_every"])
     val_every = int(tr["val_every"])
@@ -798,6 +876,7 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
             step_losses = []
             state["loss_sum"] += step_loss
             state["loss_n"] += 1
+            shown_loss = step_loss
             if state["step"] % log_every == 0 or state["step"] == step_cap:
                 t = torch.tensor([step_loss, float(prep.n * accumulate)], dtype=torch.float64,
                                  device=device if device.type == "cuda" else "cpu")
@@ -806,14 +885,21 @@ def run_stage(spec: StageSpec, dist: Dist, *, resume: bool, callback: Callback |
                 tiles_now = int(state["tiles"]) * dist.world_size
                 rate = (tiles_now - tiles_last) / max(1e-9, now - t_last)
                 t_last, tiles_last = now, tiles_now
-                mean_loss = float(t[0]) / dist.world_size
-                lr = current_lr(optimizer)
+                shown_loss = mean_loss = float(t[0]) / dist.world_size
+                rate_shown = rate
                 logger.write({"kind": "step", "stage": spec.name, "epoch": epoch,
-                              "step": int(state["step"]), "loss": mean_loss, "lr": lr,
-                              "tiles_per_s": round(rate, 2), "time": round(time.time(), 3)})
-                if emit:
-                    emit(TrainEvent("step", spec.name, epoch, epochs, int(state["step"]),
-                                    max_steps, loss=mean_loss, lr=lr, tiles_per_s=rate))
+                              "step": int(state["step"]), "loss": mean_loss,
+                              "lr": current_lr(optimizer), "tiles_per_s": round(rate, 2),
+                              "time": round(time.time(), 3)})
+            if emit:  # every step: the bar moves and the ETA follows the pace so far
+                elapsed = max(1e-9, time.perf_counter() - t_start)
+                done = int(state["step"]) - step_start
+                if rate_shown is None:
+                    rate_shown = (int(state["tiles"]) * dist.world_size - tiles_start) / elapsed
+                eta = elapsed / done * max(0, max_steps - int(state["step"])) if done else None
+                emit(TrainEvent("step", spec.name, epoch, epochs, int(state["step"]),
+                                max_steps, loss=shown_loss, lr=current_lr(optimizer),
+                                tiles_per_s=rate_shown, eta_s=eta))
             if state["step"] >= step_cap:
                 stop = True
             if ckpt_every and state["step"] % ckpt_every == 0 and not stop:
@@ -890,6 +976,7 @@ def _finish(spec: StageSpec, module: Any, state: Mapping[str, Any], logger: _Log
         best["weights"] = "best"
     else:
         best["weights"] = "last"
+    logger.close()
     history = [r for r in logger.history if r.get("stage") == spec.name]
     if not history and spec.log_path.is_file():
         for line in spec.log_path.read_text(encoding="utf-8").splitlines():

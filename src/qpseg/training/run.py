@@ -10,6 +10,9 @@ What ``OUT`` holds afterwards::
     train_log.jsonl           one record per logged step and per epoch (loss, lr, tiles/s,
                               validation loss, Dice and IoU per class)
     train_log.csv             one row per epoch
+    training_curves.png       loss and validation scores per epoch (redrawn every epoch; the
+                              model card links it and tabulates the same values)
+    tensorboard/<stage>/      TensorBoard event files, with train.tensorboard (--tensorboard)
     run_metadata.json         versions, parameters, config, data checksums, split, result
     checkpoints/              step-<8-digit step>.pt (+ best.pt), per stage for two-stage models
 
@@ -31,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpseg.errors import ConfigError, ModelError, OutputError
+from qpseg.errors import ConfigError, ModelError, OutputError, QpsegWarning
 
 if TYPE_CHECKING:
     from qpseg.manifest import Manifest
@@ -39,10 +42,15 @@ if TYPE_CHECKING:
     from qpseg.training.distributed import Dist
     from qpseg.training.loop import Callback, StageResult
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["ChangedAnnotationsWarning", "TrainResult", "annotation_changes", "train"]
 
 _RUN_FILES = ("train_config.json", "run_metadata.json", "train_log.jsonl", "train_log.csv",
               "split.json")
+
+
+class ChangedAnnotationsWarning(QpsegWarning):
+    """A run resumed (``--allow-changed-annotations``) on annotations that changed since it
+    started."""
 
 
 @dataclass
@@ -135,6 +143,41 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def annotation_changes(out: Path, manifest: Manifest) -> list[str]:
+    """How the annotations of the run in ``out`` differ from what it started on: per slide
+    it trained or validated on, an annotation file whose SHA-256 changed, that is gone, or a
+    slide no longer in the manifest. The reference is ``run_metadata.json`` (its ``data``
+    record, written when the run started or was last resumed), else the SHA-256 each manifest
+    entry recorded at import. Empty when nothing changed or nothing was recorded."""
+    reference: list[tuple[str, str | None, str | None, str]] = []  # key, file, sha, subset
+    try:
+        meta = json.loads((out / "run_metadata.json").read_text(encoding="utf-8"))
+        recorded = meta["data"]["slides"]
+        reference = [(str(r["key"]), r.get("annotation_file"), r.get("annotation_sha256"),
+                      str(r.get("subset", "train"))) for r in recorded]
+    except (OSError, ValueError, KeyError, TypeError):
+        reference = [(e.image_name, e.annotation_file, e.annotation_sha256, "train")
+                     for e in manifest.usable_entries if e.annotation_sha256]
+    current = {e.image_name: e for e in manifest.entries}
+    out_lines: list[str] = []
+    for key, file, sha, subset in reference:
+        if sha is None:
+            continue
+        entry = current.get(key)
+        if entry is None or not entry.usable:
+            out_lines.append(f"{key} ({subset}): no longer a usable slide of the manifest")
+            continue
+        path = Path(entry.annotation_file or file or "")
+        if not entry.annotation_file or not path.is_file():
+            out_lines.append(f"{key} ({subset}): annotation file {path} is gone")
+            continue
+        now = _sha256(path)
+        if now != sha:
+            out_lines.append(f"{key} ({subset}): {path.name} changed (SHA-256 {sha[:12]}... "
+                             f"-> {now[:12]}...)")
+    return out_lines
+
+
 # ---------------------------------------------------------------------------- the command
 def _load_layers(config: str | os.PathLike[str] | Mapping[str, Any] | None
                  ) -> tuple[dict[str, Any], Path | None]:
@@ -181,6 +224,7 @@ def train(
     device: str | None = None,
     callback: Callback | None = None,
     params: Mapping[str, Any] | None = None,
+    allow_changed_annotations: bool = False,
 ) -> TrainResult:
     """Train ``model`` (a registry name; else the config's ``model``) on a manifest or QuPath
     project and write the package and run files into ``out_dir``.
@@ -191,6 +235,9 @@ def train(
     ``overrides``). ``dry_run`` builds the datasets, writes nothing and returns their summary.
     ``callback`` receives :class:`~qpseg.training.loop.TrainEvent` objects on rank 0; an
     exception it raises aborts the run. ``params`` is recorded in run_metadata.json.
+    ``resume`` refuses (ConfigError saying what changed) when an annotation file of a slide
+    the run trains or validates on changed since it started, unless
+    ``allow_changed_annotations`` (then a warning says what changed).
     """
     from qpseg.training.config import resolve_config
     from qpseg.training.distributed import setup
@@ -228,11 +275,13 @@ def train(
         cfg["train"]["device"] = device
     if arch == "gb_unet" and not dry_run:
         _train_gb_members(source, out, cfg, file_cfg, overrides, device=device,
-                          callback=callback, params=params)
+                          callback=callback, params=params,
+                          allow_changed_annotations=allow_changed_annotations)
     dist = setup(cfg["train"]["device"])
     try:
         return _train(source, out, cfg, arch, dist, resume=resume, dry_run=dry_run,
-                      callback=callback, params=params or {})
+                      callback=callback, params=params or {},
+                      allow_changed_annotations=allow_changed_annotations)
     finally:
         dist.close()
 
@@ -264,7 +313,8 @@ def _member_layer(file_cfg: dict[str, Any], arch: str, path: Path | None) -> dic
 def _train_gb_members(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any],
                       file_cfg: Mapping[str, Any], overrides: Mapping[str, Any] | None, *,
                       device: str | None, callback: Callback | None,
-                      params: Mapping[str, Any] | None) -> None:
+                      params: Mapping[str, Any] | None,
+                      allow_changed_annotations: bool = False) -> None:
     """lagree2021 GB U-Net in one command (Methods, "Ensemble networks": the second U-Net
     learns from the pre-softmax maps of U-Nets trained beforehand). Frozen members without
     ``member_packages`` are trained first, each into ``OUT/members/<i>-<name>`` with the same
@@ -298,7 +348,8 @@ def _train_gb_members(source: str | os.PathLike[str], out: Path, cfg: dict[str, 
             callback(TrainEvent("stage", f"member {i + 1}/{len(members)}",
                                 message=f"GB U-Net member {name} -> {folder}"))
         train(source, folder, model=name, config=layer, overrides=overrides, resume=again,
-              device=device, callback=callback, params=params)
+              device=device, callback=callback, params=params,
+              allow_changed_annotations=allow_changed_annotations)
     cfg["model_kwargs"] = {**kwargs, "member_packages": packages}
 
 
@@ -507,7 +558,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch: str,
            dist: Dist, *, resume: bool, dry_run: bool, callback: Callback | None,
-           params: Mapping[str, Any]) -> TrainResult:
+           params: Mapping[str, Any], allow_changed_annotations: bool = False) -> TrainResult:
     from qpseg.training.data import class_map_for, data_summary, prepare_data
     from qpseg.training.loop import TrainEvent, run_stage
 
@@ -516,6 +567,8 @@ def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch:
     if resume and (out / "split.json").is_file() and not cfg["split"]["file"]:
         cfg["split"]["file"] = str(out / "split.json")  # the slides a resumed run trained on
     manifest = _open(source, out, cfg, dist, resume=resume, dry_run=dry_run)
+    if resume and not dry_run:
+        _check_annotations(out, manifest, allow_changed_annotations)
     class_map = class_map_for(manifest, cfg.get("classes"))
     model = _build_model(arch, len(class_map), cfg, seed, meta=dry_run,
                          class_names=class_map.names)
@@ -564,6 +617,24 @@ def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch:
     return TrainResult(out, cfg, summary, model=result.model, stages=[result], package=package,
                        metrics=result.best.get("last_metrics", {}), rank=dist.rank,
                        world_size=dist.world_size)
+
+
+def _check_annotations(out: Path, manifest: Manifest, allow: bool) -> None:
+    """Resuming: ConfigError listing the changed annotations (:func:`annotation_changes`),
+    or with ``allow`` a warning that lists them."""
+    changes = annotation_changes(out, manifest)
+    if not changes:
+        return
+    shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5
+                                      else "")
+    if not allow:
+        raise ConfigError(
+            f"the annotations changed since this run started ({shown}): resuming would train "
+            "the rest of the run on other labels than its first part; pass "
+            "--allow-changed-annotations to resume on the new annotations, or start a new run "
+            "in another --out", out / "run_metadata.json")
+    warnings.warn(f"resuming on changed annotations ({shown})", ChangedAnnotationsWarning,
+                  stacklevel=3)
 
 
 def _start_metadata(out: Path, cfg: Mapping[str, Any], arch: str, manifest: Manifest,
@@ -636,10 +707,28 @@ def _training_summary(cfg: Mapping[str, Any], data: StageData, results: list[Sta
         "slides": {"train": [s.key for s in data.train_slides],
                    "val": [s.key for s in data.val_slides]},
         "stages": {r.name: {"steps": r.steps, "epochs": r.epochs, "best": r.best,
-                            "stopped_early": r.stopped_early} for r in results},
+                            "stopped_early": r.stopped_early,
+                            "history": _curves(r.history)} for r in results},
         "config": cfg,
         "run_metadata": "run_metadata.json",
     }
+
+
+#: Per-epoch values kept in the package's training summary (the model card's curves table).
+_CURVE_KEYS = ("epoch", "step", "train_loss", "val_loss", "val_mdice", "val_miou")
+
+
+def _curves(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The epoch records of a stage reduced to :data:`_CURVE_KEYS` (epochs counted from 1)."""
+    out = []
+    for rec in history:
+        if rec.get("kind", "epoch") != "epoch":
+            continue
+        row = {k: rec[k] for k in _CURVE_KEYS if rec.get(k) is not None}
+        if "epoch" in row:
+            row["epoch"] = int(row["epoch"]) + 1
+        out.append(row)
+    return out
 
 
 def describe_init(model: Any) -> str:
@@ -681,6 +770,9 @@ def _save(out: Path, module: Any, data: StageData, training: Mapping[str, Any],
     inference = default_inference_rules(get_contract(module), training).to_json()
     names = data.class_map.names
     colors = [c.color for c in data.class_map.classes]
+    # the colour normaliser every training tile went through: inference applies it too
+    normalizer = getattr(data.train, "normalizer", None)
+    stain = normalizer.to_json() if hasattr(normalizer, "to_json") else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return save_package(out, module.cpu(), class_names=names, class_colors=colors,
@@ -688,4 +780,4 @@ def _save(out: Path, module: Any, data: StageData, training: Mapping[str, Any],
                             std=std if std is not None else data.std,
                             ignore_index=data.class_map.ignore_index, training=_clean(training),
                             stage_normalization=stage_normalization, overwrite=True,
-                            inference=inference)
+                            inference=inference, stain_normalization=stain)
