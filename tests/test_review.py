@@ -140,7 +140,7 @@ def test_evaluate_truth_dice_inflation(base: SyntheticProject, tmp_path: Path) -
     path = reviewed_project(base, tmp_path / "p")
     # eval raster = level 0: exact pixel counts. Truth Stroma: p2' 10400 (pred Stroma on
     # 10000), p3' 10000 (pred Tumor), own 10000 (pred nothing): Dice 20000 / 40400.
-    ev = evaluate(path, path, tmp_path / "o", eval_mpp=0.5, report=False)
+    ev = evaluate(path, path, tmp_path / "o", eval_mpp=0.5, report=False, truth_mode="partial")
     dice = ev.summary()["pixel"]["dice"]
     assert dice["Stroma"] == pytest.approx(20000 / 40400)
     assert dice["Tumor"] == pytest.approx(0.5)
@@ -148,7 +148,8 @@ def test_evaluate_truth_dice_inflation(base: SyntheticProject, tmp_path: Path) -
     csv = pd.read_csv(tmp_path / "o" / "ai_objects.csv")
     assert list(csv.left_out) == [1, 0] and list(csv.class_name) == ["Stroma", "Tumor"]
     # before the rule: the untouched prediction scores against itself
-    before = evaluate(path, path, None, eval_mpp=0.5, report=False, ai_objects="all-in")
+    before = evaluate(path, path, None, eval_mpp=0.5, report=False, ai_objects="all-in",
+                      truth_mode="partial")
     assert before.summary()["pixel"]["dice"]["Stroma"] == pytest.approx(40000 / 60400)
 
 
@@ -161,7 +162,8 @@ def test_evaluate_truth_folder_uses_the_matched_predictions(base: SyntheticProje
     pdir.mkdir()
     shutil.copy(path.parent / "qpseg" / "annotations" / f"{eid}.geojson", tdir / "s.geojson")
     shutil.copy(path.parent / "qpseg" / "predictions" / f"{eid}.geojson", pdir / "s.geojson")
-    ev = evaluate(tdir, pdir, None, mpp=0.5, eval_mpp=0.5, report=False)
+    ev = evaluate(tdir, pdir, None, mpp=0.5, eval_mpp=0.5, report=False,
+                  truth_mode="partial")
     assert rows(ev.review) == EXPECTED
     assert ev.summary()["pixel"]["dice"]["Stroma"] == pytest.approx(20000 / 40400)
     # predictions of another run (new ids): the AI objects cannot be proven unchanged; they
