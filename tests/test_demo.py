@@ -272,16 +272,14 @@ def test_review_round_counts_are_what_the_edits_imply(reviewed) -> None:
     n = sum(len(v) for v in preds.values())  # 6 regions on each of the 3 slides
     assert n == 18
     # Known answers: the 3 reviewed objects count, every untouched one (all slides) is left out.
-    for reader in ("import-project", "evaluate-edits"):
+    for reader in ("import-project", "evaluate", "evaluate-edits"):
         counts = rnd.observed[reader]
         assert (_sum(counts, "left_out"), _sum(counts, "kept")) == (n - 4, 3), reader
         assert (_sum(counts, "accepted"), _sum(counts, "edited"), _sum(counts, "unproven")) \
             == (1, 2, 0), reader
-    # The held-out entry's export holds only unreviewed AI objects: evaluate has nothing to score
-    # there, so its objects are in neither of evaluate's counts.
+    # The held-out entries' exports hold only unreviewed AI objects: partial truth has nothing to
+    # score there, but every reader still counts their AI objects as left out.
     assert sim.no_truth == ex.test_ids
-    counts = rnd.observed["evaluate"]
-    assert (_sum(counts, "left_out"), _sum(counts, "kept")) == (n - 4 - 6, 3)
     # The reclassified object counts under its new class.
     ai = {o.id: o for o in preds[sim.entry_id]}
     old = ai[sim.actions["reclassified"][0]].classification
@@ -442,3 +440,129 @@ def test_examples_readme_runs_the_scripts_as_their_headers_say() -> None:
     for name in ("export_annotations.groovy", "import_predictions.groovy"):
         header = (ROOT / "groovy" / name).read_text(encoding="utf-8").split("*/")[0]
         assert f"QuPath script --args /path/to/project.qpproj {name}" in header
+
+
+# ============================================================================ review rounds
+
+
+def test_simulated_pathologist_fixes_the_large_errors_only() -> None:
+    from shapely.geometry import box
+
+    from qpseg.demo import correct_from_truth
+    from qpseg.qupath.classes import default_color
+    from qpseg.qupath.geojson import QuPathObject
+
+    def obj(geom, cls, i=None):
+        meta = {"qpseg_model": "m"} if i is not None else {}
+        return QuPathObject(geom, classification=cls, class_color=default_color(cls),
+                            id=f"00000000-0000-4000-8000-{i or 0:012d}", metadata=meta)
+
+    truth = [obj(box(0, 0, 1000, 1000), "Region*"),
+             obj(box(100, 100, 300, 300), "Tumor"),      # found well: accepted
+             obj(box(400, 100, 600, 300), "Tumor"),      # found half: redrawn
+             obj(box(100, 400, 300, 600), "Stroma"),     # found as Tumor: reclassified
+             obj(box(400, 400, 600, 600), "Necrosis")]   # missed: added
+    ai = [obj(box(102, 102, 300, 300), "Tumor", 1),
+          obj(box(400, 100, 500, 300), "Tumor", 2),
+          obj(box(100, 400, 300, 600), "Tumor", 3),
+          obj(box(700, 700, 800, 800), "Stroma", 4),     # 10,000 px² false positive: deleted
+          obj(box(900, 900, 910, 910), "Stroma", 5)]     # 100 px²: not worth it, untouched
+    # 1 µm/px: the pathologist fixes errors of 400 µm² and more
+    corr = correct_from_truth(ai, truth, mpp=1.0)
+    assert corr.counts == {"accepted": 1, "reshaped": 1, "reclassified": 1, "deleted": 1,
+                           "added": 1, "untouched": 1}
+    by_id = {o.id: o for o in corr.final}
+    assert by_id[ai[0].id].is_locked and by_id[ai[0].id].geometry.area == 198 * 198
+    assert by_id[ai[1].id].geometry.equals(box(400, 100, 600, 300))
+    assert by_id[ai[2].id].classification == "Stroma"
+    assert ai[3].id not in by_id and not by_id[ai[4].id].is_locked
+    added = [o for o in corr.final if "qpseg_model" not in o.metadata
+             and o.classification == "Necrosis"]
+    assert len(added) == 1 and added[0].geometry.equals(box(400, 400, 600, 600))
+    assert [o.classification for o in corr.final].count("Region*") == 1
+
+
+def _outcome(k: int, before: float, after: float, corrections: int):
+    from qpseg.demo import RoundOutcome
+
+    rec = {"n_accepted": 3, "n_reshaped": corrections, "n_reclassified": 0, "n_deleted": 0,
+           "n_added": 0, "corrections": corrections, "area_changed_um2": 100.0 * corrections,
+           "dice": 0.9}
+    return RoundOutcome(k, Path(f"/x/rounds/model_{k}"), "ab" * 32, [2 * k, 2 * k + 1], [],
+                        {"reshaped": corrections}, rec, before, after,
+                        {"suggest": 1.0, "fine-tune": 2.0})
+
+
+def _ok_round(rnd):
+    """The review round with its observed counts the expected ones (these tests are about
+    the rounds, not about that round's counts)."""
+    import dataclasses
+
+    return dataclasses.replace(rnd, observed=rnd.expected)
+
+
+def test_demo_rounds_are_printed_and_recorded(reviewed, tmp_path, monkeypatch, capsys) -> None:
+    import qpseg.demo
+
+    _fake_demo(monkeypatch, _ok_round(reviewed[3]))
+    seen = {}
+
+    def fake_rounds(out, n, **kwargs):
+        seen["n"] = n
+        return [_outcome(1, 0.80, 0.85, 9), _outcome(2, 0.85, 0.90, 4)]
+
+    monkeypatch.setattr(qpseg.demo, "run_rounds", fake_rounds)
+    assert main(["demo", "--out", str(tmp_path / "d"), "--rounds", "2"]) == 0
+    assert seen == {"n": 2}
+    text = capsys.readouterr().out
+    assert "Review rounds" in text and "corrections per round: 9 -> 4" in text
+    rounds = json.loads((tmp_path / "d" / "demo_summary.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["held_out_tumor_dice"] for r in rounds] == [0.85, 0.90]
+    assert rounds[0]["n_reshaped"] == 9 and rounds[1]["corrections"] == 4
+    assert rounds[0]["round_seconds"] == 3.0
+
+
+def test_demo_without_rounds_runs_none(reviewed, tmp_path, monkeypatch) -> None:
+    import qpseg.demo
+
+    _fake_demo(monkeypatch, _ok_round(reviewed[3]))
+
+    def no_rounds(*args, **kwargs):
+        raise AssertionError("rounds ran without --rounds")
+
+    monkeypatch.setattr(qpseg.demo, "run_rounds", no_rounds)
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 0
+    assert "rounds" not in json.loads((tmp_path / "d" / "demo_summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_review_rounds_improve_the_model(tmp_path) -> None:
+    """The loop for real (about a minute on one CPU core): suggest, correct, record, fine-tune."""
+    import csv
+
+    import torch
+
+    from qpseg.demo import run_rounds
+    from qpseg.qupath.project import QuPathProject
+    from qpseg.suggest import RANK_KEY
+
+    torch.set_num_threads(1)
+    outcomes = run_rounds(tmp_path, 2, device="cpu")
+    assert [o.round for o in outcomes] == [1, 2]
+    assert outcomes[-1].held_out_tumor_dice > outcomes[0].held_out_tumor_dice
+    assert outcomes[1].held_out_tumor_dice_before == outcomes[0].held_out_tumor_dice
+    assert len({e for o in outcomes for e in o.reviewed}) == 4  # 2 new slides per round
+    project = tmp_path / "rounds" / "project"
+    with (project / "qpseg" / "rounds.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert [r["model_sha256"] for r in rows] == [o.model_sha256 for o in outcomes]
+    for o, row in zip(outcomes, rows, strict=True):
+        assert row["entries"] == ";".join(map(str, sorted(o.reviewed))) or set(
+            row["entries"].split(";")) == set(map(str, o.reviewed))
+        assert int(row["corrections"]) == o.to_json()["corrections"]
+    ranked = {e.entry_id: e.metadata.get(RANK_KEY)
+              for e in QuPathProject.load(project / "project.qpproj").entries}
+    assert sorted(v for v in ranked.values() if v) == ["1", "2"]  # the last round's picks
+    assert (tmp_path / "rounds" / "round_2" / "edits" / "rounds.html").is_file()

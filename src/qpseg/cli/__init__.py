@@ -16,7 +16,18 @@ from collections.abc import Sequence
 import typer
 
 from qpseg import __version__
-from qpseg.cli import demo, evaluate, groovy, import_project, infer, info, models, train, validate
+from qpseg.cli import (
+    demo,
+    evaluate,
+    groovy,
+    import_project,
+    infer,
+    info,
+    models,
+    suggest,
+    train,
+    validate,
+)
 from qpseg.cli.project import app as project_app
 from qpseg.errors import EXIT_CODES, OutputError, QpsegError
 
@@ -61,6 +72,7 @@ app.command("infer")(infer.infer)
 app.command("evaluate")(evaluate.evaluate)
 app.command("evaluate-edits")(evaluate.evaluate_edits)
 app.command("demo")(demo.demo)
+app.command("suggest")(suggest.suggest)
 app.command("groovy")(groovy.groovy)
 app.add_typer(project_app, name="project")
 

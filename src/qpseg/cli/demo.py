@@ -10,7 +10,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from qpseg.demo import ReviewRound
+    from qpseg.demo import ReviewRound, RoundOutcome
 
 STEPS = {
     "example": "Build the example QuPath project (generated slides, sparse annotations)",
@@ -36,12 +36,21 @@ def demo(
         False, "--force",
         help="Use --out even when it holds files the demo did not make (they may be replaced).",
     ),
+    rounds: int = typer.Option(
+        0, "--rounds", min=0,
+        help="Then run N review rounds in OUT/rounds: suggest the 2 slides to review, a "
+             "simulated pathologist corrects them, evaluate-edits --history, fine-tune; "
+             "records held-out Dice and correction effort per round (a few minutes on CPU).",
+    ),
 ) -> int:
     """Build an example project, then import -> train -> infer -> evaluate on it (a few minutes
     on a CPU), then one simulated review round in QuPath (keep, reshape, reclassify, delete,
     lock, add; re-export) read back by import-project, evaluate and evaluate-edits. Prints
     per-slide scores, the AI objects left out and kept, and how to open the result in QuPath.
     Exits 1 when the review round's counts are not the expected ones.
+
+    --rounds N closes the loop N times on a project of its own (OUT/rounds): the model
+    learns from the corrections round after round; demo_summary.json lists the rounds.
 
     --out must be new, empty or a folder an earlier demo made (it holds a .qpseg-demo file):
     the demo replaces its project/, labels/, model/, evaluation/ and review/ there."""
@@ -90,6 +99,20 @@ def demo(
         result = run_demo(out, device=device, force=force, progress=on_step,
                           train_callback=on_train, infer_progress=on_infer)
     wall = time.perf_counter() - start
+    outcomes: list[RoundOutcome] = []
+    if rounds:
+        from qpseg.demo import run_rounds
+
+        def on_round_train(event: Any) -> None:
+            for step, task in tasks.items():
+                if step.endswith(("train model 1", "fine-tune")) and event.kind == "step" \
+                        and event.total_steps and not bars.tasks[task].finished:
+                    bars.update(task, total=event.total_steps, completed=event.step,
+                                info=f"loss {event.loss:.3f}" if event.loss is not None else "")
+
+        with bars:
+            outcomes = run_rounds(out, rounds, device=device, progress=on_step,
+                                  train_callback=on_round_train)
     dice = held_out_dice(result)
 
     table = Table(title="Per-slide scores (pixel Dice at 2 µm/px; lesions = Tumor regions)")
@@ -117,6 +140,7 @@ def demo(
         "held_out_tumor_dice": dice,
         "scores": result.scores,
         "review_round": result.review.to_json() if result.review is not None else None,
+        **({"rounds": [o.to_json() for o in outcomes]} if rounds else {}),
         "paths": {k: str(v) for k, v in result.paths.items()} | {"project": str(ex.project)},
     }
     from qpseg._io import write_json_atomic
@@ -141,6 +165,8 @@ def demo(
     console.print("Open in QuPath:   File > Open project > the project above, then Automate > "
                   f"Script editor > File > Open > {import_script} > Run > Run for project",
                   soft_wrap=True, markup=False)
+    if outcomes:
+        _print_rounds(console, outcomes)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
     failed = False
@@ -186,8 +212,8 @@ def _print_review(console: Console, rnd: ReviewRound) -> None:
     console.print(table)
     if sim.no_truth:
         console.print(f"evaluate: entries {', '.join(map(str, sim.no_truth))} hold only "
-                      "unreviewed AI objects: no truth to score, not in its counts "
-                      "(expected accordingly)", soft_wrap=True, markup=False)
+                      "unreviewed AI objects: no truth to score (partial truth), their AI "
+                      "objects still counted", soft_wrap=True, markup=False)
     e, o = rnd.expected.get("edits", {}), rnd.observed.get("edits", {})
     keys = ("n_kept", "n_accepted", "n_reshaped", "n_reclassified", "n_deleted", "n_added",
             "n_existing")
@@ -196,3 +222,32 @@ def _print_review(console: Console, rnd: ReviewRound) -> None:
         for k in keys), soft_wrap=True, markup=False)
     console.print("Review round counts: " + ("[green]as expected[/]" if rnd.ok
                                              else "[red]NOT as expected[/]"))
+
+
+def _print_rounds(console: Console, outcomes: list[RoundOutcome]) -> None:
+    """The review rounds: per round the slides reviewed, the corrections, and the held-out
+    tumour Dice before and after fine-tuning on them."""
+    from rich.table import Table
+
+    table = Table(title="Review rounds (simulated pathologist, 2 slides per round)")
+    for col in ("round", "reviewed", "accepted", "reshaped", "reclassified", "deleted", "added",
+                "corrections", "area changed mm²", "Dice AI vs final", "held-out Dice before",
+                "after", "seconds"):
+        table.add_column(col, justify="right")
+    for o in outcomes:
+        r = o.to_json()
+        area = r["area_changed_um2"]
+        table.add_row(str(o.round), ", ".join(map(str, o.reviewed)), str(r["n_accepted"]),
+                      str(r["n_reshaped"]), str(r["n_reclassified"]), str(r["n_deleted"]),
+                      str(r["n_added"]), str(r["corrections"]),
+                      "" if area is None else f"{area / 1e6:.3f}",
+                      "" if r["dice_ai_vs_final"] is None else f"{r['dice_ai_vs_final']:.3f}",
+                      f"{o.held_out_tumor_dice_before:.3f}",
+                      f"{o.held_out_tumor_dice:.3f}", f"{r['round_seconds']:.0f}")
+    console.print(table)
+    first, last = outcomes[0].held_out_tumor_dice, outcomes[-1].held_out_tumor_dice
+    console.print(f"Held-out tumour Dice after round 1: {first:.3f}, after round "
+                  f"{len(outcomes)}: {last:.3f}; corrections per round: "
+                  + " -> ".join(str(o.to_json()["corrections"]) for o in outcomes)
+                  + f"; history: {outcomes[-1].model.parent / 'project' / 'qpseg' / 'rounds.csv'}",
+                  soft_wrap=True, markup=False)

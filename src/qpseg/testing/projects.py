@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
     from qpseg.qupath.geojson import QuPathObject
 
-__all__ = ["SyntheticProject", "make_project", "qupath_exported", "qupath_round"]
+__all__ = ["SyntheticProject", "make_project", "qupath_exported", "qupath_round",
+           "write_ai_predictions"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,26 @@ def qupath_exported(
     if locked is not None:
         changes["is_locked"] = locked
     return dataclasses.replace(obj, **changes)  # type: ignore[arg-type]
+
+
+def write_ai_predictions(
+    project_dir: str | os.PathLike[str],
+    entry_id: int,
+    objects: Sequence[QuPathObject],
+    *,
+    model: str = "tiny_unet",
+    model_sha256: str = "cd" * 32,
+    run: str = "20250101T000000Z",
+) -> list[QuPathObject]:
+    """Write ``objects`` as ``qpseg infer`` writes predictions for an entry
+    (``<project>/qpseg/predictions/<entryID>.geojson``): each with a fresh id and the
+    provenance metadata of ``model`` (SHA-256 ``model_sha256``). Returns the objects written."""
+    import dataclasses
+    import uuid
+
+    from qpseg.objects import predictions_path, provenance, write_predictions
+
+    prov = provenance(model, model_sha256, mpp=2.0, run=run)
+    out = [dataclasses.replace(o, id=str(uuid.uuid4()), metadata=dict(prov)) for o in objects]
+    write_predictions(predictions_path(project_dir, entry_id), out, overwrite=True)
+    return out
