@@ -3,17 +3,21 @@
 The export is generated (vectorised): ``n`` 12-vertex annotations on a 20 px grid with radii of
 4-14 px, so neighbours overlap; a tenth have a hole; classes Tumor / Stroma / Necrosis at
 random, one in a hundred unclassified; one ``Region*`` over half the grid and one ``Ignore*``
-strip across it. It is written as QuPath GeoJSON beside a one-slide generated project. Timed,
-each size in a fresh process (its peak RSS is reported):
+strip across it. It is streamed to QuPath GeoJSON (chunks of features, never all objects at
+once) beside a one-slide generated project. Each stage then runs in a fresh process of its own,
+which reports its seconds and its peak RSS (``ru_maxrss``; ``rss_base_mb`` is the same process
+after its imports, before the stage):
 
 * ``read_geojson``: the lenient reader;
-* ``class_areas``: the label rule's per-class areas (what the manifest records);
 * ``import_project``: the whole ``qpseg import-project`` (reader, AI-object rule, label rule,
   manifest);
 * ``validate``: ``qpseg validate`` on the GeoJSON file;
+* ``class_areas``: the label rule's per-class areas (what the manifest records);
 * ``rasterize_labels``: the label raster of the whole grid at 16 level-0 px per pixel;
 * ``compare_edits``: ``qpseg evaluate-edits``' comparison, with the objects as the AI's
   predictions and a review that moved 2 %, deleted 2 %, added 2 % and lost the ids of 2 %.
+
+The last three read the file first (untimed, but inside the peak RSS: a command reads it too).
 
 With ``--reference-max N`` the per-class areas of sizes up to ``N`` are compared with the label
 rule as first written (one growing union of everything painted above; quadratic), which must
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,34 +48,67 @@ from qpseg.qupath.geojson import QuPathObject
 
 CLASSES = ("Tumor", "Stroma", "Necrosis")
 SPACING = 20.0
+CHUNK = 20_000  # features generated and written at a time
+STAGES = ("read_geojson", "import_project", "validate", "class_areas", "rasterize_labels",
+          "compare_edits")
+
+
+def annotation_chunks(n: int, seed: int = 0, chunk: int = CHUNK
+                      ) -> Iterator[list[QuPathObject]]:
+    """The ``n`` annotations plus one ``Region*`` and one ``Ignore*`` (module doc), ``chunk``
+    objects at a time; the same objects whatever ``chunk`` is."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    centres = np.stack(np.divmod(np.arange(n), side), axis=1)[:, ::-1] * SPACING + SPACING / 2
+    centres = centres + rng.uniform(-3, 3, centres.shape)
+    radii = rng.uniform(4.0, 14.0, n)
+    holed_all = rng.random(n) < 0.1
+    cls_all = rng.integers(0, len(CLASSES), n)
+    unclassified_all = rng.random(n) < 0.01
+    angle = np.linspace(0.0, 2 * np.pi, 12, endpoint=False)
+    unit = np.stack([np.cos(angle), np.sin(angle)], axis=1)[None]
+    for start in range(0, n, chunk):
+        sl = slice(start, min(start + chunk, n))
+        centre, radius, holed = centres[sl], radii[sl], holed_all[sl]
+        geoms = shapely.polygons(np.round(centre[:, None, :] + radius[:, None, None] * unit, 2))
+        holes = shapely.polygons(centre[holed][:, None, :] + (radius[holed] / 3)[:, None, None]
+                                 * unit[:, ::-1])
+        geoms[holed] = shapely.polygons(shapely.get_exterior_ring(geoms[holed]),
+                                        holes=shapely.get_exterior_ring(holes)[:, None])
+        yield [QuPathObject(geometry=g, object_type="annotation",
+                            classification=None if u else CLASSES[c])
+               for g, c, u in zip(geoms.tolist(), cls_all[sl].tolist(),
+                                  unclassified_all[sl].tolist(), strict=True)]
+    extent = side * SPACING
+    yield [QuPathObject(geometry=shapely.box(0, 0, extent, extent / 2),
+                        object_type="annotation", classification="Region*"),
+           QuPathObject(geometry=shapely.box(0, extent * 0.4, extent, extent * 0.45),
+                        object_type="annotation", classification="Ignore*")]
 
 
 def make_annotations(n: int, seed: int = 0) -> list[QuPathObject]:
-    """``n`` overlapping annotations plus one ``Region*`` and one ``Ignore*`` (module doc)."""
-    rng = np.random.default_rng(seed)
-    side = int(np.ceil(np.sqrt(n)))
-    centre = np.stack(np.divmod(np.arange(n), side), axis=1)[:, ::-1] * SPACING + SPACING / 2
-    centre += rng.uniform(-3, 3, centre.shape)
-    radius = rng.uniform(4.0, 14.0, n)
-    angle = np.linspace(0.0, 2 * np.pi, 12, endpoint=False)
-    unit = np.stack([np.cos(angle), np.sin(angle)], axis=1)[None]
-    geoms = shapely.polygons(np.round(centre[:, None, :] + radius[:, None, None] * unit, 2))
-    holed = rng.random(n) < 0.1
-    holes = shapely.polygons(centre[holed][:, None, :] + (radius[holed] / 3)[:, None, None]
-                             * unit[:, ::-1])
-    geoms[holed] = shapely.polygons(shapely.get_exterior_ring(geoms[holed]),
-                                    holes=shapely.get_exterior_ring(holes)[:, None])
-    cls = rng.integers(0, len(CLASSES), n)
-    unclassified = rng.random(n) < 0.01
-    objs = [QuPathObject(geometry=g, object_type="annotation",
-                         classification=None if u else CLASSES[c])
-            for g, c, u in zip(geoms.tolist(), cls.tolist(), unclassified.tolist(), strict=True)]
-    extent = side * SPACING
-    objs.append(QuPathObject(geometry=shapely.box(0, 0, extent, extent / 2),
-                             object_type="annotation", classification="Region*"))
-    objs.append(QuPathObject(geometry=shapely.box(0, extent * 0.4, extent, extent * 0.45),
-                             object_type="annotation", classification="Ignore*"))
-    return objs
+    """All of :func:`annotation_chunks` in one list (small ``n`` only)."""
+    return [o for part in annotation_chunks(n, seed) for o in part]
+
+
+def write_export(path: Path, n: int, seed: int) -> int:
+    """Stream the export of ``n`` annotations to ``path`` (a FeatureCollection written chunk
+    by chunk with the module's own feature writer); returns the number of features."""
+    import orjson
+
+    from qpseg.qupath.geojson import to_feature_collection
+
+    written = 0
+    with open(path, "wb") as fh:
+        fh.write(b'{"type":"FeatureCollection","features":[')
+        for part in annotation_chunks(n, seed):
+            features = to_feature_collection(part)["features"]
+            if written and features:
+                fh.write(b",")
+            fh.write(orjson.dumps(features)[1:-1])
+            written += len(features)
+        fh.write(b"]}\n")
+    return written
 
 
 def reference_areas(objects: list[QuPathObject], class_map: Any) -> dict[int, float]:
@@ -137,60 +175,75 @@ def _peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
-def run_one(n: int, seed: int, workdir: Path, reference_max: int,
-            skip: set[str]) -> dict[str, Any]:
-    """Generate the export for ``n`` and time each stage (module doc) in this process."""
+def _current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the peak so far is the best there is
+        return _peak_rss_mb()
+
+
+def setup(n: int, seed: int, workdir: Path) -> dict[str, Any]:
+    """Write the project and the streamed export for ``n`` into ``workdir``."""
+    from qpseg.testing.projects import make_project
+
+    t = time.perf_counter()
+    proj = make_project(workdir / "project", n_slides=1, width=256, height=256,
+                        annotations=False)
+    target = proj.folder / "qpseg" / "annotations" / f"{proj.entry_ids[0]}.geojson"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    n_features = write_export(target, n, seed)
+    (workdir / "export.json").write_text(json.dumps({"project": str(proj.path),
+                                                     "geojson": str(target)}))
+    return {"setup_s": round(time.perf_counter() - t, 3), "n_features": n_features,
+            "file_mb": round(target.stat().st_size / 2**20, 1),
+            "setup_peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def run_stage(stage: str, n: int, seed: int, workdir: Path,
+              reference_max: int) -> dict[str, Any]:
+    """Time one stage (module doc) in this process; its peak RSS is this process's."""
     import warnings
 
     from qpseg.edits import compare_edits
-    from qpseg.labels import class_areas, rasterize_labels
+    from qpseg.labels import ClassMap, class_areas, rasterize_labels
     from qpseg.manifest import import_project
-    from qpseg.qupath.geojson import read_geojson, write_geojson
-    from qpseg.testing.projects import make_project
+    from qpseg.qupath.geojson import read_geojson
     from qpseg.validation import validate_paths
 
     warnings.simplefilter("ignore")
-    res: dict[str, Any] = {"n": n, "seconds": {}}
-    t = time.perf_counter()
-    objs = make_annotations(n, seed)
-    proj = make_project(workdir / f"p{n}", n_slides=1, width=256, height=256, annotations=False)
-    target = proj.folder / "qpseg" / "annotations" / f"{proj.entry_ids[0]}.geojson"
-    write_geojson(target, objs)
-    res["setup_s"] = time.perf_counter() - t
-    res["file_mb"] = target.stat().st_size / 2**20
-    res["rss_after_setup_mb"] = _peak_rss_mb()
-    del objs
-
-    def timed(name: str, fn: Any) -> Any:
-        if name in skip:
-            return None
-        t0 = time.perf_counter()
-        out = fn()
-        res["seconds"][name] = round(time.perf_counter() - t0, 3)
-        return out
-
-    objs = timed("read_geojson", lambda: read_geojson(target))
-    if objs is None:
-        objs = read_geojson(target)
-    manifest = timed("import_project", lambda: import_project(proj.path, workdir / f"m{n}"))
-    from qpseg.labels import ClassMap
-
-    cm = manifest.class_map if manifest is not None else ClassMap.from_names(list(CLASSES))
-    areas = timed("class_areas", lambda: class_areas(objs, cm))
-    if areas is not None:
+    paths = json.loads((workdir / "export.json").read_text())
+    target = Path(paths["geojson"])
+    cm = ClassMap.from_names(list(CLASSES))
+    res: dict[str, Any] = {"stage": stage}
+    res["rss_base_mb"] = round(_current_rss_mb(), 1)
+    objs = read_geojson(target) if stage in ("class_areas", "rasterize_labels",
+                                             "compare_edits") else None
+    t0 = time.perf_counter()
+    if stage == "read_geojson":
+        res["n_objects"] = len(read_geojson(target))
+    elif stage == "import_project":
+        manifest = import_project(paths["project"], workdir / "manifest")
+        res["n_annotations"] = manifest.entries[0].n_annotations
+    elif stage == "validate":
+        res["validate_ok"] = bool(validate_paths([target])[0].ok)
+    elif stage == "class_areas":
+        assert objs is not None
+        areas = class_areas(objs, cm)
         res["class_areas"] = {cm.names[k] if k < len(cm) else "ignore": v
                               for k, v in sorted(areas.items())}
-    reps = timed("validate", lambda: validate_paths([target]))
-    if reps is not None:
-        res["validate_ok"] = bool(reps[0].ok)
-    extent = int(np.ceil(np.sqrt(n))) * SPACING
-    px = int(np.ceil(extent / 16))
-    timed("rasterize_labels",
-          lambda: rasterize_labels(objs, (0.0, 0.0, px, px), 16.0, cm, base_mpp=1.0))
-    if "compare_edits" not in skip:
+    elif stage == "rasterize_labels":
+        assert objs is not None
+        px = int(np.ceil(int(np.ceil(np.sqrt(n))) * SPACING / 16))
+        rasterize_labels(objs, (0.0, 0.0, px, px), 16.0, cm, base_mpp=1.0)
+    elif stage == "compare_edits":
+        assert objs is not None
         ai, final = _review_copy(objs, seed)
-        timed("compare_edits", lambda: compare_edits(ai, final, tolerance_px=1.0))
-    if areas is not None and n <= reference_max:
+        t0 = time.perf_counter()  # the simulated review is setup, not the command
+        compare_edits(ai, final, tolerance_px=1.0)
+    res["seconds"] = round(time.perf_counter() - t0, 3)
+    if stage == "class_areas" and n <= reference_max:
+        assert objs is not None
         t0 = time.perf_counter()
         ref = reference_areas(objs, cm)
         res["reference_s"] = round(time.perf_counter() - t0, 3)
@@ -201,8 +254,16 @@ def run_one(n: int, seed: int, workdir: Path, reference_max: int,
     return res
 
 
+def _child(args: list[str]) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr[-2000:]}
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run each size in a fresh process and write the JSON report."""
+    """Run each size (and each of its stages) in fresh processes and write the JSON report."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--seed", type=int, default=0)
@@ -211,10 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], help="stages not to time")
     ap.add_argument("--out", type=Path, default=Path("bench_import.json"))
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one is not None:
-        res = run_one(args.one, args.seed, args.workdir, args.reference_max, set(args.skip))
+        if args.stage is None:
+            res = setup(args.one, args.seed, args.workdir)
+        else:
+            res = run_stage(args.stage, args.one, args.seed, args.workdir, args.reference_max)
         print(json.dumps(res))
         return 0
     report: dict[str, Any] = {
@@ -223,17 +288,22 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(), "targets": {"1e5_s": 10, "1e6_s": 100, "peak_rss_mb": 2048},
         "results": [],
     }
+    common = ["--seed", str(args.seed), "--reference-max", str(args.reference_max)]
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, __file__, "--one", str(n), "--seed", str(args.seed),
-                   "--reference-max", str(args.reference_max), "--workdir", tmp,
-                   "--skip", *args.skip]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                report["results"].append({"n": n, "error": done.stderr[-2000:]})
-            else:
-                report["results"].append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(report["results"][-1]), file=sys.stderr)
+            res: dict[str, Any] = {"n": n}
+            res.update(_child(["--one", str(n), "--workdir", tmp, *common]))
+            res["seconds"], res["peak_rss_mb"], res["stages"] = {}, {}, {}
+            for stage in STAGES:
+                if stage in args.skip or "error" in res:
+                    continue
+                out = _child(["--one", str(n), "--stage", stage, "--workdir", tmp, *common])
+                res["stages"][stage] = out
+                if "error" not in out:
+                    res["seconds"][stage] = out["seconds"]
+                    res["peak_rss_mb"][stage] = out["peak_rss_mb"]
+                print(json.dumps({"n": n, **out}), file=sys.stderr)
+            report["results"].append(res)
         args.out.write_text(json.dumps(report, indent=2))
     return 0
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark of whole-slide inference (``qpseg infer``, issue 7).
+"""Benchmark of whole-slide inference (``qpseg infer``): tiles/s, pipeline ÷ bare forward,
+peak memory.
 
 In one run, for each slide size (``--size-gpx``, level-0 gigapixels of a generated pyramidal
 slide with about 40 % tissue, cached in ``--cache``):

@@ -1,4 +1,4 @@
-"""Throughput of the training data loader alone (issue 6): tiles/s with 0 and 2 workers.
+"""Throughput of the training data loader alone: tiles/s with 0 and 2 workers.
 
 A generated project (pyramidal TIFF slides with known tumour/stroma/necrosis regions) is
 imported, a tile grid over the labelled area is built, and a ``DataLoader`` over

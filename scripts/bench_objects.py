@@ -1,4 +1,4 @@
-"""Benchmark of qpseg.objects: polygonise + write 10⁵ objects (issue 7 target: <= 10 s).
+"""Benchmark of qpseg.objects: polygonise + write 10⁵ objects (target: ≤ 10 s).
 
 The map is a square grid of 10 x 10 px cells, one disc per cell (radius 2-4.5 px, two classes
 at random, the first one a lesion class so every second object also gets a size category and a

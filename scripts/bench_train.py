@@ -1,4 +1,4 @@
-"""Training throughput (issue 6): tiles/s of the data loader alone vs loader + model step.
+"""Training throughput: tiles/s of the data loader alone vs loader + model step.
 
 A generated project (pyramidal TIFF slides with known tumour/stroma/necrosis regions) is
 imported and the training data of ``tiny_unet`` built exactly as ``qpseg train`` builds it

@@ -1,4 +1,4 @@
-"""Done means (issue 6): tiny_unet trained for a few hundred steps on CPU reaches a validation
+"""tiny_unet trained for a few hundred steps on CPU reaches a validation
 Dice >= 0.9 on the tumour class of generated slides with known tumour regions."""
 
 from __future__ import annotations

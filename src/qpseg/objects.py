@@ -1,4 +1,4 @@
-"""Class / instance maps -> QuPath objects with measurements and provenance (issue 7, output part).
+"""Class / instance maps -> QuPath objects with measurements and provenance.
 
 Geometry
     A map pixel ``(col, row)`` covers QuPath ``x ∈ [x0 + col·ds, x0 + (col+1)·ds)`` and likewise

@@ -1,4 +1,4 @@
-"""The training data pipeline: slides + annotations -> tiles -> samples (issue 6).
+"""The training data pipeline: slides + annotations -> tiles -> samples.
 
 Modules (import them directly; this package imports nothing heavy by itself):
 

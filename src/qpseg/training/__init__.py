@@ -1,4 +1,4 @@
-"""Training: from a QuPath project (or its manifest) to a model package (issue 6).
+"""Training: from a QuPath project (or its manifest) to a model package.
 
 * :func:`train` (``qpseg train``): data, model, loop, package, logs and run metadata
   (:mod:`qpseg.training.run`);
