@@ -435,7 +435,7 @@ def import_project(
         annotation_files[entry.entry_id] = f
         try:
             if f is not None:
-                objs = read_geojson(f)
+                objs = read_geojson(f, lean=True)  # measurements are not used here
             elif paquo_ok:
                 from qpseg.qupath import paquo_backend
 

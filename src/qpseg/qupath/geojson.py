@@ -27,12 +27,13 @@ import math
 import numbers
 import os
 import re
+import sys
 import uuid
 import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -290,6 +291,11 @@ def _finite_float(value: Any) -> float | None:
 
 def _parse_rgb(value: Any) -> RGB | None:
     """A colour as QuPath writes it: ``[r, g, b]``, ``[r, g, b, a]``, ``[argb]`` or an ARGB int."""
+    if type(value) is list and len(value) == 3:  # the common case, without generators
+        r, g, b = value
+        if (type(r) is int and type(g) is int and type(b) is int
+                and 0 <= r <= 255 and 0 <= g <= 255 and 0 <= b <= 255):
+            return (r, g, b)
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -699,12 +705,13 @@ _Deferred = tuple["QuPathObject", str, list[Any]]
 
 
 def _parse_feature(item: Any, notes: list[tuple[str, str]],
-                   deferred: list[_Deferred] | None = None) -> QuPathObject:
+                   deferred: list[_Deferred] | None = None, lean: bool = False) -> QuPathObject:
     """One QuPathObject from one feature; _Skip when it cannot be read, notes for the rest.
 
     With ``deferred``, plain polygons (geometry and nucleus) are not built here: the object
     gets a placeholder and ``(object, attribute, rings)`` is appended, for
     :func:`_build_polygons` to make all of a file's polygons in one vectorised call.
+    ``lean``: measurements are checked (the same notes) but not kept.
     """
     if not isinstance(item, dict):
         raise _Skip(f"feature is a {_json_kind(item)}, not an object")
@@ -784,6 +791,8 @@ def _parse_feature(item: Any, notes: list[tuple[str, str]],
     measurements = {}
     if props.get("measurements") is not None:
         measurements = _measurements(props["measurements"], notes)
+        if lean:
+            measurements = {}
     metadata = {}
     if props.get("metadata") is not None:
         metadata = _metadata(props["metadata"], notes)
@@ -870,22 +879,34 @@ def _build_polygon_chunk(ring_lists: list[list[Any]]) -> list[Any]:
     return out
 
 
-def _parse(data: Any, source: str | Path
+def _parse(data: Any, source: str | Path, lean: bool = False
            ) -> tuple[int, list[tuple[int, QuPathObject]], list[FeatureProblem]]:
     """(number of features, [(index, object)], problems) without warning; GeoJSONError for
-    whole-file problems."""
+    whole-file problems. ``lean``: see :func:`read_geojson`."""
     features = _feature_list(data, source)
+    objects, problems = _parse_items(features, 0, lean)
+    return len(features), objects, problems
+
+
+def _parse_items(features: list[Any], base: int, lean: bool = False
+                 ) -> tuple[list[tuple[int, QuPathObject]], list[FeatureProblem]]:
+    """([(index, object)], problems) of consecutive features, the first numbered ``base``."""
     objects: list[tuple[int, QuPathObject]] = []
     problems: list[FeatureProblem] = []
     deferred: list[_Deferred] = []
     deferred_at: list[int] = []   # the feature index of each deferred polygon
+    shared: dict[Any, Any] = {}   # one copy of each class colour (and name: interned)
     with _gc_paused():  # many small objects, none cyclic: see _gc_paused
-        for index, item in enumerate(features):
+        for index, item in enumerate(features, start=base):
             notes: list[tuple[str, str]] = []
             n_deferred = len(deferred)
-            obj = _parse_one(index, item, notes, problems, deferred)
+            obj = _parse_one(index, item, notes, problems, deferred, lean)
             deferred_at.extend([index] * (len(deferred) - n_deferred))
             if obj is not None:
+                if type(obj.classification) is str:
+                    obj.classification = sys.intern(obj.classification)
+                if obj.class_color is not None:
+                    obj.class_color = shared.setdefault(obj.class_color, obj.class_color)
                 objects.append((index, obj))
                 problems.extend(FeatureProblem(index, kind, msg) for kind, msg in notes)
         built = _build_polygons([rings for _, _, rings in deferred]) if deferred else []
@@ -898,27 +919,283 @@ def _parse(data: Any, source: str | Path
             problems = [p for p in problems if p.index not in redo]
             for index in sorted(redo):
                 notes = []
-                obj = _parse_one(index, features[index], notes, problems, None)
+                obj = _parse_one(index, features[index - base], notes, problems, None, lean)
                 if obj is not None:
                     objects.append((index, obj))
                     problems.extend(FeatureProblem(index, kind, msg) for kind, msg in notes)
             objects.sort(key=lambda pair: pair[0])
             problems.sort(key=lambda p: p.index)
-    return len(features), objects, problems
+    return objects, problems
 
 
 def _parse_one(index: int, item: Any, notes: list[tuple[str, str]],
-               problems: list[FeatureProblem], deferred: list[_Deferred] | None
-               ) -> QuPathObject | None:
+               problems: list[FeatureProblem], deferred: list[_Deferred] | None,
+               lean: bool = False) -> QuPathObject | None:
     """:func:`_parse_feature`, with a skipped feature recorded in ``problems`` (None)."""
     try:
-        return _parse_feature(item, notes, deferred)
+        return _parse_feature(item, notes, deferred, lean)
     except _Skip as exc:
         problems.append(FeatureProblem(index, exc.kind, f"{exc.message}; skipped"))
     except RecursionError:
         problems.append(FeatureProblem(index, "skipped-feature",
                                        "feature nested too deeply; skipped"))
     return None
+
+
+# Streaming: a large file's features are parsed a few MB at a time, so the parsed JSON of all
+# of them never exists at once (at 10^6 features it took several GB). The file is mapped, not
+# read; structural characters (brackets, commas outside strings) are found with numpy block by
+# block, and each run of whole features goes to orjson on its own. Anything unexpected (a
+# top-level shape other than an array or an object with a "features" array, text orjson
+# refuses and the stdlib does not read either) falls back to parsing the whole file, so the
+# result (objects, problems, errors) is always the whole-file parse's.
+_STREAM_MIN_BYTES = 16 * 2**20   # smaller files are parsed whole
+_STREAM_BLOCK = 4 * 2**20        # bytes scanned at a time (its numpy work takes ~10x that)
+_STREAM_CHUNK = 2 * 2**20        # about this many bytes of features parsed at a time
+_STREAM_SENTINEL = "\x00qpseg-features"   # stands in for the features in the skeleton
+_STREAM_SENTINEL_JSON = b'"\\u0000qpseg-features"'
+_KEY_BEFORE_VALUE = re.compile(rb'\s*"((?:[^"\\]|\\.)*)"\s*:\s*\Z', re.DOTALL)
+_JSON_SPACE = b" \t\r\n"
+
+
+_MALLOC_TRIM: list[Any] = []
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    The parsed JSON and numpy temporaries of each chunk are freed among the geometries that
+    stay, and glibc keeps such holes: without this a 10^5-feature read kept ~40 % more.
+    """
+    if not _MALLOC_TRIM:
+        trim = None
+        try:
+            import ctypes
+
+            trim = ctypes.CDLL(None).malloc_trim
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError, ImportError):
+            trim = None
+        _MALLOC_TRIM.append(trim)
+    if _MALLOC_TRIM[0] is not None:
+        _MALLOC_TRIM[0](0)
+
+
+class _NotStreamable(Exception):
+    """The file is not read in chunks (internal): the whole-file parse reads it."""
+
+
+def _json_loads_chunk(text: bytes) -> Any:
+    """``text`` parsed as orjson does, else as the stdlib does (NaN literals, big ints, as the
+    whole-file parse falls back); _NotStreamable when neither reads it."""
+    if _orjson is not None:
+        try:
+            return _orjson.loads(text)
+        except _orjson.JSONDecodeError:
+            pass
+    try:
+        return json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise _NotStreamable(str(exc)) from exc
+
+
+def _scan_codes() -> np.ndarray:
+    import numpy as np
+
+    codes = np.zeros(256, dtype=np.uint8)
+    codes[[ord("{"), ord("[")]] = 1
+    codes[[ord("}"), ord("]")]] = 2
+    codes[ord(",")] = 3
+    codes[ord('"')] = 4
+    codes[ord("\\")] = 5
+    return codes
+
+
+class _Scanner:
+    """Structural characters of JSON text, block by block: ``(positions, codes, depth
+    before)`` of the brackets (code 1 open, 2 close) and commas (3) outside strings."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf = buf
+        self.codes = _scan_codes()
+        self.in_string = 0
+        self.backslashes = 0   # length of the backslash run that ended the last block
+        self.depth = 0
+
+    def block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import numpy as np
+
+        data = np.frombuffer(self.buf, dtype=np.uint8, count=stop - start, offset=start)
+        codes = self.codes[data]
+        del data
+        pos = np.flatnonzero(codes)
+        code = codes[pos]
+        del codes
+        quotes = pos[code == 4]
+        slashes = pos[code == 5]
+        carried = self.backslashes
+        self.backslashes = 0
+        if len(slashes):
+            new_run = np.ones(len(slashes), dtype=bool)
+            new_run[1:] = np.diff(slashes) != 1
+            run_id = np.cumsum(new_run) - 1
+            run_start = slashes[new_run]
+            k = np.searchsorted(slashes, quotes)
+            after = (k > 0) & (slashes[np.maximum(k - 1, 0)] == quotes - 1)
+            first = run_start[run_id[np.maximum(k - 1, 0)]]
+            run = quotes - first + np.where(first == 0, carried, 0)
+            escaped = after & (run % 2 == 1)
+            escaped |= (quotes == 0) & (carried % 2 == 1)
+            quotes = quotes[~escaped]
+            if slashes[-1] == stop - start - 1:
+                last = int(run_start[-1])
+                self.backslashes = stop - start - last + (carried if last == 0 else 0)
+        elif len(quotes) and carried % 2 == 1 and quotes[0] == 0:
+            quotes = quotes[1:]   # escaped by the backslash that ended the last block
+        struct = code <= 3
+        spos = pos[struct]
+        scode = code[struct]
+        outside = (np.searchsorted(quotes, spos) + self.in_string) % 2 == 0
+        spos, scode = spos[outside], scode[outside]
+        self.in_string = (self.in_string + len(quotes)) % 2
+        delta = np.where(scode == 1, 1, np.where(scode == 2, -1, 0))
+        after_depth = self.depth + np.cumsum(delta)
+        before = after_depth - delta
+        if len(after_depth):
+            self.depth = int(after_depth[-1])
+        return spos + start, scode, before
+
+
+def _stream_file(path: Path, lean: bool
+                 ) -> tuple[int, list[tuple[int, QuPathObject]], list[FeatureProblem]] | None:
+    """:func:`_parse` of the file's JSON, parsed a chunk of features at a time; None when the
+    file is small, compressed or _NotStreamable (the caller parses it whole)."""
+    import mmap
+
+    try:
+        if not path.is_file() or path.stat().st_size < _STREAM_MIN_BYTES:
+            return None
+        with open(path, "rb") as fh:
+            if fh.read(2) == b"\x1f\x8b":
+                return None
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    try:
+        with _gc_paused():
+            return _stream_features(mm, path, lean)
+    except _NotStreamable:
+        return None
+    finally:
+        mm.close()
+
+
+def _stream_features(mm: Any, path: Path, lean: bool
+                     ) -> tuple[int, list[tuple[int, QuPathObject]], list[FeatureProblem]]:
+    import mmap
+
+    import numpy as np
+
+    size = len(mm)
+    top = 3 if mm[:3] == b"\xef\xbb\xbf" else 0
+    while top < size and mm[top] in _JSON_SPACE:
+        top += 1
+    if top >= size or mm[top] not in b"[{":
+        raise _NotStreamable("not an array or object")
+    scanner = _Scanner(mm)
+    array_depth = 0        # depth inside the features array (0: not found yet)
+    opened = closed = -1   # positions of the features array's brackets
+    last_struct = top      # the latest comma at depth 1 (a key follows it)
+    chunk_start = -1       # where the features not parsed yet begin
+    pending = np.empty(0, dtype=np.int64)   # commas between those features
+    n_features = 0
+    objects: list[tuple[int, QuPathObject]] = []
+    problems: list[FeatureProblem] = []
+    released = 0           # the file's pages before this are dropped from memory
+    page = mmap.PAGESIZE
+
+    def parse(stop: int, n_separators: int, final: bool) -> None:
+        nonlocal n_features
+        items = _json_loads_chunk(b"[" + mm[chunk_start:stop] + b"]")
+        empty_array = final and n_features == 0 and n_separators == 0 and items == []
+        if type(items) is not list or (len(items) != n_separators + 1 and not empty_array):
+            raise _NotStreamable("features do not parse one by one")
+        found, notes = _parse_items(items, n_features, lean)
+        n_features += len(items)
+        del items
+        objects.extend(found)
+        problems.extend(notes)
+        _trim_heap()
+
+    for start in range(top, size, _STREAM_BLOCK):
+        stop = min(start + _STREAM_BLOCK, size)
+        spos, scode, before = scanner.block(start, stop)
+        if array_depth == 0:
+            for j in np.flatnonzero(before <= 1).tolist():
+                p, c, d = int(spos[j]), int(scode[j]), int(before[j])
+                if p == top:
+                    if mm[top] == ord("["):
+                        array_depth, opened = 1, p
+                        break
+                    continue
+                if d == 0 or (d == 1 and c == 2):  # the top-level value ended: no features
+                    raise _NotStreamable("no features array")
+                if c == 1 and mm[p] == ord("["):
+                    key = _KEY_BEFORE_VALUE.match(mm[last_struct + 1:p])
+                    if key is not None and _json_loads_chunk(
+                            b'"' + key.group(1) + b'"') == "features":
+                        array_depth, opened = 2, p
+                        break
+                if c == 3:
+                    last_struct = p
+            if array_depth == 0:
+                continue
+            chunk_start = opened + 1
+        inside = (spos > opened) & (before == array_depth)
+        ends = spos[inside & (scode == 2)]
+        pending = np.concatenate([pending, spos[inside & (scode == 3)]])
+        if len(ends):
+            closed = int(ends[0])
+            pending = pending[pending < closed]
+        while True:
+            cut = int(np.searchsorted(pending, chunk_start + _STREAM_CHUNK))
+            if cut >= len(pending):
+                break
+            parse(int(pending[cut]), cut, False)
+            chunk_start = int(pending[cut]) + 1
+            pending = pending[cut + 1:]
+        if closed >= 0:
+            parse(closed, len(pending), True)
+            break
+        drop = (chunk_start // page) * page
+        if drop > released:
+            with suppress(OSError, ValueError, AttributeError):  # madvise: Unix, Python 3.8+
+                mm.madvise(mmap.MADV_DONTNEED, released, drop - released)
+            released = drop
+    if closed < 0:
+        raise _NotStreamable("features array not closed")
+    if array_depth == 1:
+        if mm[closed + 1:].strip(_JSON_SPACE):
+            raise _NotStreamable("text after the top-level array")
+    else:
+        skeleton = _json_loads_chunk(mm[top:opened + 1] + _STREAM_SENTINEL_JSON + mm[closed:])
+        try:
+            listed = _feature_list(skeleton, path)
+        except GeoJSONError as exc:
+            raise _NotStreamable("not a FeatureCollection") from exc
+        if not (type(skeleton) is dict and listed is skeleton.get("features")
+                and listed == [_STREAM_SENTINEL]):
+            raise _NotStreamable("not a FeatureCollection")
+    return n_features, objects, problems
+
+
+def _parse_file(path: Path, lean: bool = False
+                ) -> tuple[int, list[tuple[int, QuPathObject]], list[FeatureProblem]]:
+    """:func:`_parse` of the JSON in ``path`` (large files in chunks; same result)."""
+    streamed = _stream_file(path, lean)
+    if streamed is not None:
+        return streamed
+    return _parse(_load_json(path), path, lean)
 
 
 def parse_features(data: Any, source: str | Path = "<memory>") -> list[QuPathObject]:
@@ -937,15 +1214,17 @@ def parse_features(data: Any, source: str | Path = "<memory>") -> list[QuPathObj
     return [obj for _, obj in objects]
 
 
-def read_geojson(path: str | os.PathLike[str]) -> list[QuPathObject]:
+def read_geojson(path: str | os.PathLike[str], *, lean: bool = False) -> list[QuPathObject]:
     """Read the QuPath objects of a ``.geojson`` (or gzip-compressed ``.geojson.gz``) file.
 
     Raises :class:`GeoJSONError` for whole-file problems (missing, empty, not JSON, wrong
     top-level type); bad features are skipped with a warning (see :func:`parse_features`).
+    ``lean``: the objects carry no measurements (checked as usual, same warnings, but not
+    kept), for commands that need only outlines, classes and review state (a cell export
+    holds dozens of measurements per object). Large files are parsed a few MB at a time.
     """
     path = Path(path)
-    data = _load_json(path)
-    _, objects, problems = _parse(data, path)
+    _, objects, problems = _parse_file(path, lean)
     for problem in problems:
         warnings.warn(f"{path}: feature {problem.index}: {problem.message}",
                       GeoJSONWarning, stacklevel=2)
@@ -1636,22 +1915,30 @@ def write_geojson(path: str | os.PathLike[str], objs: Iterable[QuPathObject], *,
 # --------------------------------------------------------------------------------------------
 
 
-def _check_object(index: int, obj: QuPathObject) -> list[FeatureProblem]:
+def _check_object(index: int, obj: QuPathObject, valid: bool | None = None,
+                  writable: bool = False, nucleus_valid: bool | None = None
+                  ) -> list[FeatureProblem]:
+    """The problems of one object. ``valid`` / ``nucleus_valid``: whether its geometry /
+    nucleus is valid, when already known; ``writable``: its geometry is known to be written
+    unchanged (a valid, finite, non-empty Polygon or MultiPolygon; see :func:`_geometry_flags`).
+    """
     import shapely
 
     problems = []
     geom = obj.geometry
-    if not geom.is_valid:
+    if not (geom.is_valid if valid is None else valid):
         problems.append(FeatureProblem(index, "invalid-geometry",
                                        f"invalid {geom.geom_type} "
                                        f"({shapely.is_valid_reason(geom)}); qpseg would repair "
                                        "it (make_valid), a guess at what was drawn"))
-    prepared = _prepare_geometry(geom, obj.object_type)
-    if prepared.geometry is None:
-        problems.append(FeatureProblem(index, prepared.kind,
-                                       f"{prepared.reason}; would not be written"))
+    if not writable:
+        prepared = _prepare_geometry(geom, obj.object_type)
+        if prepared.geometry is None:
+            problems.append(FeatureProblem(index, prepared.kind,
+                                           f"{prepared.reason}; would not be written"))
     nucleus = obj.nucleus_geometry
-    if nucleus is not None and not nucleus.is_valid:
+    if nucleus is not None and not (nucleus.is_valid if nucleus_valid is None
+                                    else nucleus_valid):
         problems.append(FeatureProblem(index, "invalid-geometry",
                                        f"invalid nucleus {nucleus.geom_type} "
                                        f"({shapely.is_valid_reason(nucleus)}); qpseg would "
@@ -1660,12 +1947,44 @@ def _check_object(index: int, obj: QuPathObject) -> list[FeatureProblem]:
         problems.append(FeatureProblem(index, "missing-colour",
                                        f"class {obj.classification!r} has no colour; QuPath "
                                        "needs one (a default is written)"))
-    bad = [k for k, v in obj.measurements.items() if not math.isfinite(v)]
-    if bad:
-        problems.append(FeatureProblem(index, "non-finite-measurement",
-                                       "measurements that are NaN or infinite: "
-                                       + ", ".join(map(repr, bad))))
+    if obj.measurements:
+        bad = [k for k, v in obj.measurements.items() if not math.isfinite(v)]
+        if bad:
+            problems.append(FeatureProblem(index, "non-finite-measurement",
+                                           "measurements that are NaN or infinite: "
+                                           + ", ".join(map(repr, bad))))
     return problems
+
+
+def _geometry_flags(geoms: list[Any]) -> tuple[list[bool | None], list[bool]]:
+    """Per geometry, worked out in bulk: (valid, or None where a geometry is not a shapely
+    one; written unchanged by :func:`_prepare_geometry`, which is so for a valid, non-empty
+    Polygon or MultiPolygon with finite coordinates)."""
+    import numpy as np
+    import shapely
+    from shapely.geometry import MultiPolygon, Polygon
+    from shapely.geometry.base import BaseGeometry
+
+    n = len(geoms)
+    valid: list[bool | None] = [None] * n
+    writable = [False] * n
+    take = [i for i, g in enumerate(geoms) if isinstance(g, BaseGeometry)]
+    if not take:
+        return valid, writable
+    arr = np.empty(len(take), dtype=object)
+    arr[:] = [geoms[i] for i in take]
+    try:
+        ok = shapely.is_valid(arr)
+        coords, owner = shapely.get_coordinates(arr, return_index=True)
+    except (ValueError, TypeError, shapely.errors.GEOSException):
+        return valid, writable  # one by one: _check_object says what is wrong
+    finite = np.bincount(owner[~np.isfinite(coords).all(axis=1)], minlength=len(take)) == 0
+    plain = np.fromiter((type(g) is Polygon or type(g) is MultiPolygon for g in arr.tolist()),
+                        bool, len(take))
+    good = ok & finite & plain & ~shapely.is_empty(arr)
+    for i, v, w in zip(take, ok.tolist(), good.tolist(), strict=True):
+        valid[i], writable[i] = v, w
+    return valid, writable
 
 
 def validate_geojson(path: str | os.PathLike[str]) -> GeoJSONReport:
@@ -1675,13 +1994,18 @@ def validate_geojson(path: str | os.PathLike[str]) -> GeoJSONReport:
     ``PROBLEM_SEVERITY``); raises :class:`GeoJSONError` for whole-file problems.
     """
     path = Path(path)
-    data = _load_json(path)
-    n_features, objects, problems = _parse(data, path)
+    n_features, objects, problems = _parse_file(path)
     counts: Counter[tuple[str, str | None]] = Counter()
     first_with_id: dict[str, int] = {}
-    for index, obj in objects:
+    valid, writable = _geometry_flags([obj.geometry for _, obj in objects])
+    nuclei = [k for k, (_, obj) in enumerate(objects) if obj.nucleus_geometry is not None]
+    nucleus_valid: list[bool | None] = [None] * len(objects)
+    for k, v in zip(nuclei, _geometry_flags([objects[k][1].nucleus_geometry
+                                             for k in nuclei])[0], strict=True):
+        nucleus_valid[k] = v
+    for k, (index, obj) in enumerate(objects):
         counts[(obj.object_type, obj.classification)] += 1
-        problems.extend(_check_object(index, obj))
+        problems.extend(_check_object(index, obj, valid[k], writable[k], nucleus_valid[k]))
         if obj.id is not None:
             if obj.id in first_with_id:
                 problems.append(FeatureProblem(index, "duplicate-id",
