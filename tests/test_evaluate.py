@@ -534,7 +534,7 @@ def test_cli_flags_json_and_switches(tmp_path: Path) -> None:
 
 
 def test_infer_side_outputs_are_not_masks() -> None:
-    from qpseg.evaluate import _mask_stem
+    from qpseg.evaluation.inputs import _mask_stem
 
     assert _mask_stem("4.heatmap.ome.tif") is None
     assert _mask_stem("4.overlay.png") is None

@@ -20,6 +20,8 @@ from shapely.geometry.base import BaseGeometry
 from typer.testing import CliRunner
 
 import qpseg.evaluate as evaluate_module
+import qpseg.evaluation.raster as raster_module
+import qpseg.evaluation.scoring as scoring_module
 from qpseg.cli.evaluate import evaluate as evaluate_cmd
 from qpseg.errors import QpsegWarning
 from qpseg.evaluate import evaluate, provenance_mpp
@@ -216,8 +218,8 @@ def test_large_rasters_are_scored_in_tiles(tmp_path: Path,
     t, p = folders(tmp_path, {"a": truth}, {"a": pred})
     whole = evaluate(t, p, mpp=1.0, eval_mpp=1.0)
     assert not any("in tiles" in n for n in whole.slides[0].notes)
-    monkeypatch.setattr(evaluate_module, "_FULL_RASTER_PIXELS", 5000)
-    monkeypatch.setattr(evaluate_module, "_TILE", 32)
+    monkeypatch.setattr(scoring_module, "_FULL_RASTER_PIXELS", 5000)
+    monkeypatch.setattr(raster_module, "_TILE", 32)
     tiled = evaluate(t, p, mpp=1.0, eval_mpp=1.0)
     assert any("in tiles" in n for n in tiled.slides[0].notes)
     np.testing.assert_array_equal(tiled.pixel.pooled().confusion,

@@ -15,7 +15,8 @@ import pytest
 from shapely.affinity import translate
 from shapely.geometry import box
 
-from qpseg.evaluate import _overlay_codes, evaluate
+from qpseg.evaluate import evaluate
+from qpseg.evaluation.raster import _overlay_codes
 from qpseg.metrics.lesion import LesionAccumulator, lesion_metrics
 from qpseg.models.package import PackageConfig
 from qpseg.qupath.geojson import QuPathObject, read_geojson, write_geojson

@@ -260,7 +260,7 @@ def _key(name: str | None) -> str:
 
 
 def _poly(geom: BaseGeometry) -> BaseGeometry | None:
-    from qpseg.evaluate import _polygonal
+    from qpseg.evaluation.raster import _polygonal
 
     return _polygonal(geom)
 

@@ -13,6 +13,9 @@ what the review rule did with them (kept / left out per class under the ``--ai-o
 policy, as in ``ai_objects.csv``), pixel sizes that ``--mpp-override`` replaced, error maps
 over the slide (TP / FN / FP in a colour per class and outcome, with a legend), and the
 unmatched and failed slides with their reasons.
+
+About 800 lines and kept whole: it is one page, each section beside the chart it draws; the
+charts are small SVG writers used nowhere else.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-    from qpseg.evaluate import Evaluation
+    from qpseg.evaluation.results import Evaluation
     from qpseg.metrics.instance import InstanceMetrics
     from qpseg.metrics.lesion import LesionAccumulator
 
@@ -51,7 +54,7 @@ __all__ = [
     "write_report",
 ]
 
-#: outcomes of the codes of :func:`qpseg.evaluate._overlay_codes` that carry a class
+#: outcomes of the codes of :func:`qpseg.evaluation.raster._overlay_codes` that carry a class
 OUTCOMES: tuple[tuple[int, str, str], ...] = (
     (2, "TP", "correct"),
     (3, "FN", "missed (predicted Background)"),
@@ -207,7 +210,7 @@ def outcome_colors(n_classes: int) -> dict[tuple[int, int], tuple[int, int, int]
 
 def error_map_image(codes: np.ndarray, n_classes: int, tissue: np.ndarray | None = None,
                     min_side: int = MAP_MIN_SIDE) -> Image.Image:
-    """The error map of one slide as an RGB image: ``codes`` (:func:`qpseg.evaluate.
+    """The error map of one slide as an RGB image: ``codes`` (:func:`qpseg.evaluation.raster.
     _overlay_codes`) enlarged to ``tissue``'s size (or to ``min_side``), painted over the
     slide's pixels ``tissue`` when given: TP/FN/FP in :func:`outcome_colors`, correct
     Background shows the tissue, unlabelled pixels are washed out (white without tissue)."""
