@@ -22,7 +22,6 @@ from qpseg.qupath.geojson import (
     OBJECT_TYPES,
     FeatureProblem,
     QuPathObject,
-    _describe,
     canonical_object_type,
     parse_features,
     read_geojson,
@@ -32,6 +31,7 @@ from qpseg.qupath.geojson import (
     validate_geojson,
     write_geojson,
 )
+from qpseg.qupath.geojson_model import _describe
 
 # --------------------------------------------------------------------------------------------
 # Known answers for every GeoJSON fixture (computed once from the JSON, then pinned).
@@ -861,7 +861,7 @@ def test_written_text_is_the_per_object_text(tmp_path: Path) -> None:
 def test_geos_printed_coordinates_are_the_same_doubles(tmp_path: Path) -> None:
     import numpy as np
 
-    from qpseg.qupath.geojson import _geos_text_agrees
+    from qpseg.qupath.geojson_write_bulk import _geos_text_agrees
 
     assert _geos_text_agrees()  # shapely 2.2 / GEOS 3.14: the fast text path is in use
     rng = np.random.default_rng(3)
@@ -943,7 +943,7 @@ def test_fast_path_edge_inputs(tmp_path: Path) -> None:
 
 
 def test_bulk_uuids_are_uuid4() -> None:
-    from qpseg.qupath.geojson import _uuid4_strings
+    from qpseg.qupath.geojson_write_bulk import _uuid4_strings
 
     ids = _uuid4_strings(2000)
     assert len(set(ids)) == 2000 and _uuid4_strings(0) == []
@@ -960,7 +960,7 @@ def test_bulk_uuids_are_uuid4() -> None:
 def test_measurement_and_metadata_cleaning_known_answers() -> None:
     import numpy as np
 
-    from qpseg.qupath.geojson import _clean_measurements, _clean_metadata
+    from qpseg.qupath.geojson_write import _clean_measurements, _clean_metadata
 
     assert _clean_measurements({"a": 1.5, "b": -0.0}) == ({"a": 1.5, "b": -0.0}, [])
     assert _clean_measurements({"a": 1e308, "b": 1e308}) == ({"a": 1e308, "b": 1e308}, [])
@@ -977,16 +977,17 @@ def test_stdlib_json_and_orjson_write_the_same_values(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """orjson is an optional speed-up of reading and writing: without it (the stdlib path)
     every written value and every object read back is the same."""
-    from qpseg.qupath import geojson as gj
+    from qpseg.qupath import geojson_model, geojson_read, geojson_stream, geojson_write
 
-    if gj._orjson is None:
+    if geojson_model._orjson is None:
         pytest.skip("orjson is not installed")
     objs = [o for o in _random_objects(300, seed=5) if o.id is not None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GeoJSONWarning)
         write_geojson(tmp_path / "fast.geojson", objs)
         fast = read_geojson(tmp_path / "fast.geojson")
-        monkeypatch.setattr(gj, "_orjson", None)
+        for module in (geojson_read, geojson_stream, geojson_write):  # where it is looked up
+            monkeypatch.setattr(module, "_orjson", None)
         write_geojson(tmp_path / "slow.geojson", objs)
         slow = read_geojson(tmp_path / "slow.geojson")
     assert json.loads((tmp_path / "fast.geojson").read_text(encoding="utf-8")) == json.loads(

@@ -233,7 +233,7 @@ def test_written_polygons_are_valid(geometry: Any, object_type: str, nucleus: An
         assert object_type == "cell" and shape(back["nucleusGeometry"]).is_valid
 
 
-# Plain Polygon features are built in bulk (geojson._build_polygons); anything it cannot
+# Plain Polygon features are built in bulk (geojson_parse._build_polygons); anything it cannot
 # make sense of goes back to the one-by-one reader. Both must give the same objects and
 # the same problems. (JSON booleans among numbers are left out: numpy reads them as 1/0
 # where the one-by-one reader may refuse them; either is a fine reading of nonsense.)
@@ -263,7 +263,7 @@ BULK_FEATURE = st.builds(
 def test_bulk_polygons_equal_one_by_one_reading(features: list[Any]) -> None:
     import shapely
 
-    from qpseg.qupath import geojson as gj
+    from qpseg.qupath import geojson_parse as gj
 
     n, bulk, problems = gj._parse(features, "fuzz.geojson")
     single: list[tuple[int, QuPathObject]] = []
@@ -290,7 +290,7 @@ def test_bulk_polygons_equal_one_by_one_reading(features: list[Any]) -> None:
 def test_bulk_polygons_known_answers() -> None:
     """Open rings are closed, holes kept, 3-D positions cut to x, y; one bad feature does not
     spoil its neighbours, and the bad one is reported as the one-by-one reader reports it."""
-    from qpseg.qupath.geojson import _parse
+    from qpseg.qupath.geojson_parse import _parse
 
     square = [[0, 0], [4, 0], [4, 4], [0, 4]]            # open
     hole = [[1, 1, 7], [1, 2, 7], [2, 2, 7], [1, 1, 7]]  # 3-D, closed
@@ -323,7 +323,7 @@ def test_out_of_range_numbers_are_refused_by_both_readers(rings: list[Any], data
                                                           where: str) -> None:
     """One bad number anywhere in a polygon: the bulk and the one-by-one reader both refuse
     the geometry (the feature, or the cell's nucleus) and say it is out of range."""
-    from qpseg.qupath import geojson as gj
+    from qpseg.qupath import geojson_parse as gj
 
     ring = data.draw(st.integers(0, len(rings) - 1))
     pos = data.draw(st.integers(0, len(rings[ring]) - 1))

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import qpseg.qupath.geojson as geojson
 from qpseg.errors import GeoJSONError
+from qpseg.qupath import geojson_parse, geojson_read, geojson_stream
 from qpseg.qupath.geojson import read_geojson, validate_geojson
 
 FUZZ = settings(max_examples=120, deadline=None,
@@ -95,9 +96,9 @@ def _same(a: Any, b: Any) -> None:
 @pytest.fixture
 def streamed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stream every file, in tiny blocks and chunks (so every boundary case happens)."""
-    monkeypatch.setattr(geojson, "_STREAM_MIN_BYTES", 0)
-    monkeypatch.setattr(geojson, "_STREAM_BLOCK", 7)
-    monkeypatch.setattr(geojson, "_STREAM_CHUNK", 40)
+    monkeypatch.setattr(geojson_stream, "_STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(geojson_stream, "_STREAM_BLOCK", 7)
+    monkeypatch.setattr(geojson_stream, "_STREAM_CHUNK", 40)
 
 
 @FUZZ
@@ -107,8 +108,8 @@ def test_streamed_parse_equals_whole_file_parse(tmp_path: Path, streamed: None,
     items = data.draw(st.lists(features(), max_size=12))
     path = tmp_path / "x.geojson"
     path.write_text(_text(data.draw, items), encoding="utf-8")
-    whole = geojson._parse(geojson._load_json(path), path)
-    streamed_result = geojson._stream_file(path, False)
+    whole = geojson_parse._parse(geojson_read._load_json(path), path)
+    streamed_result = geojson_stream._stream_file(path, False)
     assert streamed_result is not None  # every file here is streamable
     _same(whole, streamed_result)
 
@@ -162,11 +163,11 @@ def test_odd_files_give_the_whole_file_answer(tmp_path: Path, streamed: None,
     path = tmp_path / "odd.geojson"
     path.write_text(text, encoding="utf-8")
     try:
-        expected: Any = geojson._parse(geojson._load_json(path), path)
+        expected: Any = geojson_parse._parse(geojson_read._load_json(path), path)
     except GeoJSONError as exc:
         expected = exc.one_line()
     try:
-        got: Any = geojson._parse_file(path)
+        got: Any = geojson_read._parse_file(path)
     except GeoJSONError as exc:
         got = exc.one_line()
     if isinstance(expected, str):
@@ -185,17 +186,17 @@ def test_large_file_is_streamed_and_reads_as_before(tmp_path: Path,
                        "classification": {"name": "Tumor", "color": [200, 0, 0]}}}
     path = tmp_path / "big.geojson"
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature] * 3000}))
-    monkeypatch.setattr(geojson, "_STREAM_MIN_BYTES", path.stat().st_size - 1)
-    monkeypatch.setattr(geojson, "_STREAM_BLOCK", 50_000)
-    monkeypatch.setattr(geojson, "_STREAM_CHUNK", 10_000)
+    monkeypatch.setattr(geojson_stream, "_STREAM_MIN_BYTES", path.stat().st_size - 1)
+    monkeypatch.setattr(geojson_stream, "_STREAM_BLOCK", 50_000)
+    monkeypatch.setattr(geojson_stream, "_STREAM_CHUNK", 10_000)
     calls: list[int] = []
-    real = geojson._parse_items
+    real = geojson_stream._parse_items
 
     def counting(items: list[Any], base: int, lean: bool = False) -> Any:
         calls.append(len(items))
         return real(items, base, lean)
 
-    monkeypatch.setattr(geojson, "_parse_items", counting)
+    monkeypatch.setattr(geojson_stream, "_parse_items", counting)
     objs = read_geojson(path)
     assert len(objs) == 3000 and len(calls) > 10 and max(calls) < 3000
     assert objs[-1].name == 'a "quoted" \\ name [' and objs[-1].classification == "Tumor"
