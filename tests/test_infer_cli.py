@@ -242,3 +242,42 @@ def test_absurd_sizes_are_refused_with_the_limit(env: dict[str, Any], tmp_path: 
     res = _run(str(slide), "--model", str(env["pkg"]), "--out", str(tmp_path / "o"), *args)
     assert isinstance(res.exception, ConfigError)
     assert "GiB" in str(res.exception) and "more than half of" in str(res.exception)
+
+
+def test_run_reports_polygonising_between_tiles_and_slide_end(env: dict[str, Any],
+                                                              tmp_path: Path) -> None:
+    from qpseg.engine import InferenceParams, ProgressEvent, jobs_from_paths, run_inference
+
+    slide = make_slide(tmp_path / "s.tif", width=400, height=300, mpp=0.5, seed=3).path
+    events: list[ProgressEvent] = []
+    res = run_inference(jobs_from_paths([slide], tmp_path / "o"), env["pkg"], tmp_path / "o",
+                        InferenceParams(min_area_um2=0), progress=events.append)
+    kinds = [e.kind for e in events]
+    first, last = kinds.index("polygonise"), len(kinds) - 1 - kinds[::-1].index("polygonise")
+    assert set(kinds[first:last + 1]) == {"polygonise"}
+    assert kinds[first - 1] == "tiles" and kinds[last + 1] == "slide_end"
+    poly = events[first:last + 1]
+    # a map of at most 2048 x 2048 px: one block
+    assert [(e.blocks_done, e.blocks_total) for e in poly] == [(0, 1), (1, 1), (1, 1)]
+    assert poly[0].objects == 0 and poly[-1].objects == res.results[0].n_objects > 0
+    assert {(e.key, e.name) for e in poly} == {("s", "s.tif")}
+
+
+def test_display_shows_polygonising_per_slide() -> None:
+    from qpseg.cli.infer import _progress_display
+    from qpseg.engine import ProgressEvent
+
+    display = _progress_display(quiet=False)
+    with display:
+        display(ProgressEvent("run_start", 0, 1))
+        display(ProgressEvent("slide_start", 0, 1, "a", "a.tif"))
+        display(ProgressEvent("tiles", 0, 1, "a", "a.tif", 6, 6))
+        for done, found in ((0, 0), (1, 40), (2, 1234), (2, 1000)):
+            display(ProgressEvent("polygonise", key="a", name="a.tif", blocks_done=done,
+                                  blocks_total=2, objects=found))
+        tasks = {t.description.strip(): t for t in display.progress.tasks}
+        poly = tasks["polygonising: 1,000 objects"]
+        assert (poly.completed, poly.total) == (2, 2)
+        assert (tasks["a.tif"].completed, tasks["a.tif"].total) == (6, 6)
+        display(ProgressEvent("slide_end", 0, 1, "a", "a.tif", status="done"))
+        assert [t.description for t in display.progress.tasks] == ["slides"]

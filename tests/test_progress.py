@@ -1,23 +1,30 @@
 """Long steps report progress: the library calls ``progress(done, total, item)``; the CLI shows
-a Rich bar on stderr only when stderr is a terminal, and --json stays one document."""
+a Rich bar on stderr only when stderr is a terminal, and --json stays one document.
+Polygonising reports each map block; commands that load torch say so before they do."""
 
 from __future__ import annotations
 
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from shapely.affinity import translate
 
 from qpseg.cli import _common
 from qpseg.edits import evaluate_edits
 from qpseg.evaluate import evaluate
+from qpseg.labels import ClassMap
 from qpseg.manifest import import_project
+from qpseg.objects import MapGeometry, polygonise, polygonise_instances
 from qpseg.qupath.geojson import QuPathObject, read_geojson, write_geojson
 from qpseg.testing.projects import SyntheticProject, make_project
+from qpseg.testing.synthetic import make_slide
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +110,128 @@ def test_cli_bar_on_a_terminal_leaves_json_alone(project: SyntheticProject, tmp_
     assert json.loads(out)["n_scored"] == 2
     assert seen[-1] == (True, 2, 2)
     assert "scoring slides" in err
+
+
+# ------------------------------------------------------------------------------ polygonising
+
+CLASSES = ClassMap.from_names(["Tumor", "Stroma"])
+PROV = {"qpseg_model": "m", "qpseg_model_sha256": "0" * 64}
+UNIT = MapGeometry(0.0, 0.0, 1.0, 1.0)
+
+
+class Blocks:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+
+    def __call__(self, done: int, total: int, objects: int) -> None:
+        self.calls.append((done, total, objects))
+
+
+def test_polygonise_reports_each_block_then_the_objects() -> None:
+    """A 6x6 map in 3x3 blocks (2 x 2, row by row): a Stroma pixel in the first block, a
+    Tumor square across all four (one piece in each, one object), a Stroma pixel in the last."""
+    m = np.zeros((6, 6), dtype=np.uint8)
+    m[0, 0] = 2
+    m[2:4, 2:4] = 1
+    m[5, 5] = 2
+    blocks = Blocks()
+    objs = polygonise(m, UNIT, CLASSES, provenance=PROV, min_area_um2=0, fill_holes_um2=0,
+                      block_size=3, progress=blocks)
+    assert [o.classification for o in objs] == ["Stroma", "Tumor", "Stroma"]
+    assert objs[1].geometry.area == 4.0
+    assert blocks.calls == [(0, 4, 0), (1, 4, 2), (2, 4, 3), (3, 4, 4), (4, 4, 6), (4, 4, 3)]
+
+
+def test_polygonise_counts_the_objects_kept() -> None:
+    """The last call counts the objects returned: specks under the minimum area are not."""
+    m = np.zeros((4, 5), dtype=np.uint8)
+    m[0, 0] = 1        # 1 µm²: dropped
+    m[1:4, 1:4] = 2    # 9 µm²: kept
+    blocks = Blocks()
+    objs = polygonise(m, UNIT, CLASSES, provenance=PROV, min_area_um2=5, fill_holes_um2=0,
+                      block_size=16, progress=blocks)
+    assert len(objs) == 1
+    assert blocks.calls == [(0, 1, 0), (1, 1, 2), (1, 1, 1)]
+
+
+def test_polygonise_instances_reports_each_block() -> None:
+    """Nucleus 5 spans the two upper 2x2 blocks (two pieces, one cell); nucleus 9 is in the
+    last block; the lower-left block is empty."""
+    inst = np.zeros((4, 4), dtype=np.int32)
+    inst[0:2, 1:3] = 5
+    inst[3, 3] = 9
+    blocks = Blocks()
+    cells = polygonise_instances(inst, UNIT, CLASSES, provenance=PROV, min_area_um2=0,
+                                 fill_holes_um2=0, block_size=2, progress=blocks)
+    assert sorted(c.geometry.area for c in cells) == [1.0, 4.0]
+    assert blocks.calls == [(0, 4, 0), (1, 4, 1), (2, 4, 2), (3, 4, 2), (4, 4, 3), (4, 4, 2)]
+
+
+def test_an_error_in_the_callback_stops_polygonising() -> None:
+    m = np.ones((6, 6), dtype=np.uint8)
+    seen: list[int] = []
+
+    def stop(done: int, total: int, objects: int) -> None:
+        seen.append(done)
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        polygonise(m, UNIT, CLASSES, provenance=PROV, block_size=3, progress=stop)
+    assert seen == [0, 1, 2]
+
+
+# ------------------------------------------------------------- a first line before torch loads
+
+_SPY = """
+import importlib.abc, sys
+
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.stderr.write("<torch imported>\\n")
+            sys.stderr.flush()
+            sys.meta_path.remove(self)
+        return None
+
+sys.meta_path.insert(0, Spy())
+from qpseg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``qpseg ARGS`` in a fresh interpreter that notes on stderr when torch is imported."""
+    return subprocess.run([sys.executable, "-c", _SPY, *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_train_says_something_before_torch_loads(tmp_path: Path) -> None:
+    # a manifest that does not exist fails after torch is loaded (the device is set up first)
+    res = _run_cli("train", str(tmp_path / "none" / "manifest.json"), "--out",
+                   str(tmp_path / "o"), "--model", "tiny_unet", "--dry-run", "--json")
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2, res.stderr
+    assert lines[0] == "qpseg train: loading torch and the data..."
+    assert lines[1] == "<torch imported>"
+    assert lines[2].startswith("error: ") and "no such manifest" in lines[2]
+    assert res.stdout == ""
+
+
+def test_infer_says_something_before_torch_loads(tmp_path: Path) -> None:
+    slide = make_slide(tmp_path / "x.tif", width=64, height=64, mpp=0.5).path
+    res = _run_cli("infer", str(slide), "--model", str(tmp_path / "no-model"), "--out",
+                   str(tmp_path / "o"), "--json")
+    lines = res.stderr.splitlines()
+    assert res.returncode == 6, res.stderr
+    assert lines[0] == "qpseg infer: loading torch and the model..."
+    assert lines[1] == "<torch imported>"
+    assert lines[2].startswith("error: ") and "model package" in lines[2]
+    assert res.stdout == ""
+
+
+def test_quiet_commands_stay_quiet(tmp_path: Path) -> None:
+    res = _run_cli("train", str(tmp_path / "none" / "manifest.json"), "--out",
+                   str(tmp_path / "o"), "--model", "tiny_unet", "--quiet")
+    assert res.stderr.splitlines()[0] == "<torch imported>"
+    assert res.returncode == 2

@@ -41,6 +41,8 @@ Large maps
     probability sums are kept in exact fixed point (2^-24), so the result is identical to
     polygonising the whole map at once, whatever the block size (1 - 16384 px). Memory: one
     block of the map (and of each probability channel) at a time, plus the objects found.
+    Reading and tracing the blocks is most of the time polygonising takes, so ``progress`` (a
+    :data:`PolygoniseProgress`) is told after each block.
     A map tile given with :meth:`MapGeometry.tile` is polygonised on its own: objects crossing
     the tile border are not joined, so give the whole on-disk map where that matters.
 
@@ -83,7 +85,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,6 +111,7 @@ __all__ = [
     "SIZE_CATEGORY_CODES",
     "SIZE_CATEGORY_LABELS",
     "MapGeometry",
+    "PolygoniseProgress",
     "PredictionsExistError",
     "metadata_path",
     "polygonise",
@@ -158,6 +161,14 @@ REVIEW_DEFAULTS: dict[str, tuple[float, float]] = {
 }
 DEFAULT_BLOCK_SIZE = 2048
 MARKER_KEY = "qpseg_model"
+
+#: ``progress(blocks_done, blocks_total, objects)`` for progress displays: called with
+#: ``(0, n, 0)`` before the first of the map's ``n`` blocks, after each block (row by row)
+#: with the pieces found so far (a piece is one connected component within one block, so an
+#: object crossing block borders counts once per block until the pieces are joined), and once
+#: more, ``(n, n, objects)``, with the number of objects returned. An exception it raises
+#: aborts the polygonising.
+PolygoniseProgress = Callable[[int, int, int], None]
 
 # direction codes of pixel-edge segments: east, south, west, north (image axes, y down)
 _DX = (1, 0, -1, 0)
@@ -709,7 +720,8 @@ def _fixed_sum(lab: np.ndarray, p: np.ndarray, n: int) -> np.ndarray:
 
 
 def _scan(values: Any, *, classes: ClassMap, instances: bool, connectivity: int,
-          block_size: int, probs: _Probs, class_map: Any = None) -> _Pieces:
+          block_size: int, probs: _Probs, class_map: Any = None,
+          progress: PolygoniseProgress | None = None) -> _Pieces:
     """Polygonise every block, then group pieces that form one object across block borders."""
     import numpy as np
     import shapely
@@ -731,7 +743,10 @@ def _scan(values: Any, *, classes: ClassMap, instances: bool, connectivity: int,
     hists: list[np.ndarray] = []
     edges: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
     total = 0
-    for bi, bj, r0, r1, c0, c1 in _blocks(h, w, block_size):
+    blocks = _blocks(h, w, block_size)
+    if progress is not None:
+        progress(0, len(blocks), 0)
+    for done, (bi, bj, r0, r1, c0, c1) in enumerate(blocks, 1):
         where = f"{what} block [{r0}:{r1}, {c0}:{c1}]"
         blk = _read_block(values, r0, r1, c0, c1, what)
         if instances:
@@ -783,6 +798,8 @@ def _scan(values: Any, *, classes: ClassMap, instances: bool, connectivity: int,
             edges[(bi, bj)] = (g[0].copy(), g[-1].copy(), g[:, 0].copy(), g[:, -1].copy())
         total += n
         del lab, blk
+        if progress is not None:
+            progress(done, len(blocks), total)
 
     width = max(1, len(chans)) if instances else 1
     if total == 0:
@@ -1099,13 +1116,15 @@ def _settings(geometry: MapGeometry, min_area_um2: float | None, fill_holes_um2:
 
 def _prepare(values: Any, geometry: MapGeometry, classes: ClassMap, probs: _Probs,
              st: _Settings, *, instances: bool, block_size: int,
-             class_map: Any = None, default_class: int | None = None) -> tuple[Any, ...]:
+             class_map: Any = None, default_class: int | None = None,
+             progress: PolygoniseProgress | None = None) -> tuple[Any, ...]:
     """Shared pipeline up to simplification; returns per-object arrays in map pixels."""
     import numpy as np
     import shapely
 
     pieces = _scan(values, classes=classes, instances=instances, connectivity=st.connectivity,
-                   block_size=_check_block_size(block_size), probs=probs, class_map=class_map)
+                   block_size=_check_block_size(block_size), probs=probs, class_map=class_map,
+                   progress=progress)
     obj = _merge(pieces)
     _clip_to_image(obj.geom, geometry)  # a coarse map's last row/column reaches past the image
     width = _shape2d(values, "map")[1]
@@ -1156,6 +1175,7 @@ def polygonise(
     connectivity: int = 2,
     block_size: int = DEFAULT_BLOCK_SIZE,
     nuclei: bool = False,
+    progress: PolygoniseProgress | None = None,
 ) -> list[QuPathObject]:
     """QuPath objects (QuPath coordinates) from a 2-D class map, one per connected component.
 
@@ -1168,8 +1188,9 @@ def polygonise(
     names that get the khalil2022 size category. ``min_area_um2`` / ``fill_holes_um2`` None:
     :data:`REVIEW_DEFAULTS` (``lesion`` for ``lesion_classes``, ``tissue`` for the others,
     ``nucleus`` for every class with ``nuclei``: a nuclei model's map, one object per nucleus,
-    no lesions); 0 keeps every object / hole. Objects come in raster order of their first
-    pixel; see the module docstring for every rule.
+    no lesions); 0 keeps every object / hole. ``progress``: see :data:`PolygoniseProgress`.
+    Objects come in raster order of their first pixel; see the module docstring for every
+    rule.
     """
     import numpy as np
     import shapely
@@ -1184,7 +1205,8 @@ def polygonise(
     shape = _shape2d(class_map, "class map")
     probs = _Probs(probabilities, classes, shape)
     simple, cls, area_um2, diam_um, prob = _prepare(
-        class_map, geometry, classes, probs, st, instances=False, block_size=block_size)
+        class_map, geometry, classes, probs, st, instances=False, block_size=block_size,
+        progress=progress)
     mpp = geometry.map_mpp
     perim_um = shapely.length(simple) * mpp
     out_geom = _repair_invalid(geometry.transform(simple))
@@ -1207,7 +1229,16 @@ def polygonise(
             geometry=out_geom[i], object_type=kind, classification=info.name,
             class_color=info.color, name=name, measurements=m,
             metadata=dict(metas[info.index])))
+    _report_objects(progress, shape, block_size, len(objects))
     return objects
+
+
+def _report_objects(progress: PolygoniseProgress | None, shape: tuple[int, int],
+                    block_size: int, n_objects: int) -> None:
+    """The last progress call: every block done, and the number of objects made."""
+    if progress is not None:
+        n_blocks = math.ceil(shape[0] / block_size) * math.ceil(shape[1] / block_size)
+        progress(n_blocks, n_blocks, n_objects)
 
 
 def _expand_cells(nuclei: np.ndarray, expansion_px: float) -> np.ndarray:
@@ -1254,6 +1285,7 @@ def polygonise_instances(
     simplify_um: float | None = None,
     cell_expansion_um: float = 0.0,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    progress: PolygoniseProgress | None = None,
 ) -> list[QuPathObject]:
     """QuPath cells from a 2-D instance label map (0 = no nucleus, ids need not be contiguous).
 
@@ -1263,6 +1295,7 @@ def polygonise_instances(
     (a class name of ``classes``; None = unclassified). ``probabilities`` as for
     :func:`polygonise`; a single 2-D map gives each nucleus its mean (e.g. nucleus probability).
     ``min_area_um2`` / ``fill_holes_um2`` (of the nucleus) None: ``REVIEW_DEFAULTS["nucleus"]``.
+    ``progress``: see :data:`PolygoniseProgress` (a piece: an id's pixels within one block).
     """
     import numpy as np
     import shapely
@@ -1279,7 +1312,7 @@ def polygonise_instances(
     probs = _Probs(probabilities, classes, shape)
     simple, cls, area_um2, diam_um, prob = _prepare(
         instances, geometry, classes, probs, st, instances=True, block_size=block_size,
-        class_map=class_map, default_class=default_idx)
+        class_map=class_map, default_class=default_idx, progress=progress)
     mpp = geometry.map_mpp
     expansion_px = _non_negative(cell_expansion_um, "cell expansion") / mpp
     cells = _clip_to_image(_expand_cells(simple, expansion_px), geometry)
@@ -1302,6 +1335,7 @@ def polygonise_instances(
             geometry=cell_out[i], object_type="cell",
             classification=info.name if info else None, class_color=info.color if info else None,
             measurements=m, metadata=dict(meta), nucleus_geometry=nuc_out[i]))
+    _report_objects(progress, shape, block_size, len(objects))
     return objects
 
 

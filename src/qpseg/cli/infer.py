@@ -10,9 +10,15 @@ from typing import Any
 import typer
 
 
+def _is_main_rank() -> bool:
+    """True unless this is a torchrun rank other than 0 (rank 0 does the talking)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def _progress_display(quiet: bool) -> Any:
-    """A context manager + callback showing slides done/total and tiles/s with ETA (rich)."""
-    if quiet or os.environ.get("RANK", "0") not in ("", "0"):
+    """A context manager + callback showing slides done/total, tiles/s with ETA and the
+    polygonising of each slide's map (blocks done, objects found) (rich)."""
+    if quiet or not _is_main_rank():
         return None
     from rich.console import Console
     from rich.progress import (
@@ -40,6 +46,7 @@ def _progress_display(quiet: bool) -> Any:
                 console=Console(stderr=True, soft_wrap=True), transient=False)
             self.slides: Any = None
             self.tiles: Any = None
+            self.polygons: Any = None
 
         def __enter__(self) -> Display:
             self.progress.__enter__()
@@ -48,22 +55,32 @@ def _progress_display(quiet: bool) -> Any:
         def __exit__(self, *exc: object) -> None:
             self.progress.__exit__(*exc)  # type: ignore[arg-type]
 
+        def _drop_slide_tasks(self) -> None:
+            for task in (self.tiles, self.polygons):
+                if task is not None:
+                    self.progress.remove_task(task)
+            self.tiles = self.polygons = None
+
         def __call__(self, ev: Any) -> None:
             p = self.progress
             if ev.kind == "run_start":
                 self.slides = p.add_task("slides", total=ev.total, unit="")
             elif ev.kind == "slide_start":
-                if self.tiles is not None:
-                    p.remove_task(self.tiles)
+                self._drop_slide_tasks()
                 label = ev.name if len(ev.name) <= 40 else ev.name[:37] + "..."
                 self.tiles = p.add_task(f"  {label}", total=None, unit="tiles")
             elif ev.kind == "tiles" and self.tiles is not None:
                 p.update(self.tiles, total=ev.tiles_total, completed=ev.tiles_done)
+            elif ev.kind == "polygonise":
+                # blocks of the map traced; the count is of pieces until the last event
+                desc = f"  polygonising: {ev.objects:,} objects"
+                if self.polygons is None:
+                    self.polygons = p.add_task(desc, total=ev.blocks_total, unit="blocks")
+                p.update(self.polygons, description=desc, total=ev.blocks_total,
+                         completed=ev.blocks_done)
             elif ev.kind == "slide_end" and self.slides is not None:
                 p.advance(self.slides)
-                if self.tiles is not None:
-                    p.remove_task(self.tiles)
-                    self.tiles = None
+                self._drop_slide_tasks()
                 if ev.status == "failed":
                     p.console.print(f"[red]failed[/]: {ev.name}: {ev.message}",
                                     markup=True, highlight=False)
@@ -172,6 +189,10 @@ def infer(
     --nproc-per-node N -m qpseg infer ... spreads slides over the ranks, and a slide bigger
     than a fair share is split by rows across all of them. Exits 1 when some slides failed.
     """
+    if not quiet and _is_main_rank():
+        # at once, before the engine, torch and the model load (seconds on a cold start);
+        # stderr, so stdout keeps only the results
+        print("qpseg infer: loading torch and the model...", file=sys.stderr, flush=True)
     from qpseg.engine import (
         InferenceParams,
         is_project_path,
@@ -221,7 +242,7 @@ def infer(
         with display:
             result = run_inference(jobs, model, out_dir, params, progress=display)
     code = 1 if result.failed else 0
-    if os.environ.get("RANK", "0") not in ("", "0"):
+    if not _is_main_rank():
         return code
     for r in result.results:
         if r.mpp_replaced is not None and r.mpp is not None:

@@ -258,6 +258,13 @@ def train(
     (torchrun --nproc-per-node 4 -m qpseg train ...). Unlabelled pixels are ignored by the loss.
     """
     import os
+    import sys
+
+    quiet = quiet or os.environ.get("RANK", "0") not in ("", "0")  # torchrun: rank 0 reports
+    if not quiet:
+        # at once: torch, the data and the model take seconds to load on a cold start;
+        # stderr, so --json output stays one JSON document
+        print("qpseg train: loading torch and the data...", file=sys.stderr, flush=True)
 
     from qpseg.training import train as run_train
 
@@ -265,7 +272,6 @@ def train(
         from qpseg.review import check_policy
 
         ai_objects = check_policy(ai_objects)
-    quiet = quiet or os.environ.get("RANK", "0") not in ("", "0")  # torchrun: rank 0 reports
 
     params = {"source": str(source), "out": str(out), "model": model,
               "config": None if config is None else str(config), "resume": resume,

@@ -258,9 +258,12 @@ class InferenceParams:
 class ProgressEvent:
     """A step of a run, for progress displays.
 
-    ``kind``: ``run_start``, ``slide_start``, ``tiles`` (after each batch), ``slide_end``
-    (with ``status`` done/skipped/failed and ``message``) and ``run_end``. ``index`` and
-    ``total`` count this process's slides.
+    ``kind``: ``run_start``, ``slide_start``, ``tiles`` (after each batch), ``polygonise``
+    (the slide's map turned into objects: ``blocks_done`` of ``blocks_total`` map blocks and
+    ``objects`` found so far, as :data:`qpseg.objects.PolygoniseProgress` reports them; only
+    ``key`` and ``name`` of the slide fields are set), ``slide_end`` (with ``status``
+    done/skipped/failed and ``message``) and ``run_end``. ``index`` and ``total`` count this
+    process's slides.
     """
 
     kind: str
@@ -272,6 +275,9 @@ class ProgressEvent:
     tiles_total: int = 0
     status: str = ""
     message: str = ""
+    blocks_done: int = 0
+    blocks_total: int = 0
+    objects: int = 0
 
 
 ProgressFn = Callable[[ProgressEvent], None]
@@ -742,14 +748,23 @@ class _Runner:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
         self.forward: Any = module
+        # The colour normaliser training applied to every tile (stored in the package); the
+        # whole-slide stage of a two-stage pipeline never went through it.
+        self.stain = pkg.stain_normalizer() if stage in (None, 0) else None
         if compile_model:
             self.forward = torch.compile(module)
             self.forward.contract = self.contract  # predict() reads the contract
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, C) -> normalised float (N, C, H, W) on the device."""
+        """uint8 (N, H, W, C) -> normalised float (N, C, H, W) on the device: the package's
+        colour normaliser per tile (as training's TileDataset did), then mean/std."""
+        import numpy as np
         import torch
 
+        if self.stain is not None:
+            tiles = x.cpu().numpy()
+            x = torch.from_numpy(np.stack([np.asarray(self.stain(t), dtype=np.uint8)
+                                           for t in tiles]))
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
         x = self.pkg.normalize(x, self.stage)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last
@@ -1179,8 +1194,8 @@ def _provenance(ctx: _Context, map_mpp: float) -> dict[str, str]:
         extra={"qpseg_date": ctx.run_date, "qpseg_architecture": pkg.architecture})
 
 
-def _objects(ctx: _Context, maps: MapSet, geometry: MapGeometry,
-             prov: Mapping[str, str]) -> list[QuPathObject]:
+def _objects(ctx: _Context, maps: MapSet, geometry: MapGeometry, prov: Mapping[str, str],
+             progress: Callable[[int, int, int], None] | None = None) -> list[QuPathObject]:
     from qpseg.objects import polygonise, polygonise_instances
 
     p = ctx.params
@@ -1191,13 +1206,13 @@ def _objects(ctx: _Context, maps: MapSet, geometry: MapGeometry,
             maps.instances, geometry, ctx.classes, provenance=prov, class_map=maps.classes,
             default_class=default, probabilities=maps.scores, min_area_um2=r.min_area_um2,
             fill_holes_um2=r.fill_holes_um2, simplify_um=p.simplify_um,
-            cell_expansion_um=p.cell_expansion_um)
+            cell_expansion_um=p.cell_expansion_um, progress=progress)
     # nuclei: one object per 4-connected nucleus, so nuclei touching at a corner stay apart
     return polygonise(
         maps.classes, geometry, ctx.classes, provenance=prov, probabilities=maps.probs,
         min_area_um2=r.min_area_um2, fill_holes_um2=r.fill_holes_um2,
         simplify_um=p.simplify_um, as_type=r.objects, lesion_classes=ctx.lesions,
-        nuclei=r.nuclei, connectivity=1 if r.nuclei else 2)
+        nuclei=r.nuclei, connectivity=1 if r.nuclei else 2, progress=progress)
 
 
 def _apply_threshold(threshold: float | None, maps: MapSet) -> None:
@@ -1505,8 +1520,14 @@ def _write_outputs(ctx: _Context, job: SlideJob, slide: Slide, maps: MapSet,
 
     p = ctx.params
     prov = _provenance(ctx, geometry.map_mpp)
+
+    def polygonising(done: int, blocks: int, found: int) -> None:
+        ctx.emit(ProgressEvent("polygonise", key=job.key, name=job.name, blocks_done=done,
+                               blocks_total=blocks, objects=found))
+
     # clipped to the image: a coarse map's last row/column reaches past its edge
-    objects = _objects(ctx, maps, geometry.within(*slide.qupath_dimensions), prov)
+    objects = _objects(ctx, maps, geometry.within(*slide.qupath_dimensions), prov,
+                       progress=polygonising)
     # Object IDs from the run, slide and position: a rerun with the same --run-id (or another
     # rank of the same torchrun job) writes byte-identical files.
     for n, obj in enumerate(objects):
