@@ -277,6 +277,9 @@ def default_inference_rules(contract: ModelContract,
       included"; :data:`qpseg.data.grid.MIN_TISSUE`).
     * other pixel output: the tissue detection it was trained with, else ``otsu_od``; every
       tile with any tissue runs.
+
+    A pixel model's ``threshold`` is the one training recorded (``training["threshold"]
+    ["value"]``: chosen for precision on the validation tiles, or fixed by the config).
     """
     from qpseg.data.grid import MIN_TISSUE
     from qpseg.tissue import TISSUE_METHODS
@@ -288,8 +291,15 @@ def default_inference_rules(contract: ModelContract,
     if contract.output == "instance":
         return InferenceRules(tissue="none", objects="cell", nuclei=True)
     nuclei = target == "instance" if isinstance(target, str) else contract.objects == "nuclei"
+    # the probability threshold training chose (lagree2021, Methods: "a threshold that
+    # maximized precision"; qpseg.training.loop.choose_threshold) or the config fixed
+    chosen = info.get("threshold")
+    value = chosen.get("value") if isinstance(chosen, Mapping) else None
+    threshold = (float(value) if isinstance(value, int | float) and not isinstance(value, bool)
+                 and 0 < value < 1 and contract.output == "pixel" else None)
     if nuclei:
-        return InferenceRules(tissue="none", objects="detection", nuclei=True)
+        return InferenceRules(tissue="none", objects="detection", nuclei=True,
+                              threshold=threshold)
     first = contract.stages[0] if contract.stages else contract
     if first.output == "patch":
         def part(obj: Any, key: str) -> Mapping[str, Any]:
@@ -303,7 +313,7 @@ def default_inference_rules(contract: ModelContract,
                 and 0 <= least < 1):
             least = MIN_TISSUE
         return InferenceRules(tissue=method or "hsv", min_tissue=float(least))
-    return InferenceRules(tissue=method or "otsu_od")
+    return InferenceRules(tissue=method or "otsu_od", threshold=threshold)
 
 
 def make_inputs(contract: ModelContract, batch: int = 1, *, seed: int = 0,

@@ -45,12 +45,17 @@ from qpseg.models.registry import create_model, register_model
 from qpseg.models.unet import DEFAULT_DECODER_FILTERS, EncoderUNet, PlainEncoder
 
 __all__ = [
+    "PRECISION_IOU",
+    "THRESHOLD_GRID",
     "EnsembleUNet",
     "GBUNet",
     "OtsuWatershed",
+    "PrecisionSweep",
     "QpsegMaskRCNN",
+    "foreground_at",
     "gb_unet",
     "maskrcnn_resnet101",
+    "nuclei_objects",
     "otsu_threshold",
     "otsu_watershed",
     "unet_ensemble",
@@ -504,3 +509,134 @@ def otsu_watershed(num_classes: int = 2, *, tile_px: int = 256, min_size: int = 
     """Classical baseline: Otsu foreground split by a distance-transform watershed."""
     return _classical(num_classes, "otsu_watershed", True, tile_px, min_size, min_distance,
                       sigma, dark_objects)
+
+
+# --------------------------------------------------------------------- post-processing threshold
+
+#: Probability thresholds tried when choosing lagree2021's threshold: 0.05, 0.10, ..., 0.95.
+THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+#: The IoU above which a predicted nucleus matches a true one when the threshold is chosen.
+#: lagree2021 (Methods, "Testing datasets") says only "at a given intersections over union
+#: (IoU) threshold"; 0.5 is the lowest IoU of its Table 2 and of its mAP (assumption).
+PRECISION_IOU = 0.5
+
+
+def foreground_at(p_background: Any, threshold: float) -> Any:
+    """Pixels inference calls nucleus at ``threshold``: ``1 - P(Background) > threshold`` on
+    P(Background) quantised as the stitched probability maps store it (uint8, 255 = 1, rounded
+    half up), so a threshold chosen here acts on exactly the pixels it acts on there."""
+    import numpy as np
+
+    q = np.clip(np.floor(np.asarray(p_background, dtype=np.float64) * 255.0 + 0.5), 0, 255)
+    return q < 255.0 * (1.0 - float(threshold))
+
+
+def nuclei_objects(foreground: Any, *, min_area_px: float = 0.0,
+                   max_hole_px: float = 0.0) -> Any:
+    """Instance ids of the nuclei in a foreground mask, as inference makes them from a nuclei
+    model's map: 4-connected components (nuclei touching at a corner stay apart), holes smaller
+    than ``max_hole_px`` filled (background pieces enclosed away from the tile border), objects
+    smaller than ``min_area_px`` dropped — lagree2021 (Methods): "morphological operations that
+    filled missing pixels and removed small predicted artifacts"."""
+    import numpy as np
+    from scipy import ndimage as ndi
+
+    fg = np.asarray(foreground, dtype=bool).copy()
+    if max_hole_px > 0 and fg.any():
+        holes, n = ndi.label(~fg, structure=np.ones((3, 3), bool))
+        if n:
+            sizes = np.bincount(holes.ravel(), minlength=n + 1)
+            border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0],
+                                               holes[:, -1]]))
+            small = sizes < max_hole_px
+            small[0] = False
+            small[border] = False
+            fg |= small[holes]
+    lab, n = ndi.label(fg)  # 4-connectivity (scipy's default structure)
+    if n and min_area_px > 0:
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        keep = sizes >= min_area_px
+        keep[0] = False
+        lab = np.where(keep[lab], lab, 0)
+    return lab
+
+
+class PrecisionSweep:
+    """Object counts of nuclei predictions at every threshold of a grid, summed over tiles, and
+    lagree2021's choice among them.
+
+    lagree2021 (Methods, "Testing datasets"): "Post-processing the probability map [...]
+    involved calculating a threshold that maximized precision at a given intersections over
+    union (IoU) threshold". Precision is the object precision of the paper's Table 2:
+    TP / (TP + FP), a prediction being a true positive when it matches a true nucleus one to one
+    with IoU above ``iou`` (:func:`qpseg.metrics.instance.match_instances`). Counts are pooled
+    over the tiles (every nucleus weighs the same).
+    """
+
+    def __init__(self, thresholds: Sequence[float] = THRESHOLD_GRID, *,
+                 iou: float = PRECISION_IOU, min_area_px: float = 0.0,
+                 max_hole_px: float = 0.0) -> None:
+        import numpy as np
+
+        ts = tuple(float(t) for t in thresholds)
+        if not ts or any(not 0.0 < t < 1.0 for t in ts):
+            raise ValueError("thresholds must be numbers strictly between 0 and 1")
+        if not 0.0 <= float(iou) < 1.0:
+            raise ValueError(f"iou must be in [0, 1), not {iou!r}")
+        self.thresholds = ts
+        self.iou = float(iou)
+        self.min_area_px = float(min_area_px)
+        self.max_hole_px = float(max_hole_px)
+        self.counts = np.zeros((3, len(ts)), dtype=np.int64)  # TP, predictions, true nuclei
+        self.tiles = 0
+
+    def add(self, p_background: Any, truth: Any, ignore: Any = None) -> None:
+        """Count one tile: ``p_background`` ``(H, W)`` P(Background), ``truth`` ``(H, W)``
+        instance ids of the true nuclei (0: none), ``ignore`` ``(H, W)`` pixels whose truth is
+        unknown (partial annotation): a prediction lying mostly there is not counted."""
+        import numpy as np
+
+        from qpseg.metrics.instance import instance_overlap, match_instances
+
+        truth = np.asarray(truth)
+        unknown = None if ignore is None else np.asarray(ignore, dtype=bool)
+        for i, t in enumerate(self.thresholds):
+            pred = nuclei_objects(foreground_at(p_background, t), min_area_px=self.min_area_px,
+                                  max_hole_px=self.max_hole_px)
+            if unknown is not None and unknown.any() and pred.any():
+                n = int(pred.max())
+                inside = np.bincount(pred[unknown].ravel(), minlength=n + 1)
+                total = np.bincount(pred.ravel(), minlength=n + 1)
+                drop = 2 * inside > total
+                drop[0] = False
+                pred = np.where(drop[pred], 0, pred)
+            ov = instance_overlap(truth, pred)
+            tp = match_instances(ov, self.iou)[0].size
+            self.counts[:, i] += (tp, ov.n_pred, ov.n_true)
+        self.tiles += 1
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per threshold: counts, precision (None without predictions) and recall
+        (None without true nuclei)."""
+        out = []
+        for t, (tp, n_pred, n_true) in zip(self.thresholds, self.counts.T.tolist(),
+                                            strict=True):
+            out.append({"threshold": t, "tp": tp, "fp": n_pred - tp, "fn": n_true - tp,
+                        "precision": tp / n_pred if n_pred else None,
+                        "recall": tp / n_true if n_true else None})
+        return out
+
+    def choose(self) -> float | None:
+        """The threshold of largest precision; ties go to the larger recall, then to the
+        threshold nearest 0.5 (the most probable class of a two-class model), then the lower.
+        None when no threshold finds a single true nucleus (nothing to choose by)."""
+        best: tuple[float, float, float, float] | None = None
+        choice = None
+        for row in self.rows():
+            if not row["tp"]:
+                continue
+            key = (row["precision"], row["recall"] or 0.0, -abs(row["threshold"] - 0.5),
+                   -row["threshold"])
+            if best is None or key > best:
+                best, choice = key, float(row["threshold"])
+        return choice

@@ -183,6 +183,13 @@ GENERIC_DEFAULTS: dict[str, dict[str, Any]] = {
         # also write TensorBoard event files to OUT/tensorboard/<stage> (--tensorboard; needs
         # the optional extra: pip install 'qpseg[tensorboard]')
         "tensorboard": False,
+        # the probability threshold written into the package's inference rules: auto (nuclei
+        # models: the one that maximises object precision on the validation tiles, lagree2021
+        # Methods) | precision (that, for any pixel model) | none | a number in (0, 1)
+        "inference_threshold": "auto",
+        # IoU above which a predicted nucleus matches a true one when the threshold is chosen
+        # (lagree2021 names none; 0.5, the lowest IoU of its Table 2, is an assumption)
+        "threshold_iou": 0.5,
     },
 }
 SECTIONS: tuple[str, ...] = tuple(GENERIC_DEFAULTS)
@@ -662,6 +669,13 @@ def validate_config(cfg: Mapping[str, Any], path: Path | None = None, *,
     _num(tr["keep_checkpoints"], f"{pre}train.keep_checkpoints", path, lo=1, integer=True)
     _num(tr["log_every"], f"{pre}train.log_every", path, lo=1, integer=True)
     _num(tr["val_every"], f"{pre}train.val_every", path, lo=0, integer=True)
+    thr = tr["inference_threshold"]
+    if isinstance(thr, str) or thr is None:
+        _choice("none" if thr is None else thr, f"{pre}train.inference_threshold",
+                ("auto", "precision", "none"), path)
+    else:
+        _num(thr, f"{pre}train.inference_threshold", path, lo=0, open_lo=True, hi=0.999999)
+    _num(tr["threshold_iou"], f"{pre}train.threshold_iou", path, lo=0, hi=0.95)
     if not isinstance(tr["tensorboard"], bool):
         raise ConfigError(f"{pre}train.tensorboard must be true or false, not "
                           f"{tr['tensorboard']!r}", path)

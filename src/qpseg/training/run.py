@@ -605,6 +605,11 @@ def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch:
                             f"items from {len(data.train_slides)} slide(s)"))
     result = run_stage(spec, dist, resume=resume, callback=callback, seed=seed)
     training = _training_summary(cfg, data, [result], weights)
+    from qpseg.training.loop import choose_threshold
+
+    # lagree2021's post-processing threshold, on the selected weights (the package's rules)
+    training["threshold"] = choose_threshold(spec, result.model, dist, seed=seed,
+                                             target=data.target, mpp=data.mpp)
     package = None
     if dist.is_main:
         package = _save(out, result.model, data, training)
@@ -771,7 +776,7 @@ def _save(out: Path, module: Any, data: StageData, training: Mapping[str, Any],
     names = data.class_map.names
     colors = [c.color for c in data.class_map.classes]
     # the colour normaliser every training tile went through: inference applies it too
-    normalizer = getattr(data.train, "normalizer", None)
+    normalizer: Any = getattr(data.train, "normalizer", None)
     stain = normalizer.to_json() if hasattr(normalizer, "to_json") else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
