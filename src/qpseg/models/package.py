@@ -22,10 +22,15 @@ Layout::
       "training": {...},                 free-form summary of the training data and run
       "inference": {"tissue": "hsv", "min_tissue": 0.25, "objects": "annotation", ...},
                                          how outputs become objects (optional; InferenceRules)
+      "stain_normalization": {"method": "vahadane", "stain_matrix": [[...], [...]],
+                              "max_concentrations": [...], ...},
+                                         the colour normaliser fitted in training (optional;
+                                         qpseg.data.stain), applied to every tile first
       "weights": "weights.pt", "weights_sha256": "..."
     }
 
-Images are scaled to [0, 1] and then normalised with ``mean``/``std`` before they reach the
+Images are colour-normalised (when ``stain_normalization`` is present, per tile as training
+did), scaled to [0, 1] and then normalised with ``mean``/``std`` before they reach the
 model. The SHA-256 of the weights file is computed on every load (``ModelPackage.sha256``) and
 goes into the provenance of every predicted object. ``config.json`` and the weights are read
 only from inside the package folder: a link that leads out of it is refused. Anything malformed
@@ -39,14 +44,15 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpseg.errors import ModelError, OutputError
+from qpseg.errors import ConfigError, ModelError, OutputError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
     from torch import nn
 
@@ -76,7 +82,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _REQUIRED = ("format_version", "qpseg_version", "architecture", "architecture_kwargs",
              "class_names", "class_colors", "ignore_index", "mpp", "tile_px", "normalization")
 _OPTIONAL = ("format", "input_mpp", "training", "weights", "weights_sha256",
-             "stage_normalization", "inference")
+             "stage_normalization", "inference", "stain_normalization")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
 # Distinct QuPath-like default colours (r, g, b) for packages saved without colours.
@@ -106,6 +112,10 @@ class PackageConfig:
     stage_normalization: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
     #: the "inference" object (qpseg.models.contract.InferenceRules); {}: not recorded
     inference: dict[str, Any] = field(default_factory=dict)
+    #: the colour normaliser fitted in training ({"method": macenko | reinhard | vahadane,
+    #: its target as plain floats}; qpseg.data.stain), applied to every tile before the
+    #: model at inference too; {}: none
+    stain_normalization: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -134,6 +144,8 @@ class PackageConfig:
                                            for m, s in self.stage_normalization]
         if self.inference:
             data["inference"] = dict(self.inference)
+        if self.stain_normalization:
+            data["stain_normalization"] = dict(self.stain_normalization)
         if self.weights is not None:
             data["weights"] = self.weights
         if self.weights_sha256 is not None:
@@ -266,13 +278,21 @@ def parse_config(data: Any, path: str | os.PathLike[str]) -> PackageConfig:
         from qpseg.models.contract import InferenceRules
 
         inference = InferenceRules.from_json(data["inference"], path).to_json()
+    stain: dict[str, Any] = {}
+    if data.get("stain_normalization") is not None:
+        from qpseg.data.stain import normalizer_from_json
+
+        try:
+            stain = normalizer_from_json(data["stain_normalization"]).to_json()
+        except ConfigError as exc:
+            raise ModelError(f"stain_normalization: {exc.message}", path) from None
     return PackageConfig(
         architecture=data["architecture"], architecture_kwargs=dict(kwargs),
         class_names=tuple(names), class_colors=tuple(rgb), ignore_index=ignore,
         mpp=float(mpp), tile_px=tile, mean=mean, std=std, qpseg_version=data["qpseg_version"],
         format_version=version, input_mpp=parsed_input_mpp, training=dict(training),
         weights=weights, weights_sha256=sha, stage_normalization=tuple(stage_norm),
-        inference=inference)
+        inference=inference, stain_normalization=stain)
 
 
 def read_package_config(directory: str | os.PathLike[str]) -> PackageConfig:
@@ -381,6 +401,17 @@ class ModelPackage:
         m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - m) / s
+
+    def stain_normalizer(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The colour normaliser training applied to every tile (``uint8 (H, W, 3) ->
+        uint8``), rebuilt from ``config.json``; None when the model was trained without one."""
+        if not self.config.stain_normalization:
+            return None
+        from qpseg.data.stain import normalizer_from_json
+
+        result: Callable[[np.ndarray], np.ndarray] = normalizer_from_json(
+            self.config.stain_normalization)
+        return result
 
     def provenance(self) -> dict[str, Any]:
         """What every predicted object records about the model that made it."""
@@ -544,7 +575,8 @@ def save_package(directory: str | os.PathLike[str], model: nn.Module, *,
                  stage_normalization: Sequence[tuple[Sequence[float], Sequence[float]]]
                  | None = None,
                  weights_format: str = "pt", overwrite: bool = False,
-                 inference: Mapping[str, Any] | None = None) -> Path:
+                 inference: Mapping[str, Any] | None = None,
+                 stain_normalization: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` (built by :func:`create_model`) as a package in ``directory``.
 
     ``mpp`` is the pixel size of input 0 the model was trained at; the per-input pixel sizes are
@@ -552,7 +584,9 @@ def save_package(directory: str | os.PathLike[str], model: nn.Module, *,
     pixel counts, epochs, ...). ``weights_format`` is ``"pt"`` or ``"safetensors"`` (needs the
     optional safetensors package). ``inference``: the model's inference rules
     (:class:`~qpseg.models.contract.InferenceRules` as JSON; tissue rule, object type,
-    post-processing), recorded as ``"inference"``. The config is validated exactly as
+    post-processing), recorded as ``"inference"``. ``stain_normalization``: the fitted colour
+    normaliser's ``to_json()`` (:mod:`qpseg.data.stain`), which inference applies to every
+    tile as training did. The config is validated exactly as
     :func:`load_package` validates it, so whatever is saved loads again. ``MODEL_CARD.md``
     (:mod:`qpseg.models.card`) is written beside it. A file that cannot be written is an
     :class:`~qpseg.errors.OutputError` naming it. Returns the directory.
@@ -597,6 +631,8 @@ def save_package(directory: str | os.PathLike[str], model: nn.Module, *,
     }
     if inference:
         data["inference"] = dict(inference)
+    if stain_normalization:
+        data["stain_normalization"] = dict(stain_normalization)
     if stage_normalization:
         data["stage_normalization"] = [{"mean": [float(v) for v in m], "std": [float(v) for v in s]}
                                        for m, s in stage_normalization]
