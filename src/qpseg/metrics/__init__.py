@@ -23,15 +23,9 @@ Conventions shared by all three modules:
 from __future__ import annotations
 
 import importlib
-import math
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from qpseg.errors import LabelError
-
 if TYPE_CHECKING:
-    import numpy as np
-
     from qpseg.metrics.instance import (
         MAP_THRESHOLDS,
         InstanceAccumulator,
@@ -78,8 +72,8 @@ __all__ = [
     "size_category",
 ]
 
-# Public names are loaded lazily (PEP 562): importing qpseg.metrics costs nothing, and the
-# submodules can import the shared helpers below without an import cycle.
+# Public names are loaded lazily (PEP 562): importing qpseg.metrics costs nothing. The
+# submodules share their helpers through qpseg.metrics._shared, never through this package.
 _EXPORTS: dict[str, str] = {
     "MAP_THRESHOLDS": "instance",
     "InstanceAccumulator": "instance",
@@ -111,92 +105,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-# --------------------------------------------------------------------------------------------
-# helpers shared by the submodules (private)
-
-
-def _ratio(num: Any, den: Any) -> np.ndarray:
-    """``num / den`` elementwise as float64, ``NaN`` where ``den == 0``."""
-    import numpy as np
-
-    n = np.asarray(num, dtype=np.float64)
-    d = np.asarray(den, dtype=np.float64)
-    out = np.full(np.broadcast(n, d).shape, np.nan)
-    np.divide(n, d, out=out, where=d != 0)
-    return out
-
-
-def _fratio(num: float, den: float) -> float:
-    """Scalar ``num / den``, ``NaN`` when ``den == 0``."""
-    return float(num) / float(den) if den else math.nan
-
-
-def _nanmean(values: Any) -> float:
-    """Mean ignoring ``NaN``; ``NaN`` (without a RuntimeWarning) when nothing is left."""
-    import numpy as np
-
-    arr = np.asarray(values, dtype=np.float64).ravel()
-    arr = arr[~np.isnan(arr)]
-    return float(arr.mean()) if arr.size else math.nan
-
-
-def _as_labels(a: Any, name: str) -> np.ndarray:
-    """``a`` as an integer (or boolean) numpy array, else :class:`LabelError`."""
-    import numpy as np
-
-    try:
-        arr = np.asarray(a)
-    except Exception as exc:  # ragged lists, objects that refuse conversion
-        raise LabelError(f"{name} is not an array: {exc}") from exc
-    if arr.dtype != np.bool_ and not np.issubdtype(arr.dtype, np.integer):
-        raise LabelError(f"{name} must hold integer or boolean labels, not {arr.dtype}")
-    return arr
-
-
-def _as_label_pair(truth: Any, pred: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Both arrays checked with :func:`_as_labels` and for equal shapes."""
-    t = _as_labels(truth, "truth")
-    p = _as_labels(pred, "prediction")
-    if t.shape != p.shape:
-        raise LabelError(f"truth has shape {t.shape} but prediction has shape {p.shape}")
-    return t, p
-
-
-def _describe(values: Sequence[float]) -> dict[str, float]:
-    """``n_slides`` (defined values), ``slide_mean``, ``slide_std`` (ddof=1), min and max."""
-    import numpy as np
-
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[~np.isnan(arr)]
-    n = int(arr.size)
-    return {
-        "n_slides": n,
-        "slide_mean": float(arr.mean()) if n else math.nan,
-        "slide_std": float(arr.std(ddof=1)) if n > 1 else math.nan,
-        "slide_min": float(arr.min()) if n else math.nan,
-        "slide_max": float(arr.max()) if n else math.nan,
-    }
-
-
-def _summary_rows(
-    per_slide: Sequence[Mapping[str, Any]],
-    pooled: Mapping[str, Any],
-    metrics: Sequence[str],
-    group: Mapping[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Long-format summary rows: one per metric, per-slide statistics next to the pooled value.
-
-    Columns: the ``group`` keys, ``metric``, ``n_slides`` (slides where the metric is defined),
-    ``slide_mean``, ``slide_std``, ``slide_min``, ``slide_max``, ``pooled``.
-    """
-    rows: list[dict[str, Any]] = []
-    for metric in metrics:
-        values = [float(r[metric]) for r in per_slide]
-        row: dict[str, Any] = dict(group or {})
-        row["metric"] = metric
-        row.update(_describe(values))
-        row["pooled"] = float(pooled[metric])
-        rows.append(row)
-    return rows

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from qpseg.errors import ConfigError, LabelError
-from qpseg.metrics import _as_label_pair, _fratio, _ratio, _summary_rows
+from qpseg.metrics._shared import _as_label_pair, _fratio, _ratio, _summary_rows
 
 __all__ = [
     "MAP_THRESHOLDS",

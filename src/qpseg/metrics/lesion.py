@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from qpseg.errors import ConfigError, LabelError
-from qpseg.metrics import _as_label_pair, _as_labels, _fratio, _summary_rows
+from qpseg.metrics._shared import _as_label_pair, _as_labels, _fratio, _summary_rows
 
 __all__ = [
     "CATEGORIES",

@@ -32,7 +32,7 @@ import numpy as np
 
 from qpseg.errors import ConfigError, LabelError
 from qpseg.labels import IGNORE_INDEX
-from qpseg.metrics import _as_label_pair, _nanmean, _ratio, _summary_rows
+from qpseg.metrics._shared import _as_label_pair, _nanmean, _ratio, _summary_rows
 
 __all__ = [
     "CLASS_METRICS",
