@@ -347,6 +347,19 @@ def _raise_no_labels(
         f"Ignore* or Region*{unreadable}", where)
 
 
+def _file_sha256(path: Path | None) -> str | None:
+    """SHA-256 of an annotation file, or None when there is none or it cannot be read (that
+    entry is then reported as failed with the reason the reader gave)."""
+    from qpseg._io import sha256_file
+
+    if path is None:
+        return None
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
 def import_project(
     project_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str] | None = None,
@@ -392,7 +405,7 @@ def import_project(
     file and the counts (``ai_review``; :attr:`Manifest.review` sums them).
     """
     from qpseg import __version__
-    from qpseg._io import ensure_writable_dir, sha256_file
+    from qpseg._io import ensure_writable_dir
     from qpseg.qupath.geojson import read_geojson
     from qpseg.qupath.project import QuPathProject
     from qpseg.slide import check_mpp, open_slide
@@ -518,7 +531,7 @@ def import_project(
             width=None,
             height=None,
             annotation_file=str(ann.resolve()) if ann else None,
-            annotation_sha256=sha256_file(ann) if ann else None,
+            annotation_sha256=_file_sha256(ann),
             status="ok",
             metadata=dict(entry.metadata),
             tags=list(entry.tags),
