@@ -17,7 +17,7 @@ from qpseg.models.card import MODEL_CARD_NAME, model_card, read_model_card, writ
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# What training records in config.json's "training" (qpseg.training.run._training_summary)
+# What training records in config.json's "training" (qpseg.training.run_record._training_summary)
 TRAINING: dict[str, Any] = {
     "split": {"split_version": 1, "seed": 0, "train": ["s1.svs", "s2.svs"], "val": ["s3.svs"],
               "test": []},

@@ -129,7 +129,7 @@ def test_paper_batches_fit_a_small_machine(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(config, "physical_memory", lambda: 8 << 30)  # an 8 GiB laptop
     from qpseg.models import create_model, get_entry
-    from qpseg.training.run import _check_memory
+    from qpseg.training.stage_setup import _check_memory
 
     for path in sorted(EXAMPLES.glob("*.yaml")) + sorted(EXAMPLES.glob("*.json")):
         layer = load_config_file(path)

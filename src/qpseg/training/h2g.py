@@ -316,15 +316,14 @@ def train_two_stage(manifest: Any, out: Path, cfg: Mapping[str, Any], arch: str,
         weights_for_classes,
     )
     from qpseg.training.loop import StageSpec, Task, TrainEvent, run_stage
-    from qpseg.training.run import (
+    from qpseg.training.run_record import (
         TrainResult,
-        _check_memory,
         _finish_metadata,
         _save,
         _start_metadata,
-        _task_and_spec,
         _training_summary,
     )
+    from qpseg.training.stage_setup import _check_memory, _task_and_spec
 
     check_two_stage(model.contract)
     check_stages(cfg)

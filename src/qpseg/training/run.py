@@ -21,26 +21,29 @@ Runs under ``torchrun`` unchanged (see :mod:`qpseg.training.distributed`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
-import sys
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpseg.errors import ConfigError, ModelError, OutputError, QpsegWarning
+from qpseg.training.run_record import (
+    TrainResult,
+    _finish_metadata,
+    _save,
+    _sha256,
+    _start_metadata,
+    _training_summary,
+)
+from qpseg.training.stage_setup import _check_memory, _task_and_spec
 
 if TYPE_CHECKING:
     from qpseg.manifest import Manifest
-    from qpseg.training.data import StageData
     from qpseg.training.distributed import Dist
-    from qpseg.training.loop import Callback, StageResult
+    from qpseg.training.loop import Callback
 
 __all__ = ["ChangedAnnotationsWarning", "TrainResult", "annotation_changes", "train"]
 
@@ -53,96 +56,7 @@ class ChangedAnnotationsWarning(QpsegWarning):
     started."""
 
 
-@dataclass
-class TrainResult:
-    """What :func:`train` did. ``summary`` is the dataset summary (all that a dry run
-    returns); ``model`` the trained module (None for a dry run)."""
-
-    out_dir: Path
-    config: dict[str, Any]
-    summary: dict[str, Any]
-    dry_run: bool = False
-    model: Any = None
-    stages: list[StageResult] = field(default_factory=list)
-    package: Path | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    rank: int = 0
-    world_size: int = 1
-
-
-# ------------------------------------------------------------------------------ metadata
-def _sha256(path: Path, limit: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        if limit is None:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        else:
-            h.update(fh.read(limit))
-            size = path.stat().st_size
-            if size > 2 * limit:
-                fh.seek(size - limit)
-                h.update(fh.read(limit))
-    return h.hexdigest()
-
-
-def _slide_fingerprint(path: str) -> dict[str, Any]:
-    """Size and SHA-256 of the first and last MiB of a slide (hashing whole multi-GB slides
-    at every run would cost minutes; this catches a swapped or re-scanned file)."""
-    p = Path(path)
-    try:
-        return {"size": p.stat().st_size, "sha256_head_tail": _sha256(p, 1 << 20)}
-    except OSError as exc:
-        return {"error": str(exc)}
-
-
-def _versions() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    from qpseg import __version__
-
-    out: dict[str, Any] = {"qpseg": __version__, "python": sys.version.split()[0],
-                           "platform": platform.platform(), "torch": torch.__version__,
-                           "numpy": np.__version__,
-                           "cuda": torch.version.cuda if torch.cuda.is_available() else None}
-    try:
-        import torchvision
-
-        out["torchvision"] = torchvision.__version__
-    except ImportError:  # pragma: no cover
-        out["torchvision"] = None
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-        out["cudnn"] = torch.backends.cudnn.version()
-    return out
-
-
-def _data_record(manifest: Manifest, data: StageData) -> dict[str, Any]:
-    slides = []
-    for subset, recs in (("train", data.train_slides), ("val", data.val_slides)):
-        for rec in recs:
-            ann = rec.annotation_file
-            slides.append({
-                "key": rec.key, "subset": subset, "path": rec.path, "mpp": rec.mpp,
-                "size": [rec.width, rec.height], **_slide_fingerprint(rec.path),
-                "annotation_file": ann,
-                "annotation_sha256": _sha256(Path(ann)) if ann and Path(ann).is_file() else None,
-            })
-    mpath = manifest.path
-    return {
-        "manifest": str(mpath) if mpath else None,
-        "manifest_sha256": _sha256(mpath) if mpath and mpath.is_file() else None,
-        "project": manifest.project,
-        "classes": data.class_map.to_json(),
-        "slides": slides,
-    }
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
+# ------------------------------------------------------------------------- resuming
 def annotation_changes(out: Path, manifest: Manifest) -> list[str]:
     """How the annotations of the run in ``out`` differ from what it started on: per slide
     it trained or validated on, an annotation file whose SHA-256 changed, that is gone, or a
@@ -469,93 +383,6 @@ def _build_model(arch: str, num_classes: int, cfg: Mapping[str, Any], seed: int,
     return model
 
 
-def _check_memory(contract: Any, batch_size: int, stage: str = "") -> None:
-    """ConfigError when one batch of the model's inputs cannot fit in this machine's memory
-    (see :func:`qpseg.training.config.check_batch_memory`): the model's tile size may come from
-    its defaults rather than from an option the config validation saw."""
-    from qpseg.training.config import check_batch_memory
-
-    inputs = [(int(spec.channels), int(spec.size_px)) for spec in contract.inputs]
-    pre = f"stages.{stage}." if stage else ""
-    check_batch_memory(batch_size, inputs, f"{contract.architecture} (tile_px "
-                       f"{contract.tile_px}) with {pre}train.batch_size")
-
-
-def _task_and_spec(name: str, cfg: Mapping[str, Any], module: Any, data: StageData,
-                   out: Path, dist: Dist, seed: int, ckpt_dir: Path) -> Any:
-    """The Task and StageSpec of a tile-based stage."""
-    import numpy as np
-
-    from qpseg.data.weights import class_pixel_counts
-    from qpseg.losses import build_loss
-    from qpseg.training.data import tiles_with_hist, weights_for_classes
-    from qpseg.training.loop import StageSpec, Task
-
-    contract = module.contract
-    n = data.num_classes
-    item_tiles = data.train.item_tiles
-    if data.train_patch_labels is not None:
-        counts = np.bincount(np.asarray(data.train_patch_labels), minlength=n).astype(float)
-    else:
-        counts = class_pixel_counts(item_tiles, n)
-    lo = dict(cfg["loss"])
-    if lo.get("dice_mode") is None:
-        lo.pop("dice_mode")
-    weights = weights_for_classes(lo.get("class_weights"), data.class_map, counts)
-    spec_loss = build_loss(lo, output=contract.output, num_classes=n, class_weights=weights,
-                           ignore_index=data.class_map.ignore_index)
-    task = Task(output=contract.output, contract=contract, class_map=data.class_map,
-                loss=spec_loss, mean=data.mean, std=data.std, device=dist.device,
-                augment=cfg["augment"], seed=seed * 101 + dist.rank,
-                patch_labels=data.train_patch_labels, val_patch_labels=data.val_patch_labels,
-                extents=data.train.view_extents,
-                border=(float(lo["border_w0"]), float(lo["border_sigma"])),
-                channels_last=bool(cfg["train"]["channels_last"]))
-    if spec_loss.name == "cwce":
-        from qpseg.training.clusters import fit_cluster_guide
-
-        task.cluster_model, task.cluster_features = fit_cluster_guide(
-            data, cfg["loss"].get("clusters") or {}, dist, seed)
-    sampler_tiles = item_tiles
-    if data.train_patch_labels is not None:
-        # The hierarchical sampler's class level follows the patch labels.
-        items = data.train.items
-        labels = [data.train_patch_labels[t] for t, _ in items]
-        sampler_tiles = tiles_with_hist(item_tiles, labels, n)
-    groups = [s.group for s in data.train_slides]
-    spec = StageSpec(name=name, cfg=cfg, model=module, task=task, train_ds=data.train,
-                     val_ds=data.val, sampler_tiles=sampler_tiles, slide_groups=groups,
-                     ckpt_dir=ckpt_dir, class_map=data.class_map,
-                     log_path=out / "train_log.jsonl", csv_path=out / "train_log.csv")
-    return spec, weights
-
-
-def _clean(value: Any) -> Any:
-    """JSON-ready: NaN/inf -> None (undefined metrics), tuples -> lists, others -> str."""
-    import math
-
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return _clean(value.item())
-    return str(value)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    from qpseg._io import write_json_atomic
-
-    try:
-        write_json_atomic(path, _clean(data), backup=False)
-    except OSError as exc:
-        raise OutputError.from_os_error(exc, path) from exc
-
-
 def _train(source: str | os.PathLike[str], out: Path, cfg: dict[str, Any], arch: str,
            dist: Dist, *, resume: bool, dry_run: bool, callback: Callback | None,
            params: Mapping[str, Any], allow_changed_annotations: bool = False) -> TrainResult:
@@ -642,100 +469,6 @@ def _check_annotations(out: Path, manifest: Manifest, allow: bool) -> None:
                   stacklevel=3)
 
 
-def _start_metadata(out: Path, cfg: Mapping[str, Any], arch: str, manifest: Manifest,
-                    data: StageData, dist: Dist, params: Mapping[str, Any],
-                    summary: Mapping[str, Any], source: Any, resume: bool) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        previous: dict[str, Any] = {}
-        if resume and (out / "run_metadata.json").is_file():
-            try:
-                previous = json.loads((out / "run_metadata.json").read_text(encoding="utf-8"))
-            except ValueError:
-                previous = {}
-        meta = {
-            "qpseg_run": "train",
-            "created": previous.get("created") or _now(),
-            "resumed": [*previous.get("resumed", []), _now()] if resume else [],
-            "status": "running",
-            "command": list(sys.argv),
-            "params": dict(params),
-            "source": str(source),
-            "model": arch,
-            "config": cfg,
-            "versions": _versions(),
-            "device": str(dist.device),
-            "world_size": dist.world_size,
-            "data": _data_record(manifest, data),
-            "split": data.split.to_json(),
-            "summary": summary,
-        }
-        try:
-            data.split.save(out / "split.json")
-        except OSError as exc:
-            raise OutputError.from_os_error(exc, out / "split.json") from exc
-        _write_json(out / "train_config.json", cfg)
-        _write_json(out / "run_metadata.json", meta)
-    if dist.is_main and dist.distributed:
-        from qpseg.data.samplers import slide_shards
-
-        shards = slide_shards(data.train.item_tiles, dist.world_size)
-        meta["ranks"] = [{"rank": r, "train_slides": [data.train.slides[i].key for i in s]}
-                         for r, s in enumerate(shards)]
-        _write_json(out / "run_metadata.json", meta)
-    return meta
-
-
-def _finish_metadata(out: Path, meta: dict[str, Any], results: list[StageResult],
-                     started: float) -> None:
-    meta["status"] = "done"
-    meta["finished"] = _now()
-    meta["seconds"] = round(time.time() - started, 1)
-    meta["result"] = {r.name: {"steps": r.steps, "epochs": r.epochs,
-                               "stopped_early": r.stopped_early, "best": r.best}
-                      for r in results}
-    _write_json(out / "run_metadata.json", meta)
-
-
-def _training_summary(cfg: Mapping[str, Any], data: StageData, results: list[StageResult],
-                      weights: Any) -> dict[str, Any]:
-    return {
-        "split": data.split.to_json(),
-        "classes": data.class_map.names,
-        "mpp": data.mpp,
-        "tile_px": data.tile_px,
-        "tissue_method": data.tissue_method,
-        "ai_objects": data.manifest.review.to_json(),  # AI objects left out of / kept in truth
-        "target": data.target,
-        "class_weights": weights,
-        "slides": {"train": [s.key for s in data.train_slides],
-                   "val": [s.key for s in data.val_slides]},
-        "stages": {r.name: {"steps": r.steps, "epochs": r.epochs, "best": r.best,
-                            "stopped_early": r.stopped_early,
-                            "history": _curves(r.history)} for r in results},
-        "config": cfg,
-        "run_metadata": "run_metadata.json",
-    }
-
-
-#: Per-epoch values kept in the package's training summary (the model card's curves table).
-_CURVE_KEYS = ("epoch", "step", "train_loss", "val_loss", "val_mdice", "val_miou")
-
-
-def _curves(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The epoch records of a stage reduced to :data:`_CURVE_KEYS` (epochs counted from 1)."""
-    out = []
-    for rec in history:
-        if rec.get("kind", "epoch") != "epoch":
-            continue
-        row = {k: rec[k] for k in _CURVE_KEYS if rec.get(k) is not None}
-        if "epoch" in row:
-            row["epoch"] = int(row["epoch"]) + 1
-        out.append(row)
-    return out
-
-
 def describe_init(model: Any) -> str:
     """One line saying which weights ``model`` started from (``model.qpseg_init``)."""
     init = getattr(model, "qpseg_init", None) or {}
@@ -765,24 +498,3 @@ def describe_init(model: Any) -> str:
     return "weights: started from " + " then ".join(parts)
 
 
-def _save(out: Path, module: Any, data: StageData, training: Mapping[str, Any],
-          stage_normalization: Any = None, mean: Any = None, std: Any = None) -> Path:
-    from qpseg.models import save_package
-    from qpseg.models.contract import default_inference_rules, get_contract
-
-    training = {**training, "initialisation": getattr(module, "qpseg_init", None)}
-    # the tissue rule and object type inference follows (the same rule as training's tiles)
-    inference = default_inference_rules(get_contract(module), training).to_json()
-    names = data.class_map.names
-    colors = [c.color for c in data.class_map.classes]
-    # the colour normaliser every training tile went through: inference applies it too
-    normalizer: Any = getattr(data.train, "normalizer", None)
-    stain = normalizer.to_json() if hasattr(normalizer, "to_json") else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return save_package(out, module.cpu(), class_names=names, class_colors=colors,
-                            mpp=data.mpp, mean=mean if mean is not None else data.mean,
-                            std=std if std is not None else data.std,
-                            ignore_index=data.class_map.ignore_index, training=_clean(training),
-                            stage_normalization=stage_normalization, overwrite=True,
-                            inference=inference, stain_normalization=stain)
