@@ -79,9 +79,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     """One slide: (b) the pipeline, peak RSS, then (a) the bare forward on the same tiles."""
     import torch
 
+    from qpseg.devices import resolve_device
     from qpseg.engine import InferenceParams, jobs_from_paths, run_inference
     from qpseg.engine.loader import TileDataset
-    from qpseg.engine.run import _Runner, resolve_device
+    from qpseg.engine.runner import _Runner
     from qpseg.engine.tiling import plan_for_slide
     from qpseg.models import load_package
     from qpseg.slide import open_slide

@@ -515,14 +515,14 @@ def test_predictions_never_go_into_the_annotation_export_folder(data: dict[str, 
 
 def test_size_options_are_bounded_by_memory(data: dict[str, Any], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from qpseg.engine import run as run_module
+    from qpseg.engine import params as params_module
 
     jobs = jobs_from_paths([data["b"].path], tmp_path / "o")
     for params in (InferenceParams(tile_px=1_000_000_000), InferenceParams(batch_size=10 ** 9),
                    InferenceParams(workers=10 ** 6)):
         with pytest.raises(ConfigError, match=r"GiB.*more than half of"):
             run_inference(jobs, data["pkg"], tmp_path / "o", params)
-    monkeypatch.setattr(run_module, "_host_memory", lambda: (1 << 30, "test memory"))
+    monkeypatch.setattr(params_module, "_host_memory", lambda: (1 << 30, "test memory"))
     with pytest.raises(ConfigError) as info:
         run_inference(jobs, data["pkg"], tmp_path / "o",
                       InferenceParams(tile_px=2048, batch_size=16))

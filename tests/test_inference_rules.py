@@ -211,7 +211,7 @@ def test_nuclei_model_asked_for_annotations_warns(nuclei: dict[str, Any],
 def test_a_stored_threshold_decides_the_nuclei(tmp_path: Path) -> None:
     """The package's probability threshold (lagree2021 post-processing) rewrites the class
     map: foreground where 1 - P(Background) is above it, of the most probable other class."""
-    from qpseg.engine.run import _apply_threshold
+    from qpseg.engine.predict import _apply_threshold
     from qpseg.engine.stitch import MapSet
 
     maps = MapSet.create(tmp_path / "m", (1, 4), 3, "pixel")

@@ -140,7 +140,7 @@ def test_objects_as_inference_makes_them() -> None:
 
 def test_foreground_is_the_engines(tmp_path: Path) -> None:
     """The sweep calls nucleus exactly the pixels inference calls nucleus at that threshold."""
-    from qpseg.engine.run import _apply_threshold
+    from qpseg.engine.predict import _apply_threshold
     from qpseg.engine.stitch import MapSet
 
     rng = np.random.default_rng(3)

@@ -13,7 +13,7 @@ import torch
 
 from qpseg.data.augment import normalize
 from qpseg.data.stain import VahadaneNormalizer
-from qpseg.engine.run import _Runner
+from qpseg.engine.runner import _Runner
 from qpseg.errors import ModelError
 from qpseg.manifest import import_project
 from qpseg.models import load_package

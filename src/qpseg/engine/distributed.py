@@ -6,7 +6,7 @@ small Python objects are exchanged, so gloo serves CPU and GPU runs alike) and t
 of the slides; rank 0 gathers the per-slide results and writes the summary. A slide bigger
 than a fair share (the shard's total over the number of ranks) is run by all ranks together:
 each stitches its band of map rows into shared map files and rank 0 writes the objects
-(``qpseg.engine.run._process_shared``); every other slide is run whole by one rank. The
+(``qpseg.engine.pipeline._process_shared``); every other slide is run whole by one rank. The
 outputs are those of a single process either way.
 
 ``--shard i/n`` (0 <= i < n, e.g. a Slurm array index) splits the slides over independent
