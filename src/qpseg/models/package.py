@@ -594,7 +594,7 @@ def save_package(directory: str | os.PathLike[str], model: nn.Module, *,
     from qpseg import __version__
     from qpseg._io import atomic_write, write_json_atomic
     from qpseg.models._weights import sha256_file, write_state_dict
-    from qpseg.models.card import MODEL_CARD_NAME, model_card
+    from qpseg.models.card_text import MODEL_CARD_NAME, model_card
     from qpseg.models.contract import get_contract
 
     directory = Path(directory)
