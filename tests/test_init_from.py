@@ -14,7 +14,7 @@ import torch
 from qpseg.errors import ModelError
 from qpseg.manifest import import_project
 from qpseg.models import create_model, save_package
-from qpseg.models.package import _class_axes, init_from_package
+from qpseg.models.init_from import _class_axes, init_from_package
 from qpseg.models.registry import InitWarning
 from qpseg.testing.projects import make_project
 from qpseg.training import TrainEvent, train
