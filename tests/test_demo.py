@@ -482,15 +482,17 @@ def test_simulated_pathologist_fixes_the_large_errors_only() -> None:
     assert [o.classification for o in corr.final].count("Region*") == 1
 
 
-def _outcome(k: int, before: float, after: float, corrections: int):
+def _outcome(k: int, before: float, after: float, corrections: int,
+             held_out: tuple[float, float] = (5.0, 3.0)):
     from qpseg.demo import RoundOutcome
+    from qpseg.rounds import RoundRecord
 
-    rec = {"n_accepted": 3, "n_reshaped": corrections, "n_reclassified": 0, "n_deleted": 0,
-           "n_added": 0, "corrections": corrections, "area_changed_um2": 100.0 * corrections,
-           "dice": 0.9}
+    rec = RoundRecord("ab" * 32, (str(2 * k), str(2 * k + 1)), n_ai=10, n_accepted=3,
+                      n_reshaped=corrections, area_changed_um2=100.0 * corrections,
+                      dice=0.9, round=k).row()
     return RoundOutcome(k, Path(f"/x/rounds/model_{k}"), "ab" * 32, [2 * k, 2 * k + 1], [],
                         {"reshaped": corrections}, rec, before, after,
-                        {"suggest": 1.0, "fine-tune": 2.0})
+                        {"suggest": 1.0, "fine-tune": 2.0}, *held_out)
 
 
 def _ok_round(rnd):
@@ -509,17 +511,23 @@ def test_demo_rounds_are_printed_and_recorded(reviewed, tmp_path, monkeypatch, c
 
     def fake_rounds(out, n, **kwargs):
         seen["n"] = n
-        return [_outcome(1, 0.80, 0.85, 9), _outcome(2, 0.85, 0.90, 4)]
+        return [_outcome(1, 0.80, 0.85, 9, (6.0, 4.5)), _outcome(2, 0.85, 0.90, 4, (4.5, 2.0))]
 
     monkeypatch.setattr(qpseg.demo, "run_rounds", fake_rounds)
     assert main(["demo", "--out", str(tmp_path / "d"), "--rounds", "2"]) == 0
     assert seen == {"n": 2}
     text = capsys.readouterr().out
-    assert "Review rounds" in text and "corrections per round: 9 -> 4" in text
+    assert "Review rounds" in text
+    # Effort per reviewed slide (2 slides a round), and on the same held-out slides.
+    assert "corrections per reviewed slide per round: 4.5 -> 2.0" in text
+    assert "per held-out slide: 6.0 -> 4.5 -> 2.0" in text
     rounds = json.loads((tmp_path / "d" / "demo_summary.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert [r["held_out_tumor_dice"] for r in rounds] == [0.85, 0.90]
     assert rounds[0]["n_reshaped"] == 9 and rounds[1]["corrections"] == 4
+    assert [r["corrections_per_slide"] for r in rounds] == [4.5, 2.0]
+    assert [r["held_out_corrections_per_slide"] for r in rounds] == [4.5, 2.0]
+    assert rounds[0]["held_out_corrections_per_slide_before"] == 6.0
     assert rounds[0]["round_seconds"] == 3.0
 
 

@@ -237,6 +237,44 @@ QUPATH_CLAIMS = [
      "public ROI getNucleusROI()"),
     ("v0.7.0", "qupath-core/src/main/java/qupath/lib/objects/PathCellObject.java", 79,
      "public ROI getNucleusROI()"),
+    # The review ranking as entry metadata: read, removed, put; the project list sorts a
+    # metadata key's values with smartStringSort (numbers by value).
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 112,
+     "public String removeMetadataValue(final String key);"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 122,
+     "public String getMetadataValue(final String key);"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 134,
+     "public String putMetadataValue(final String key, final String value);"),
+    ("v0.6.0", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 109,
+     "default String removeMetadataValue(final String key) {"),
+    ("v0.6.0", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 123,
+     "default String getMetadataValue(final String key) {"),
+    ("v0.6.0", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 139,
+     "default String putMetadataValue(final String key, final String value) {"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 109,
+     "default String removeMetadataValue(final String key) {"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 123,
+     "default String getMetadataValue(final String key) {"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 139,
+     "default String putMetadataValue(final String key, final String value) {"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 62,
+     "public String getID();"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/projects/ProjectImageEntry.java", 57,
+     "String getID();"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/projects/Project.java", 215,
+     "public List<ProjectImageEntry<T>> getImageList();"),
+    ("v0.6.0", "qupath-core/src/main/java/qupath/lib/projects/Project.java", 216,
+     "List<ProjectImageEntry<T>> getImageList();"),
+    ("v0.7.0", "qupath-core/src/main/java/qupath/lib/projects/Project.java", 216,
+     "List<ProjectImageEntry<T>> getImageList();"),
+    ("v0.5.1", "qupath-gui-fx/src/main/java/qupath/lib/gui/panes/ProjectBrowser.java", 1320,
+     "GeneralTools.smartStringSort(values);"),
+    ("v0.6.0", "qupath-gui-fx/src/main/java/qupath/lib/gui/panes/ProjectBrowser.java", 1485,
+     "GeneralTools.smartStringSort(values);"),
+    ("v0.7.0", "qupath-gui-fx/src/main/java/qupath/lib/gui/panes/ProjectBrowser.java", 1483,
+     "GeneralTools.smartStringSort(values);"),
+    ("v0.5.1", "qupath-core/src/main/java/qupath/lib/common/GeneralTools.java", 922,
+     "public static <T> void smartStringSort(Collection<T> collection, Function<T, String>"),
     ("v0.5.1", "gradle/libs.versions.toml", 42, 'jts             = "1.19.0"'),
     ("v0.6.0", "gradle/libs.versions.toml", 35, 'jts             = "1.20.0"'),
     ("v0.7.0", "gradle/libs.versions.toml", 36, 'jts             = "1.20.0"'),
@@ -364,6 +402,28 @@ def test_import_saves_the_project_file_after_entry_metadata() -> None:
     assert put < save < sync
 
 
+def test_import_sets_the_review_ranking_suggest_writes() -> None:
+    from qpseg.suggest import _COLUMNS, MODEL_KEY, RANK_KEY, SCORE_KEY, SUGGESTIONS_FILE
+
+    code = _code(IMPORT)
+    assert f"@Field String SUGGESTIONS = '{SUGGESTIONS_FILE.name}'" in code
+    assert SUGGESTIONS_FILE.parent.name == "qpseg"
+    assert re.search(rf"RANKING_KEYS = \['{RANK_KEY}', '{SCORE_KEY}',\s*'{MODEL_KEY}'\]", code)
+    read = _function(code, "Map<String, Map<String, String>> readSuggestions(")
+    for column in [*re.findall(r"at\('(\w+)'\)", read), "rank", "entry_id", "score"]:
+        assert column in _COLUMNS, column
+    # Both modes set every entry's ranking before any image's import (an entry suggest ranked
+    # may have no predictions yet), and the project file is saved when it changed.
+    mode = code[code.index("if (scriptArgs && getProjectEntry() == null) {"):]
+    assert mode.index("applySuggestions(project, baseDir)") < mode.index("for (entry in")
+    image = code[code.rindex("def entry = getProjectEntry()"):]
+    assert image.index("applySuggestions(getProject(), baseDir)") < image.index("importEntry(")
+    apply = _function(code, "String applySuggestions(")
+    assert re.search(r"if \(changed\)\s*project\.syncChanges\(\)", apply)
+    assert "entry.removeMetadataValue(key)" in apply
+    assert "entry.putMetadataValue(key, want)" in apply
+
+
 @pytest.mark.parametrize(("name", "work"), [(EXPORT, "exportEntry(entry, imageData, baseDir)"),
                                             (IMPORT, "importEntry(project, entry, imageData, "
                                                      "baseDir)")])
@@ -483,6 +543,8 @@ class Entry {
         if (unreadable) throw new IOException("cannot open " + imageName)
         data }
     String putMetadataValue(String k, String v) { metadata.put(k, v) }
+    String getMetadataValue(String k) { metadata.get(k) }
+    String removeMetadataValue(String k) { metadata.remove(k) }
     void saveImageData(ImageData d) { assert d.is(data); saves++ }
 }""",
     "qupath/lib/objects/Project.groovy": """package qupath.lib.objects
@@ -586,6 +648,11 @@ ProjectIO.projects[new File(base, 'project.qpproj').getCanonicalPath()] = projec
 def entries = (1..3).collect { new Entry(id: "$it", imageName: "slide$it", data: new ImageData()) }
 project.imageList.addAll(entries)
 entries[1].unreadable = mode == 'project'
+// Entry metadata from before the import (an earlier ranking), as the test made it.
+def preset = new File(base, 'entry_metadata.json')
+if (preset.isFile())
+    new groovy.json.JsonSlurper().parse(preset).each { id, m ->
+        entries.find { it.id == id }.metadata.putAll(m) }
 def h = entries[0].data.hierarchy
 // The image's objects before the import (the user's and earlier qpseg ones), as the test made them.
 h.objects.addAll(qupath.lib.io.PathIO.readObjectsFromGeoJSON(
@@ -692,7 +759,8 @@ def _jts_jar() -> str | None:
 
 
 def _run_stubbed(tmp_path: Path, version: str, script: str, mode: str,
-                 backups: bool = True) -> dict:
+                 backups: bool = True, suggestions: str | None = None,
+                 entry_metadata: dict | None = None) -> dict:
     import json
     import shutil
 
@@ -730,6 +798,10 @@ def _run_stubbed(tmp_path: Path, version: str, script: str, mode: str,
             (preds / stale).write_text(collection(_STALE))
     (preds / "1.metadata.json").write_text(json.dumps({"qpseg_objects": "4"}))
     (base / "project.qpproj").write_text("{}")
+    if suggestions is not None:
+        (base / "qpseg" / "suggestions.csv").write_text(suggestions, encoding="utf-8")
+    if entry_metadata is not None:
+        (base / "entry_metadata.json").write_text(json.dumps(entry_metadata))
     env = {**os.environ, "JAVA_HOME": os.environ.get("JAVA_HOME") or str(
         Path(os.path.realpath(shutil.which("java") or "/usr/bin/java")).parents[1])}
     out = subprocess.run([groovy, "-cp", os.pathsep.join([str(stubs), jts]),
@@ -807,3 +879,46 @@ def test_export_runs_on_qupath_06(tmp_path: Path) -> None:
     assert sorted(exported) == sorted(f["id"] for f in _IMAGE)
     assert r["allocations"] == 0 and r["saves"] == [0, 0, 0]  # export changes nothing
     assert not list((tmp_path / "project" / "qpseg" / "annotations").glob("*.tmp"))
+
+
+def _ranking() -> tuple[str, str]:
+    """suggestions.csv as ``qpseg suggest`` writes it (its own writer): entries 3 and 2
+    suggested, entry 1 ranked but not suggested; an image name that needs CSV quoting."""
+    from qpseg.suggest import SlideScore, _csv_text
+
+    sha = "ab12cd34ef56" + "0" * 52
+    scores = [SlideScore(3, "slide3", 0.61234567, 0.5, 1e5, 2e5, rank=1),
+              SlideScore(2, 'slide, "two"\nlines', 0.4, 0.25, 5e4, 2e5, rank=2),
+              SlideScore(1, "slide1", 0.1, 0.0, 0.0, 2e5, rank=3)]
+    return _csv_text(scores, 2, sha), sha
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("version", "mode"), [("0.6", "image"), ("0.5", "project")])
+def test_import_puts_the_review_ranking_into_the_entries(tmp_path: Path, version: str,
+                                                         mode: str) -> None:
+    from qpseg.suggest import MODEL_KEY, RANK_KEY, SCORE_KEY
+
+    text, sha = _ranking()
+    # Entry 1 was suggested by an earlier ranking; it is not any more.
+    stale = {RANK_KEY: "1", SCORE_KEY: "0.9000", MODEL_KEY: "ffffffffffff", "lab": "kept"}
+    r = _run_stubbed(tmp_path, version, IMPORT, mode, suggestions=text,
+                     entry_metadata={"1": stale})
+    assert r["error"] is None if mode == "image" else r["error"], r["stdout"]
+    assert r["metadata"] == [
+        {"qpseg_objects": "4", "lab": "kept"},
+        {RANK_KEY: "2", SCORE_KEY: "0.4000", MODEL_KEY: sha[:12]},  # unreadable in project mode
+        {RANK_KEY: "1", SCORE_KEY: "0.6123", MODEL_KEY: sha[:12]},  # no predictions
+    ]
+    # The ranking saved the project file once, the import of entry 1 once more.
+    assert r["syncs"] == 2 and r["saves"] == [1, 0, 0]
+    assert "review ranking from suggestions.csv: 2 entries suggested" in r["stdout"]
+
+
+@pytest.mark.slow
+def test_import_without_a_ranking_leaves_entry_metadata_alone(tmp_path: Path) -> None:
+    from qpseg.suggest import RANK_KEY
+
+    r = _run_stubbed(tmp_path, "0.6", IMPORT, "image", entry_metadata={"3": {RANK_KEY: "1"}})
+    assert r["metadata"][2] == {RANK_KEY: "1"} and r["syncs"] == 1
+    assert "review ranking" not in r["stdout"]

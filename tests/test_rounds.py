@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,6 +57,45 @@ def test_history_appends_rounds_and_a_rerun_replaces_its_own(tmp_path: Path) -> 
     assert len(table) == 2 and table[0]["slides_reviewed"] == "3"
     assert table[0]["corrections"] == "8" and table[0]["area_changed_px"] == "1234.0"
     assert table[1]["area_changed_um2"] == ""  # unknown pixel size: empty, not "nan"
+
+
+def test_effort_is_compared_per_reviewed_slide(tmp_path: Path) -> None:
+    from qpseg.rounds import history_svg
+
+    project = tmp_path / "project.qpproj"
+    # Round 1: 8 corrections on 4 slides; round 2: 6 on 2 slides. The raw count falls, the
+    # effort per slide rises (2 -> 3): that is what the history and its plot must show.
+    record_round(project, RoundRecord(SHA_A, ("1", "2", "3", "4"), n_reshaped=5, n_added=3,
+                                      area_changed_um2=4000.0))
+    rows, _ = record_round(project, RoundRecord(SHA_B, ("5", "6"), n_deleted=6,
+                                                area_changed_um2=3000.0))
+    assert [r.corrections for r in rows] == [8, 6]
+    assert [r.corrections_per_slide for r in rows] == [2.0, 3.0]
+    assert [r.area_changed_um2_per_slide for r in rows] == [1000.0, 1500.0]
+    with history_path(project).open(encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(t["corrections_per_slide"], t["area_changed_um2_per_slide"]) for t in table] == [
+        ("2.00", "1000.0"), ("3.00", "1500.0")]
+    svg = history_svg(rows)
+    heights = [float(h) for h in re.findall(r'<rect [^>]*height="([\d.]+)"', svg)]
+    assert heights[1] == pytest.approx(heights[0] * 1.5, abs=0.2)  # bars: per slide, not raw counts
+    assert "8 corrections on 4 slide(s)" in svg
+    assert RoundRecord(SHA_A, ()).corrections_per_slide != 0  # NaN: nothing reviewed
+
+
+def test_a_history_from_before_per_slide_effort_still_reads(tmp_path: Path) -> None:
+    path = tmp_path / "qpseg" / "rounds.csv"
+    path.parent.mkdir()
+    old = ("round,model_sha256,slides_reviewed,entries,n_ai,n_kept,n_accepted,n_reshaped,"
+           "n_reclassified,n_deleted,n_added,corrections,area_changed_px,area_changed_um2,dice,"
+           f"recorded\n1,{SHA_A},2,3;4,9,5,5,1,0,2,1,4,80.0,20.0,0.9,2026-01-01T00:00:00+00:00\n")
+    path.write_text(old, encoding="utf-8")
+    (rec,) = read_history(path)
+    assert rec.corrections_per_slide == 2.0 and rec.area_changed_um2_per_slide == 10.0
+    _, new = record_round(tmp_path, RoundRecord(SHA_B, ("5",), n_added=1))
+    assert new.round == 2
+    with path.open(encoding="utf-8") as fh:
+        assert [t["corrections_per_slide"] for t in csv.DictReader(fh)] == ["2.00", "1.00"]
 
 
 def test_a_damaged_history_is_one_error_naming_it(tmp_path: Path) -> None:
@@ -148,6 +188,37 @@ def test_evaluate_edits_history_records_each_model_once(project, capsys) -> None
     assert rounds[0].n_reshaped == 1 and rounds[1].n_reshaped == 1
     html = (out / "rounds.html").read_text(encoding="utf-8")
     assert html.count("<rect") == 2 and "round 2" in html
+
+
+def test_a_class_the_model_knows_but_did_not_predict_here_counts_as_added(project) -> None:
+    """The model's classes come from the run's ``run_metadata.json`` as ``qpseg infer``
+    writes it (``model.class_names``), so a region of a class the model predicted nowhere on
+    the reviewed slides is a correction (added) the first time, not only once another
+    slide's predictions happen to include that class."""
+    import json
+
+    from qpseg.edits import evaluate_edits
+
+    ex = project
+    one = ex.train_ids[0]
+    truth = [o for o in read_geojson(ex.ground_truth / f"{one}.geojson")
+             if o.classification == "Tumor"]
+    ai = write_ai_predictions(ex.folder, one, truth, model_sha256=SHA_A)
+    preds = ex.folder / "qpseg" / "predictions"
+    (preds / "run_metadata.json").write_text(json.dumps({"model": {
+        "sha256": SHA_A, "class_names": ["Background", "Tumor", "Stroma", "Necrosis"]}}))
+    ann = ex.folder / "qpseg" / "annotations" / f"{one}.geojson"
+    far = box(0, 0, 40, 40)  # no AI object there
+    assert not any(o.geometry.intersects(far) for o in ai)
+    write_geojson(ann, [qupath_exported(o, locked=True) for o in ai]
+                  + [_obj(far, "Necrosis", id="11111111-2222-4333-8444-666666666666")],
+                  backup=False)
+    others = [e for e in ex.train_ids if e != one]
+    for eid in others:  # only the reviewed slide is compared
+        (ex.folder / "qpseg" / "annotations" / f"{eid}.geojson").unlink()
+    res = evaluate_edits(ex.project, ex.folder / "edits")
+    row = next(r for r in res.rows() if str(r["entry_id"]) == str(one))
+    assert (row["n_added"], row["n_user_other"], row["n_accepted"]) == (1, 0, len(ai))
 
 
 # ------------------------------------------------------------------------ corrected regions
@@ -247,12 +318,14 @@ def test_fine_tuning_uses_the_packages_recipe_with_a_shorter_schedule(tmp_path: 
     assert recipe["model"] == "tiny_unet" and "pretrained" not in recipe
     assert recipe["train"]["steps"] == 75 and recipe["train"]["epochs"] == 5
     assert FINETUNE_SCHEDULE == 0.5
-    assert recipe["optimizer"] == DEMO_TRAIN_CONFIG["optimizer"]
+    assert recipe["optimizer"] == {**DEMO_TRAIN_CONFIG["optimizer"],
+                                   "lr": DEMO_TRAIN_CONFIG["optimizer"]["lr"] / 3}
     assert recipe["split"] == {"val": 0.25} and "device" not in recipe["train"]
     # A package that was itself fine-tuned keeps its (already short) schedule.
     m2 = _package(tmp_path / "m2", {"config": {**cfg, "train": recipe["train"]},
                                     "initialisation": {"init_from": {"package": str(m1)}}})
     assert finetune_recipe(m2)["train"]["steps"] == 75
+    assert finetune_recipe(m2)["optimizer"] == DEMO_TRAIN_CONFIG["optimizer"]
 
 
 def test_train_init_from_alone_runs_the_recipe(project, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from qpseg.cli import main
 from qpseg.models._base import QpsegModule
 from qpseg.models.contract import InputSpec, ModelContract
 from qpseg.models.registry import register_model
-from qpseg.suggest import RANK_KEY, SCORE_KEY, reviewed_entries, score_probs
+from qpseg.suggest import MODEL_KEY, RANK_KEY, SCORE_KEY, reviewed_entries, score_probs
 
 
 class ColourProbe(QpsegModule):
@@ -124,6 +124,10 @@ def test_suggest_ranks_the_ambiguous_slide_first_and_tells_qupath(project, capsy
     with (qpproj.parent / "qpseg" / "suggestions.csv").open(encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert rows[0]["image"] == "ambiguous.tif" and len(rows) == 3
+    # the model that ranked them: what the import script stores as qpseg_review_model
+    assert {r["model_sha256"] for r in rows} == {out["model_sha256"]}
+    assert entries["ambiguous.tif"].metadata[MODEL_KEY] == out["model_sha256"][:12]
+    assert [r["suggested"] for r in rows] == ["True", "False", "False"]
     assert not (qpproj.parent / "qpseg" / "suggest" / "maps").exists()  # maps removed
     assert not (qpproj.parent / "qpseg" / "predictions").exists()  # the project's own: untouched
 

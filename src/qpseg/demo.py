@@ -14,7 +14,7 @@ simulation implies (:func:`run_review_round`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -675,7 +675,8 @@ MIN_ERROR_UM2 = 400.0
 #: object: a few pixels along a large object's border are not worth a pathologist's time.
 REDRAW_FRACTION = 0.15
 #: The first model of the rounds: the demo's recipe (no validation split: every reviewed slide
-#: trains) with a shorter budget, on the one sparsely annotated slide.
+#: trains) with a shorter budget, on the one sparsely annotated slide, so that it still makes
+#: errors a review corrects (it misses Necrosis).
 ROUNDS_FIRST_CONFIG: dict[str, Any] = {
     **DEMO_TRAIN_CONFIG,
     "split": {"val": 0.0, "test": 0.0},
@@ -803,6 +804,11 @@ class RoundOutcome:
     held_out_tumor_dice_before: float
     held_out_tumor_dice: float
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The corrections per slide the simulated pathologist would make on the held-out slides
+    #: with the model reviewed (``before``) and the fine-tuned one: the same slides every
+    #: round, so this effort is comparable across rounds (the reviewed slides differ).
+    held_out_corrections_before: float = float("nan")
+    held_out_corrections: float = float("nan")
 
     def to_json(self) -> dict[str, Any]:
         """The item of ``demo_summary.json``'s ``rounds`` list (a value that is not a finite
@@ -821,7 +827,11 @@ class RoundOutcome:
             **{f"n_{k}": int(rec[f"n_{k}"]) for k in ("accepted", "reshaped", "reclassified",
                                                     "deleted", "added")},
             "corrections": int(rec["corrections"]),
+            "corrections_per_slide": num(rec["corrections_per_slide"]),
             "area_changed_um2": num(rec["area_changed_um2"]),
+            "area_changed_um2_per_slide": num(rec["area_changed_um2_per_slide"]),
+            "held_out_corrections_per_slide_before": num(self.held_out_corrections_before),
+            "held_out_corrections_per_slide": num(self.held_out_corrections),
             "dice_ai_vs_final": num(rec["dice"]),
             "simulated": self.simulated,
             "seconds": {k: round(v, 1) for k, v in self.seconds.items()},
@@ -829,9 +839,12 @@ class RoundOutcome:
         }
 
 
-def _held_out(example: Example, model: Path, out: Path, truth: Path, device: str) -> float:
-    """Held-out tumour Dice of ``model``: infer the held-out entries into ``out/predictions``
-    and evaluate them against their ground truth (``truth``: their files only)."""
+def _held_out(example: Example, model: Path, out: Path, truth: Path,
+              device: str) -> tuple[float, float]:
+    """Held-out tumour Dice of ``model`` and the corrections per held-out slide the
+    simulated pathologist would make (:func:`correct_from_truth`): infer the held-out entries
+    into ``out/predictions`` and evaluate them against their ground truth (``truth``: their
+    files only)."""
     import math
 
     from qpseg.engine.run import InferenceParams, jobs_from_project, run_inference
@@ -849,7 +862,24 @@ def _held_out(example: Example, model: Path, out: Path, truth: Path, device: str
                   instances=False, report=False, n_bootstrap=0)
     values = [float(r["dice"]) for r in ev.per_slide_rows() if r["class_name"] == "Tumor"]
     values = [v for v in values if math.isfinite(v)]
-    return sum(values) / len(values) if values else float("nan")
+    return (sum(values) / len(values) if values else float("nan"),
+            _effort_per_slide(out / "predictions", truth, example.test_ids))
+
+
+def _effort_per_slide(predictions: Path, truth: Path, ids: Sequence[int]) -> float:
+    """The corrections (reshaped, reclassified, deleted, added) per slide the simulated
+    pathologist makes on the AI objects in ``predictions`` against ``truth`` (both
+    ``<entryID>.geojson``)."""
+    from qpseg.qupath.geojson import read_geojson
+    from qpseg.review import is_ai_object
+
+    total = 0
+    for eid in ids:
+        ai = [o for o in read_geojson(predictions / f"{eid}.geojson") if is_ai_object(o)]
+        counts = correct_from_truth(ai, read_geojson(truth / f"{eid}.geojson"), mpp=0.5,
+                                    seed=eid).counts
+        total += sum(counts[k] for k in ("reshaped", "reclassified", "deleted", "added"))
+    return total / len(ids) if ids else float("nan")
 
 
 def run_rounds(
@@ -870,7 +900,10 @@ def run_rounds(
     and exported; ``evaluate_edits`` + :func:`qpseg.rounds.record_round` add the round to
     ``qpseg/rounds.csv`` (report in ``round_<k>/edits/rounds.html``); ``train`` fine-tunes the
     next model from the current one (``init_from``: the package's recipe, a shorter schedule,
-    corrected regions weighted). The held-out tumour Dice is measured for every model.
+    corrected regions weighted; ``FINETUNE_LR_SHARE`` of its learning rate, as
+    ``train --init-from`` does). The held-out
+    tumour Dice, and the corrections the held-out slides would need, are measured for every
+    model.
     """
     import shutil
     import time
@@ -926,7 +959,8 @@ def run_rounds(
             train(example.project, model, config=ROUNDS_FIRST_CONFIG, device=device,
                   callback=train_callback)
         with timed("rounds: held-out Dice of model 1"):
-            dice = _held_out(example, model, folder / "round_1" / "before", truth, device)
+            dice, effort = _held_out(example, model, folder / "round_1" / "before", truth,
+                                     device)
         reviewed: list[int] = []
         for k in range(1, n_rounds + 1):
             seconds: dict[str, float] = {}
@@ -964,13 +998,14 @@ def run_rounds(
                                  qp / "rounds.csv")
             nxt = folder / f"model_{k + 1}"
             with timed(f"round {k}: fine-tune", seconds):
-                train(example.project, nxt, overrides={"init_from": str(model)}, device=device,
-                      callback=train_callback)
+                train(example.project, nxt, overrides={"init_from": str(model)},
+                      device=device, callback=train_callback)
             with timed(f"round {k}: held-out Dice", seconds):
-                after = _held_out(example, nxt, rdir / "after", truth, device)
+                after, effort_after = _held_out(example, nxt, rdir / "after", truth, device)
             outcomes.append(RoundOutcome(
                 k, model, sha, picked,
                 [{"entry_id": s.entry_id, "rank": s.rank, "score": round(s.score, 4)}
-                 for s in ranked.scores], simulated, rec.row(), dice, after, seconds))
-            model, dice = nxt, after
+                 for s in ranked.scores], simulated, rec.row(), dice, after, seconds,
+                effort, effort_after))
+            model, dice, effort = nxt, after, effort_after
     return outcomes

@@ -561,6 +561,9 @@ def _run_classes(folder: Path) -> list[str]:
         warnings.warn(f"{f}: not readable JSON; ignored", QpsegWarning, stacklevel=3)
         return []
     found = data.get("classes") if isinstance(data, dict) else None
+    if not isinstance(found, list) and isinstance(data, dict) \
+            and isinstance(data.get("model"), dict):
+        found = data["model"].get("class_names")  # where `qpseg infer` writes them
     if not isinstance(found, list):
         return []
     out = []

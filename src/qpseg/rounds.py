@@ -11,7 +11,10 @@ slides reviewed with an earlier model stay in that model's round.
 
 Correction effort of a round: the AI objects the pathologist reshaped, reclassified or deleted
 plus the objects they added, over the slides they reviewed (:func:`rounds_from_edits`); the
-area changed is the area they added or removed. :func:`history_svg` plots both per round.
+area changed is the area they added or removed. Rounds review different slides, and not always
+as many, so the history compares them *per reviewed slide* (``corrections_per_slide``,
+``area_changed_um2_per_slide``): a round that reviewed four slides is not twice the effort of
+one that reviewed two. :func:`history_svg` plots corrections per slide and the Dice per round.
 
 :func:`corrected_regions` is where the final truth of a slide disagrees with the saved
 predictions: the regions training weighs more (``data.correction_weight``), since those are
@@ -48,7 +51,10 @@ HISTORY_FILE = Path("qpseg") / "rounds.csv"
 EFFORT_KEYS = ("n_reshaped", "n_reclassified", "n_deleted", "n_added")
 HISTORY_COLUMNS = ("round", "model_sha256", "slides_reviewed", "entries", "n_ai", "n_kept",
                    "n_accepted", "n_reshaped", "n_reclassified", "n_deleted", "n_added",
-                   "corrections", "area_changed_px", "area_changed_um2", "dice", "recorded")
+                   "corrections", "area_changed_px", "area_changed_um2", "dice", "recorded",
+                   "corrections_per_slide", "area_changed_um2_per_slide")
+#: Columns derived from the others: a history written before they existed still reads.
+_DERIVED_COLUMNS = ("corrections_per_slide", "area_changed_um2_per_slide")
 _INT_COLUMNS = ("round", "slides_reviewed", "n_ai", "n_kept", "n_accepted", "n_reshaped",
                 "n_reclassified", "n_deleted", "n_added", "corrections")
 _FLOAT_COLUMNS = ("area_changed_px", "area_changed_um2", "dice")
@@ -84,6 +90,17 @@ class RoundRecord:
         """The correction effort: objects reshaped, reclassified, deleted and added."""
         return self.n_reshaped + self.n_reclassified + self.n_deleted + self.n_added
 
+    @property
+    def corrections_per_slide(self) -> float:
+        """:attr:`corrections` per reviewed slide (NaN when none was reviewed): the effort
+        rounds are compared by."""
+        return self.corrections / len(self.entries) if self.entries else math.nan
+
+    @property
+    def area_changed_um2_per_slide(self) -> float:
+        """The area added or removed (µm²) per reviewed slide; NaN when unknown."""
+        return self.area_changed_um2 / len(self.entries) if self.entries else math.nan
+
     def row(self) -> dict[str, Any]:
         """The CSV row (:data:`HISTORY_COLUMNS`)."""
         return {"round": self.round, "model_sha256": self.model_sha256,
@@ -93,7 +110,8 @@ class RoundRecord:
                 "n_deleted": self.n_deleted, "n_added": self.n_added,
                 "corrections": self.corrections, "area_changed_px": self.area_changed_px,
                 "area_changed_um2": self.area_changed_um2, "dice": self.dice,
-                "recorded": self.recorded}
+                "recorded": self.recorded, "corrections_per_slide": self.corrections_per_slide,
+                "area_changed_um2_per_slide": self.area_changed_um2_per_slide}
 
     @classmethod
     def from_row(cls, row: dict[str, str], where: Path) -> RoundRecord:
@@ -215,7 +233,8 @@ def read_history(path: str | os.PathLike[str]) -> list[RoundRecord]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ProjectError(f"cannot read the review-round history ({exc})", p) from None
     reader = csv.DictReader(io.StringIO(text))
-    missing = [c for c in HISTORY_COLUMNS if c not in (reader.fieldnames or [])]
+    missing = [c for c in HISTORY_COLUMNS
+               if c not in (reader.fieldnames or []) and c not in _DERIVED_COLUMNS]
     if missing:
         raise ProjectError(f"not a review-round history (columns missing: "
                            f"{', '.join(missing)}); fix or remove the file", p)
@@ -229,9 +248,10 @@ def _csv_text(records: Sequence[RoundRecord]) -> str:
     w.writeheader()
     for r in records:
         row = r.row()
-        for k in _FLOAT_COLUMNS:
+        for k in (*_FLOAT_COLUMNS, *_DERIVED_COLUMNS):
             v = row[k]
-            row[k] = "" if not math.isfinite(v) else f"{v:.6g}" if k == "dice" else f"{v:.1f}"
+            row[k] = "" if not math.isfinite(v) else f"{v:.6g}" if k == "dice" else \
+                f"{v:.2f}" if k == "corrections_per_slide" else f"{v:.1f}"
         w.writerow(row)
     return buf.getvalue()
 
@@ -265,34 +285,41 @@ def record_round(project: str | os.PathLike[str], record: RoundRecord,
 
 
 def history_svg(records: Sequence[RoundRecord], *, width: int = 480, height: int = 240) -> str:
-    """An SVG plot of correction effort per round: bars of the corrections (objects reshaped,
-    reclassified, deleted and added), a line of the Dice between AI and final areas."""
+    """An SVG plot of correction effort per round: bars of the corrections per reviewed slide
+    (objects reshaped, reclassified, deleted and added), a line of the Dice between AI and
+    final areas."""
     from html import escape
 
     left, right, top, bottom = 48, 48, 28, 36
     pw, ph = width - left - right, height - top - bottom
     n = max(len(records), 1)
-    peak = max([r.corrections for r in records] + [1])
+    def effort(r: RoundRecord) -> float:
+        v = r.corrections_per_slide
+        return v if math.isfinite(v) else 0.0
+
+    peak = max([effort(r) for r in records] + [1.0])
     slot = pw / n
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
              f'<text x="{left}" y="16">Correction effort per review round (bars: objects '
-             'reshaped + reclassified + deleted + added; line: Dice AI vs final)</text>',
+             'reshaped + reclassified + deleted + added per reviewed slide; line: Dice AI vs '
+             'final)</text>',
              f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" '
              'stroke="#444"/>',
-             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak}</text>',
+             f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{peak:g}</text>',
              f'<text x="{left - 6}" y="{top + ph}" text-anchor="end">0</text>',
              f'<text x="{left + pw + 6}" y="{top + 4}">1.0</text>',
              f'<text x="{left + pw + 6}" y="{top + ph}">0.0</text>']
     points = []
     for i, r in enumerate(records):
-        h = ph * r.corrections / peak
+        h = ph * effort(r) / peak
         x = left + i * slot + slot * 0.2
         parts.append(f'<rect x="{x:.1f}" y="{top + ph - h:.1f}" width="{slot * 0.6:.1f}" '
                      f'height="{h:.1f}" fill="#4a7ab5"><title>round {r.round}: '
-                     f'{r.corrections} corrections ({escape(r.model_sha256[:12])})</title></rect>')
+                     f'{r.corrections} corrections on {len(r.entries)} slide(s) '
+                     f'({escape(r.model_sha256[:12])})</title></rect>')
         parts.append(f'<text x="{x + slot * 0.3:.1f}" y="{top + ph - h - 3:.1f}" '
-                     f'text-anchor="middle">{r.corrections}</text>')
+                     f'text-anchor="middle">{effort(r):.3g}</text>')
         parts.append(f'<text x="{x + slot * 0.3:.1f}" y="{top + ph + 14:.1f}" '
                      f'text-anchor="middle">round {r.round}</text>')
         if math.isfinite(r.dice):
@@ -317,7 +344,8 @@ def write_history_report(out_dir: str | os.PathLike[str],
     out = Path(out_dir)
     svg = history_svg(records)
     cols = ("round", "model_sha256", "slides_reviewed", "n_accepted", "n_reshaped",
-            "n_reclassified", "n_deleted", "n_added", "corrections", "area_changed_um2", "dice")
+            "n_reclassified", "n_deleted", "n_added", "corrections", "corrections_per_slide",
+            "area_changed_um2", "area_changed_um2_per_slide", "dice")
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = []
     for r in records:
@@ -326,7 +354,8 @@ def write_history_report(out_dir: str | os.PathLike[str],
         cells = []
         for c in cols:
             v = row[c]
-            text = ("" if not math.isfinite(v) else f"{v:.3f}" if c == "dice" else f"{v:.0f}") \
+            text = ("" if not math.isfinite(v) else f"{v:.3f}" if c == "dice" else
+                    f"{v:.2f}" if c == "corrections_per_slide" else f"{v:.0f}") \
                 if isinstance(v, float) else str(v)
             cells.append(f"<td>{escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")

@@ -13,9 +13,11 @@ per-slide probability maps), and each slide gets a score from those maps (:func:
 Slides are ranked by score (highest first). The ranking goes into the QuPath project as entry
 metadata (:data:`RANK_KEY`, :data:`SCORE_KEY`, :data:`MODEL_KEY`) on the top ``n`` entries —
 QuPath shows entry metadata in the project list and can sort the list by it — and into
-``<project>/qpseg/suggestions.csv`` for every scored slide. Reviewed slides (those the round
-history lists, or whose export holds AI objects the pathologist accepted or edited,
-:mod:`qpseg.review`) are not candidates unless named.
+``<project>/qpseg/suggestions.csv`` for every scored slide. QuPath rewrites the ``.qpproj``
+from memory when it saves with the project open, so the import script
+(``import_predictions.groovy``) sets the same entry metadata from ``suggestions.csv``.
+Reviewed slides (those the round history lists, or whose export holds AI objects the
+pathologist accepted or edited, :mod:`qpseg.review`) are not candidates unless named.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ MODEL_KEY = "qpseg_review_model"
 LOW_CONFIDENCE = 0.6
 SUGGESTIONS_FILE = Path("qpseg") / "suggestions.csv"
 _COLUMNS = ("rank", "entry_id", "image", "score", "low_confidence_fraction",
-            "low_confidence_um2", "tissue_um2", "suggested")
+            "low_confidence_um2", "tissue_um2", "suggested", "model_sha256")
 
 
 @dataclass
@@ -61,14 +63,14 @@ class SlideScore:
     tissue_um2: float
     rank: int = 0              # 1 = review first; 0 = not ranked
 
-    def row(self, n: int) -> dict[str, Any]:
-        """A row of ``suggestions.csv``."""
+    def row(self, n: int, model_sha256: str = "") -> dict[str, Any]:
+        """A row of ``suggestions.csv`` (``model_sha256``: the model that ranked it)."""
         return {"rank": self.rank, "entry_id": self.entry_id, "image": self.image,
                 "score": round(self.score, 6),
                 "low_confidence_fraction": round(self.low_confidence_fraction, 6),
                 "low_confidence_um2": round(self.low_confidence_um2, 1),
                 "tissue_um2": round(self.tissue_um2, 1),
-                "suggested": 0 < self.rank <= n}
+                "suggested": 0 < self.rank <= n, "model_sha256": model_sha256}
 
 
 @dataclass
@@ -173,12 +175,12 @@ def reviewed_entries(project: str | os.PathLike[str]) -> set[int]:
     return done
 
 
-def _csv_text(scores: Sequence[SlideScore], n: int) -> str:
+def _csv_text(scores: Sequence[SlideScore], n: int, model_sha256: str) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(_COLUMNS), lineterminator="\n")
     w.writeheader()
     for s in scores:
-        w.writerow(s.row(n))
+        w.writerow(s.row(n, model_sha256))
     return buf.getvalue()
 
 
@@ -261,6 +263,6 @@ def suggest(
         proj.save()
         path = proj.path.parent / SUGGESTIONS_FILE
         with atomic_write(path, "w", backup=False) as fh:
-            fh.write(_csv_text(scores, n))
+            fh.write(_csv_text(scores, n, pkg.sha256))
         result.files = {"project": proj.path, "suggestions.csv": path}
     return result

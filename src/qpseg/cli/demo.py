@@ -225,29 +225,43 @@ def _print_review(console: Console, rnd: ReviewRound) -> None:
 
 
 def _print_rounds(console: Console, outcomes: list[RoundOutcome]) -> None:
-    """The review rounds: per round the slides reviewed, the corrections, and the held-out
-    tumour Dice before and after fine-tuning on them."""
+    """The review rounds: per round the slides reviewed, the corrections (per reviewed slide:
+    rounds review different slides), and the held-out tumour Dice and the corrections the
+    held-out slides would need, before and after fine-tuning on them."""
     from rich.table import Table
 
     table = Table(title="Review rounds (simulated pathologist, 2 slides per round)")
     for col in ("round", "reviewed", "accepted", "reshaped", "reclassified", "deleted", "added",
-                "corrections", "area changed mm²", "Dice AI vs final", "held-out Dice before",
-                "after", "seconds"):
+                "corrections", "per slide", "area changed mm²", "Dice AI vs final",
+                "held-out Dice before", "after", "held-out corr./slide before", "after",
+                "seconds"):
         table.add_column(col, justify="right")
+    def num(v: float | None, fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
     for o in outcomes:
         r = o.to_json()
         area = r["area_changed_um2"]
         table.add_row(str(o.round), ", ".join(map(str, o.reviewed)), str(r["n_accepted"]),
                       str(r["n_reshaped"]), str(r["n_reclassified"]), str(r["n_deleted"]),
                       str(r["n_added"]), str(r["corrections"]),
+                      num(r["corrections_per_slide"], ".1f"),
                       "" if area is None else f"{area / 1e6:.3f}",
-                      "" if r["dice_ai_vs_final"] is None else f"{r['dice_ai_vs_final']:.3f}",
-                      f"{o.held_out_tumor_dice_before:.3f}",
-                      f"{o.held_out_tumor_dice:.3f}", f"{r['round_seconds']:.0f}")
+                      num(r["dice_ai_vs_final"], ".3f"),
+                      f"{o.held_out_tumor_dice_before:.3f}", f"{o.held_out_tumor_dice:.3f}",
+                      num(r["held_out_corrections_per_slide_before"], ".1f"),
+                      num(r["held_out_corrections_per_slide"], ".1f"),
+                      f"{r['round_seconds']:.0f}")
     console.print(table)
     first, last = outcomes[0].held_out_tumor_dice, outcomes[-1].held_out_tumor_dice
     console.print(f"Held-out tumour Dice after round 1: {first:.3f}, after round "
-                  f"{len(outcomes)}: {last:.3f}; corrections per round: "
-                  + " -> ".join(str(o.to_json()["corrections"]) for o in outcomes)
+                  f"{len(outcomes)}: {last:.3f}; corrections per reviewed slide per round: "
+                  + " -> ".join(num(o.to_json()["corrections_per_slide"], ".1f")
+                                for o in outcomes)
+                  + "; per held-out slide: " + " -> ".join(
+                      [num(outcomes[0].to_json()["held_out_corrections_per_slide_before"],
+                           ".1f")]
+                      + [num(o.to_json()["held_out_corrections_per_slide"], ".1f")
+                         for o in outcomes])
                   + f"; history: {outcomes[-1].model.parent / 'project' / 'qpseg' / 'rounds.csv'}",
                   soft_wrap=True, markup=False)

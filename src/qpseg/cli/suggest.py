@@ -26,7 +26,9 @@ def suggest(
     of its class probabilities over tissue; also the low-confidence area) and store the top N
     in the QuPath project as entry metadata (qpseg_review_rank 1 = review first,
     qpseg_review_score), plus qpseg/suggestions.csv. Sort QuPath's project list by
-    qpseg_review_rank to open them in order. Exits 1 when some slides could not be scored."""
+    qpseg_review_rank to open them in order; with the project open in QuPath, run
+    import_predictions.groovy (it sets the ranking from suggestions.csv, since QuPath rewrites
+    the project file when it saves). Exits 1 when some slides could not be scored."""
     from qpseg.suggest import suggest as run_suggest
 
     picked = [e.strip() for e in entries.split(",") if e.strip()] if entries else None
@@ -37,7 +39,7 @@ def suggest(
         from qpseg.cli._common import print_json
 
         print_json({"model_sha256": res.model_sha256, "n": res.n,
-                    "slides": [s.row(res.n) for s in res.scores],
+                    "slides": [s.row(res.n, res.model_sha256) for s in res.scores],
                     "failed": [{"slide": s, "reason": r} for s, r in res.failed],
                     "files": {k: str(v) for k, v in res.files.items()}})
         return code

@@ -15,6 +15,12 @@
  * If <entryID>.metadata.json exists (a flat JSON object of strings, the per-slide summary),
  * its keys are stored as entry metadata (visible in the project's image list) and the project
  * file is saved.
+ * If <project>/qpseg/suggestions.csv exists (the ranking `qpseg suggest` wrote: which slide to
+ * review next), every entry it suggests gets the entry metadata qpseg_review_rank (1 = review
+ * first), qpseg_review_score and qpseg_review_model, and every other entry loses them, so the
+ * pathologist can sort the project list by qpseg_review_rank (Project tab > right click >
+ * Sort by...). `qpseg suggest` also writes them into project.qpproj, but QuPath rewrites that
+ * file from memory when it saves with the project open, so the script sets them itself.
  *
  * Needs QuPath 0.5.x - 0.7.x. QuPath 0.4 is refused: its GeoJSON reader keeps 'metadata' only
  * for TMA cores, so the 'qpseg_model' marker would be lost (every re-import would duplicate
@@ -161,6 +167,125 @@ boolean edited(PathObject p, PathObject o) {
     return p.isCell() && moved(p.getNucleusROI(), o.getNucleusROI())
 }
 
+// The ranking `qpseg suggest` writes (qpseg.suggest: SUGGESTIONS_FILE, RANK_KEY, SCORE_KEY,
+// MODEL_KEY); the entry metadata keys are the ones it puts into project.qpproj.
+@Field String SUGGESTIONS = 'suggestions.csv'
+@Field List<String> RANKING_KEYS = ['qpseg_review_rank', 'qpseg_review_score',
+                                    'qpseg_review_model']
+
+/** The records of a CSV text as Python's csv module writes them (RFC 4180 quoting). */
+List<List<String>> parseCsv(String text) {
+    def rows = []
+    def row = []
+    def cell = new StringBuilder()
+    boolean quoted = false
+    int i = 0
+    while (i < text.length()) {
+        char ch = text.charAt(i)
+        if (quoted) {
+            if (ch == '"' as char) {
+                if (i + 1 < text.length() && text.charAt(i + 1) == '"' as char) {
+                    cell.append('"')
+                    i++
+                } else
+                    quoted = false
+            } else
+                cell.append(ch)
+        } else if (ch == '"' as char)
+            quoted = true
+        else if (ch == ',' as char) {
+            row << cell.toString()
+            cell = new StringBuilder()
+        } else if (ch == '\n' as char || ch == '\r' as char) {
+            boolean crlf = i + 1 < text.length() && text.charAt(i + 1) == '\n' as char
+            if (ch == '\r' as char && crlf)
+                i++
+            row << cell.toString()
+            cell = new StringBuilder()
+            rows << row
+            row = []
+        } else
+            cell.append(ch)
+        i++
+    }
+    if (cell.length() > 0 || !row.isEmpty()) {
+        row << cell.toString()
+        rows << row
+    }
+    return rows
+}
+
+/**
+ * The latest `qpseg suggest` ranking: entry ID -> the entry metadata of each suggested entry,
+ * or null when the project has no suggestions.csv (the entries' metadata is then left alone).
+ */
+Map<String, Map<String, String>> readSuggestions(File baseDir) {
+    def file = new File(new File(baseDir, 'qpseg'), SUGGESTIONS)
+    if (!file.isFile())
+        return null
+    def rows = parseCsv(file.getText('UTF-8'))
+    if (rows.isEmpty())
+        return null
+    def col = rows[0].withIndex().collectEntries { name, i -> [(name.strip()): i] }
+    for (name in ['rank', 'entry_id', 'score', 'suggested'])
+        if (!col.containsKey(name))
+            throw new IllegalArgumentException("qpseg: ${file} is not a qpseg suggest ranking " +
+                    "(no '${name}' column)")
+    def ranking = new LinkedHashMap<String, Map<String, String>>()
+    for (List<String> r : rows.drop(1)) {
+        def at = { String name -> col.containsKey(name) && col[name] < r.size() ?
+                r[col[name]].strip() : '' }
+        if (at('suggested') != 'True' || !at('entry_id') || !at('rank'))
+            continue
+        def values = [(RANKING_KEYS[0]): at('rank'),
+                      (RANKING_KEYS[1]): String.format(Locale.ROOT, '%.4f',
+                              Double.parseDouble(at('score')))]
+        if (at('model_sha256'))
+            values[RANKING_KEYS[2]] = at('model_sha256').take(12)
+        ranking[at('entry_id')] = values
+    }
+    return ranking
+}
+
+/**
+ * Puts the suggest ranking (readSuggestions) into the entries' metadata and saves the project
+ * file when anything changed; returns a one-line report, or null without a ranking.
+ */
+String applySuggestions(def project, File baseDir) {
+    def ranking = readSuggestions(baseDir)
+    if (ranking == null)
+        return null
+    // ProjectImageEntry's removeMetadataValue (ProjectImageEntry.java:112 at v0.5.1, :109 at
+    // v0.6.0, :109 at v0.7.0), getMetadataValue (ProjectImageEntry.java:122 at v0.5.1, :123 at
+    // v0.6.0, :123 at v0.7.0) and putMetadataValue (ProjectImageEntry.java:134 at v0.5.1, :139
+    // at v0.6.0, :139 at v0.7.0); entries by getImageList() (Project.java:215 at v0.5.1, :216
+    // at v0.6.0, :216 at v0.7.0), keyed by getID() (ProjectImageEntry.java:62 at v0.5.1, :57 at
+    // v0.7.0), the entry ID suggest writes. The project list's "Sort by..." orders the values
+    // with GeneralTools.smartStringSort (ProjectBrowser.java:1320 at v0.5.1, :1485 at v0.6.0,
+    // :1483 at v0.7.0), numbers by value (GeneralTools.java:922 at v0.5.1): 10 follows 9.
+    boolean changed = false
+    int ranked = 0
+    for (entry in project.getImageList()) {
+        def values = ranking.get(entry.getID()) ?: [:]
+        for (String key : RANKING_KEYS) {
+            def want = values.get(key)
+            if (want == entry.getMetadataValue(key))
+                continue
+            if (want == null)
+                entry.removeMetadataValue(key)
+            else
+                entry.putMetadataValue(key, want)
+            changed = true
+        }
+        if (values)
+            ranked++
+    }
+    if (changed)
+        project.syncChanges()  // see importEntry: entry metadata lives in project.qpproj
+    return "review ranking from ${SUGGESTIONS}: ${ranked} entr${ranked == 1 ? 'y' : 'ies'} " +
+            "suggested (sort the project list by ${RANKING_KEYS[0]})"
+}
+
 /** Imports one entry's predictions into imageData; returns a one-line report. */
 String importEntry(def project, def entry, def imageData, File baseDir) {
     def predDir = new File(new File(baseDir, 'qpseg'), 'predictions')
@@ -264,6 +389,9 @@ if (scriptArgs && getProjectEntry() == null) {
     def projectFile = new File(scriptArgs[0] as String)
     def project = ProjectIO.loadProject(projectFile, BufferedImage.class)
     def baseDir = project.getPath().getParent().toFile()
+    def ranked = applySuggestions(project, baseDir)
+    if (ranked != null)
+        println "qpseg: ${ranked}"
     def failed = []
     for (entry in project.getImageList()) {
         try {
@@ -292,4 +420,9 @@ if (entry == null) {
     return
 }
 def baseDir = getProject().getPath().getParent().toFile()
+// Every entry's ranking, also when this entry has no predictions (suggest ranks slides that
+// were never imported); "Run for project" repeats it per image, which changes nothing.
+def ranked = applySuggestions(getProject(), baseDir)
+if (ranked != null)
+    println "qpseg: ${ranked}"
 println "qpseg: ${importEntry(getProject(), entry, getCurrentImageData(), baseDir)}"
