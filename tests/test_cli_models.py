@@ -58,7 +58,9 @@ def test_catalog_read_from_source_equals_the_registry() -> None:
 
     static = _static_catalog()
     assert static is not None  # the family modules' decorators were read without importing
-    assert sorted(e.name for e in static) == list_models()
+    # the registry may also hold models other test modules register at import time
+    ours = [n for n in list_models() if get_entry(n).builder.__module__.startswith("qpseg.")]
+    assert sorted(e.name for e in static) == ours and len(ours) >= 20
     for e in static:
         entry = get_entry(e.name)
         assert (e.paper, e.summary, e.heavy, e.paper_init) == (
