@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from shapely.affinity import translate
 
-from qpseg.cli import _common
+from qpseg.cli import _progress
 from qpseg.edits import evaluate_edits
 from qpseg.evaluate import evaluate
 from qpseg.labels import ClassMap
@@ -77,7 +77,7 @@ def test_evaluate_edits_reports_each_entry(project: SyntheticProject, tmp_path: 
 def test_no_bar_when_stderr_is_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     err = io.StringIO()
     monkeypatch.setattr("sys.stderr", err)
-    with _common.StepProgress("work") as bar:
+    with _progress.StepProgress("work") as bar:
         assert not bar.enabled
         bar(1, 2, "a")
     assert err.getvalue() == ""
@@ -89,15 +89,15 @@ def test_cli_bar_on_a_terminal_leaves_json_alone(project: SyntheticProject, tmp_
     """On a terminal the bar is drawn on stderr; stdout holds only the JSON summary."""
     from qpseg.cli.evaluate import evaluate as evaluate_cmd
 
-    monkeypatch.setattr(_common, "stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(_progress, "stderr_is_terminal", lambda: True)
     seen: list[Any] = []
-    real_call = _common.StepProgress.__call__
+    real_call = _progress.StepProgress.__call__
 
-    def spy(self: _common.StepProgress, done: int, total: int, item: str = "") -> None:
+    def spy(self: _progress.StepProgress, done: int, total: int, item: str = "") -> None:
         seen.append((self.enabled, done, total))
         real_call(self, done, total, item)
 
-    monkeypatch.setattr(_common.StepProgress, "__call__", spy)
+    monkeypatch.setattr(_progress.StepProgress, "__call__", spy)
     truth = tmp_path / "proj"
     shutil.copytree(project.folder, truth)
     code = evaluate_cmd(truth=truth / "project.qpproj", pred=truth / "project.qpproj",
@@ -110,6 +110,44 @@ def test_cli_bar_on_a_terminal_leaves_json_alone(project: SyntheticProject, tmp_
     assert json.loads(out)["n_scored"] == 2
     assert seen[-1] == (True, 2, 2)
     assert "scoring slides" in err
+
+
+def test_demo_bars_follow_the_steps_the_training_and_the_slides() -> None:
+    """One bar per step, labelled by the demo; training steps and slides fill theirs; a
+    round's fine-tuning fills its own bar, never a finished one."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    bars = _progress.DemoProgress(Console(file=out, width=100),
+                                  {"train": "train tiny_unet", "infer": "infer slides"})
+
+    def task(step: str) -> Any:
+        return bars.bars.tasks[bars.tasks[step]]
+
+    with bars:
+        bars.on_step("train", {"event": "start"})
+        bars.on_train(SimpleNamespace(kind="step", step=3, total_steps=10, loss=0.25))
+        t = task("train")
+        assert (t.description, t.completed, t.total, t.fields["info"]) == (
+            "train tiny_unet", 3, 10, "loss 0.250")
+        bars.on_step("train", {"event": "end", "seconds": 2.54})
+        assert (t.completed, t.total, t.fields["info"]) == (1, 1, "done in 2.5 s")
+        bars.on_step("infer", {"event": "start"})
+        bars.on_infer(SimpleNamespace(kind="slide_start", index=1, total=3))
+        assert (task("infer").completed, task("infer").fields["info"]) == (1, "slide 1/3")
+        bars.on_infer(SimpleNamespace(kind="slide_end", index=1, total=3))
+        assert (task("infer").completed, task("infer").total) == (2, 3)
+        bars.on_step("rounds: train model 1", {"event": "start"})
+        bars.on_step("rounds: train model 1", {"event": "end", "seconds": 1.0})
+        bars.on_step("round 1: fine-tune", {"event": "start"})
+        bars.on_round_train(SimpleNamespace(kind="step", step=4, total_steps=8, loss=None))
+        ft, first = task("round 1: fine-tune"), task("rounds: train model 1")
+        assert (ft.description, ft.completed, ft.total, ft.fields["info"]) == (
+            "round 1: fine-tune", 4, 8, "")
+        assert (first.completed, first.total, first.fields["info"]) == (1, 1, "done in 1.0 s")
+    assert "train tiny_unet" in out.getvalue()
 
 
 # ------------------------------------------------------------------------------ polygonising

@@ -83,7 +83,8 @@ def test_a_step_event_after_every_step_with_an_eta(project: tuple[SyntheticProje
 
 
 def test_progress_bar_shows_the_eta_of_the_events() -> None:
-    from qpseg.cli.train import _clock, _Progress
+    from qpseg.cli._progress import TrainProgress as _Progress
+    from qpseg.cli._progress import _clock
 
     assert _clock(None) == "-:--:--" and _clock(83.4) == "0:01:23" and _clock(3725) == "1:02:05"
     with _Progress(quiet=True) as progress:

@@ -59,9 +59,9 @@ def demo(
     import time
 
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from qpseg.cli._progress import DemoProgress
     from qpseg.cli.groovy import SCRIPTS, write_scripts
     from qpseg.demo import claim_demo_folder, held_out_dice, run_demo
 
@@ -72,47 +72,20 @@ def demo(
     # Logs and CI are not terminals: give tables room instead of Rich's 80-column default.
     console = Console(stderr=as_json, highlight=False,
                       width=None if stream.isatty() else 130)
-    bars = Progress(TextColumn("{task.description}"), BarColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
-    tasks: dict[str, Any] = {}
-
-    def on_step(step: str, info: dict[str, Any]) -> None:
-        if info.get("event") == "start":
-            tasks[step] = bars.add_task(STEPS.get(step, step), total=None, info="")
-        else:
-            bars.update(tasks[step], total=1, completed=1,
-                        info=f"done in {info.get('seconds', 0):.1f} s")
-
-    def on_train(event: Any) -> None:
-        if "train" in tasks and event.kind == "step" and event.total_steps:
-            bars.update(tasks["train"], total=event.total_steps, completed=event.step,
-                        info=f"loss {event.loss:.3f}" if event.loss is not None else "")
-
-    def on_infer(event: Any) -> None:
-        if "infer" in tasks and event.kind in ("slide_start", "slide_end"):
-            done = event.index + (1 if event.kind == "slide_end" else 0)
-            bars.update(tasks["infer"], total=event.total, completed=done,
-                        info=f"slide {done}/{event.total}")
+    bars = DemoProgress(console, STEPS)
 
     start = time.perf_counter()
     with bars:
-        result = run_demo(out, device=device, force=force, progress=on_step,
-                          train_callback=on_train, infer_progress=on_infer)
+        result = run_demo(out, device=device, force=force, progress=bars.on_step,
+                          train_callback=bars.on_train, infer_progress=bars.on_infer)
     wall = time.perf_counter() - start
     outcomes: list[RoundOutcome] = []
     if rounds:
         from qpseg.demo import run_rounds
 
-        def on_round_train(event: Any) -> None:
-            for step, task in tasks.items():
-                if step.endswith(("train model 1", "fine-tune")) and event.kind == "step" \
-                        and event.total_steps and not bars.tasks[task].finished:
-                    bars.update(task, total=event.total_steps, completed=event.step,
-                                info=f"loss {event.loss:.3f}" if event.loss is not None else "")
-
         with bars:
-            outcomes = run_rounds(out, rounds, device=device, progress=on_step,
-                                  train_callback=on_round_train)
+            outcomes = run_rounds(out, rounds, device=device, progress=bars.on_step,
+                                  train_callback=bars.on_round_train)
     dice = held_out_dice(result)
 
     table = Table(title="Per-slide scores (pixel Dice at 2 µm/px; lesions = Tumor regions)")

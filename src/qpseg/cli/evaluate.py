@@ -89,7 +89,8 @@ def evaluate(
     """
     import sys
 
-    from qpseg.cli._common import StepProgress, print_json
+    from qpseg.cli._common import print_json
+    from qpseg.cli._progress import StepProgress
     from qpseg.evaluate import evaluate as run_evaluate
 
     class_list = [c for c in classes.split(",")] if classes else None
@@ -207,7 +208,8 @@ def evaluate_edits(
     """
     import sys
 
-    from qpseg.cli._common import StepProgress, print_json
+    from qpseg.cli._common import print_json
+    from qpseg.cli._progress import StepProgress
     from qpseg.edits import evaluate_edits as run_edits
 
     with StepProgress("comparing entries") as progress:

@@ -43,7 +43,8 @@ def import_project(
     """
     import sys
 
-    from qpseg.cli._common import StepProgress, console, print_json
+    from qpseg.cli._common import console, print_json
+    from qpseg.cli._progress import StepProgress
     from qpseg.manifest import import_project as run_import
 
     class_list = [c for c in classes.split(",")] if classes else None

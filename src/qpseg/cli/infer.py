@@ -16,76 +16,13 @@ def _is_main_rank() -> bool:
 
 
 def _progress_display(quiet: bool) -> Any:
-    """A context manager + callback showing slides done/total, tiles/s with ETA and the
-    polygonising of each slide's map (blocks done, objects found) (rich)."""
+    """The progress display of the run (slides, tiles/s with ETA, polygonising; rich), or None
+    when quiet or on a torchrun rank other than 0."""
     if quiet or not _is_main_rank():
         return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
+    from qpseg.cli._progress import InferProgress
 
-    class RateColumn(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            unit = task.fields.get("unit", "")
-            return Text(f"{speed:.1f} {unit}/s" if speed and unit else "")
-
-    class Display:
-        def __init__(self) -> None:
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(stderr=True, soft_wrap=True), transient=False)
-            self.slides: Any = None
-            self.tiles: Any = None
-            self.polygons: Any = None
-
-        def __enter__(self) -> Display:
-            self.progress.__enter__()
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.progress.__exit__(*exc)  # type: ignore[arg-type]
-
-        def _drop_slide_tasks(self) -> None:
-            for task in (self.tiles, self.polygons):
-                if task is not None:
-                    self.progress.remove_task(task)
-            self.tiles = self.polygons = None
-
-        def __call__(self, ev: Any) -> None:
-            p = self.progress
-            if ev.kind == "run_start":
-                self.slides = p.add_task("slides", total=ev.total, unit="")
-            elif ev.kind == "slide_start":
-                self._drop_slide_tasks()
-                label = ev.name if len(ev.name) <= 40 else ev.name[:37] + "..."
-                self.tiles = p.add_task(f"  {label}", total=None, unit="tiles")
-            elif ev.kind == "tiles" and self.tiles is not None:
-                p.update(self.tiles, total=ev.tiles_total, completed=ev.tiles_done)
-            elif ev.kind == "polygonise":
-                # blocks of the map traced; the count is of pieces until the last event
-                desc = f"  polygonising: {ev.objects:,} objects"
-                if self.polygons is None:
-                    self.polygons = p.add_task(desc, total=ev.blocks_total, unit="blocks")
-                p.update(self.polygons, description=desc, total=ev.blocks_total,
-                         completed=ev.blocks_done)
-            elif ev.kind == "slide_end" and self.slides is not None:
-                p.advance(self.slides)
-                self._drop_slide_tasks()
-                if ev.status == "failed":
-                    p.console.print(f"[red]failed[/]: {ev.name}: {ev.message}",
-                                    markup=True, highlight=False)
-
-    return Display()
+    return InferProgress()
 
 
 def infer(

@@ -136,74 +136,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
                 f"slide(s), {refine['tile_px']} px whole-slide inputs")
 
 
-def _clock(seconds: float | None) -> str:
-    """``H:MM:SS`` of a number of seconds (``-:--:--`` when unknown)."""
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "-:--:--"
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-class _Progress:
-    """Renders :class:`~qpseg.training.loop.TrainEvent` objects with rich."""
-
-    def __init__(self, quiet: bool) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        from qpseg.cli._common import console
-
-        self.quiet = quiet
-        self.console = console()
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tiles/s"),
-            TimeElapsedColumn(), TextColumn("eta {task.fields[eta]}"), console=self.console,
-            disable=quiet, transient=False)
-        self.task: Any = None
-
-    def __enter__(self) -> _Progress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *args: Any) -> None:
-        self.progress.__exit__(*args)
-
-    def __call__(self, ev: Any) -> None:
-        if ev.kind in ("start", "resumed"):
-            desc = f"{ev.stage}"
-            if self.task is None or self.progress.tasks[self.task].description != desc:
-                self.task = self.progress.add_task(desc, total=ev.total_steps, loss="-",
-                                                   rate="-", eta="-:--:--")
-            self.progress.update(self.task, completed=ev.step, total=ev.total_steps)
-            if ev.kind == "resumed" and not self.quiet:
-                self.progress.console.print(f"resumed {ev.stage} at step {ev.step} from "
-                                            f"{ev.message}")
-        elif ev.kind == "step" and self.task is not None:
-            self.progress.update(self.task, completed=ev.step, loss=f"{ev.loss:.4g}",
-                                 rate=f"{ev.tiles_per_s:.1f}", eta=_clock(ev.eta_s))
-        elif ev.kind == "epoch" and not self.quiet:
-            parts = [f"{ev.stage} epoch {ev.epoch + 1}/{ev.epochs}", f"step {ev.step}",
-                     f"train loss {ev.loss:.4g}"]
-            m = ev.metrics
-            if m.get("val_loss") is not None and m.get("val_loss") == m.get("val_loss"):
-                parts.append(f"val loss {m['val_loss']:.4g}")
-            if "val_mdice" in m:
-                parts.append(f"val mDice {m['val_mdice']:.3f}")
-            dice = {k[9:]: v for k, v in m.items() if k.startswith("val_dice_")}
-            if dice:
-                parts.append("Dice " + " ".join(f"{k} {v:.3f}" for k, v in dice.items()
-                                                if v == v))
-            self.progress.console.print(" | ".join(parts))
-        elif ev.kind in ("stage", "stopped") and not self.quiet:
-            self.progress.console.print(ev.message)
-
-
 def train(
     source: Path = typer.Argument(..., help="manifest.json (or its folder) or a QuPath project "
                                   "(.qpproj, imported into OUT first)."),
@@ -297,7 +229,9 @@ def train(
             else:
                 _print_summary(result.summary)
         return 0
-    with _Progress(quiet) as progress:
+    from qpseg.cli._progress import TrainProgress
+
+    with TrainProgress(quiet) as progress:
         result = run_train(source, out, model=model, config=config, overrides=overrides,
                            resume=resume, device=device, callback=progress, params=params,
                            allow_changed_annotations=allow_changed_annotations)
