@@ -29,6 +29,7 @@ __all__ = [
     "default_color",
     "read_classes",
     "rgb_to_argb",
+    "valid_rgb",
     "write_classes",
 ]
 
@@ -107,10 +108,23 @@ class PathClass:
         return cls(name, default_color(name))
 
 
+def valid_rgb(value: Any) -> RGB | None:
+    """``value`` as an ``(r, g, b)`` tuple when it is three ints in 0..255 (a tuple or list),
+    else None: the one rule for an RGB colour, for class colours and object colours alike."""
+    if type(value) is tuple and len(value) == 3:  # the common case, without generators
+        r, g, b = value
+        if (type(r) is int and type(g) is int and type(b) is int
+                and 0 <= r <= 255 and 0 <= g <= 255 and 0 <= b <= 255):
+            return (r, g, b)
+    if (isinstance(value, tuple | list) and len(value) == 3
+            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255
+                    for c in value)):
+        return (int(value[0]), int(value[1]), int(value[2]))
+    return None
+
+
 def _check_rgb(rgb: object) -> None:
-    if (not isinstance(rgb, tuple | list) or len(rgb) != 3
-            or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 255
-                   for c in rgb)):
+    if valid_rgb(rgb) is None:
         raise ValueError(f"colour must be three ints in 0..255, not {rgb!r}")
 
 

@@ -276,19 +276,6 @@ def _parse_rgb(value: Any) -> RGB | None:
     return None
 
 
-def _valid_rgb(value: Any) -> RGB | None:
-    if type(value) is tuple and len(value) == 3:  # the common case, without generators
-        r, g, b = value
-        if (type(r) is int and type(g) is int and type(b) is int
-                and 0 <= r <= 255 and 0 <= g <= 255 and 0 <= b <= 255):
-            return (r, g, b)
-    if (isinstance(value, tuple | list) and len(value) == 3
-            and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255
-                    for c in value)):
-        return (int(value[0]), int(value[1]), int(value[2]))
-    return None
-
-
 def _has_polygonal_part(geom: Any) -> bool:
     from shapely.geometry import MultiPolygon, Polygon
     from shapely.geometry.base import BaseMultipartGeometry

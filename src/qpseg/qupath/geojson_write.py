@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from qpseg._io import atomic_write
 from qpseg.errors import GeoJSONWarning
-from qpseg.qupath.classes import default_color
+from qpseg.qupath.classes import default_color, valid_rgb
 from qpseg.qupath.geojson_model import (
     _AREA_ONLY_TYPES,
     _CANONICAL_TYPES,
@@ -39,7 +39,6 @@ from qpseg.qupath.geojson_model import (
     _has_polygonal_part,
     _orjson,
     _short,
-    _valid_rgb,
     canonical_object_type,
 )
 from qpseg.qupath.geojson_write_bulk import _polygonal_json_batch, _uuid4_strings
@@ -357,7 +356,7 @@ def _to_feature(obj: QuPathObject, label: str | _Label,
     if obj.name is not None:
         props["name"] = obj.name if isinstance(obj.name, str) else str(obj.name)
     if obj.color is not None:
-        color = _valid_rgb(obj.color)
+        color = valid_rgb(obj.color)
         if color is None:
             _warn(label, f"object colour {_short(obj.color)} is not three ints 0..255; "
                          "not written")
@@ -366,7 +365,7 @@ def _to_feature(obj: QuPathObject, label: str | _Label,
     if obj.classification is not None:
         class_name = str(obj.classification)
         if class_name:
-            class_color = _valid_rgb(obj.class_color)
+            class_color = valid_rgb(obj.class_color)
             if class_color is None:
                 if obj.class_color is not None:
                     _warn(label, f"class colour {_short(obj.class_color)} is not three ints "
