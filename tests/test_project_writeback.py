@@ -171,3 +171,23 @@ def test_a_skipped_slide_is_compared_with_its_own_predictions(
     held = _objects_of(p, eid)
     assert sorted(str(o.getID()) for o in held) == sorted(o.id for o in first)
     assert next(o for o in held if str(o.getID()) == first[0].id)._class == "Stroma"
+
+
+def test_the_qpdata_backup_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    # A `data.qpdata.bak` link (a project folder from someone else) must not make the write-back
+    # overwrite the file it points to, neither when backing up nor when restoring.
+    from qpseg.qupath.paquo_backend import _backup_image_data, _restore_image_data
+
+    marker = tmp_path / "elsewhere.txt"
+    marker.write_bytes(b"precious")
+    data = tmp_path / "data" / "1" / "data.qpdata"
+    data.parent.mkdir(parents=True)
+    data.write_bytes(b"qpdata v1")
+    (data.parent / "data.qpdata.bak").symlink_to(marker)
+    assert _backup_image_data(data, tmp_path / "project.qpproj") is True
+    bak = data.parent / "data.qpdata.bak"
+    assert not bak.is_symlink() and bak.read_bytes() == b"qpdata v1"
+    assert marker.read_bytes() == b"precious"
+    data.write_bytes(b"half-written")
+    _restore_image_data(data, True, tmp_path / "project.qpproj")
+    assert data.read_bytes() == b"qpdata v1" and marker.read_bytes() == b"precious"

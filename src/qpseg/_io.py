@@ -38,8 +38,8 @@ from typing import IO, Any
 from qpseg.errors import OutputError
 
 __all__ = ["LEDGER_NAME", "FileLock", "atomic_write", "backup_path", "backups",
-           "ensure_writable_dir", "keep_backup", "replace_file", "sha256_file",
-           "write_json_atomic"]
+           "ensure_writable_dir", "keep_backup", "replace_file", "replace_with_copy",
+           "sha256_file", "write_json_atomic"]
 
 #: The per-folder record of the files qpseg wrote (with ``backup=True``), by SHA-256.
 LEDGER_NAME = ".qpseg_written"
@@ -204,6 +204,24 @@ def _replace_slot(src: Path, slot: Path) -> None:
     try:
         _link_or_copy(src, tmp)
         os.replace(tmp, slot)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_with_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Make ``dst`` a copy of the regular file ``src``, atomically (a temporary file in
+    ``dst``'s folder renamed over it): a link planted at ``dst`` is replaced, never written
+    through. A real copy, not a hard link: the file it backs up may be rewritten in place by
+    another program (QuPath's ``data.qpdata``). For backups with one fixed name."""
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o666 & ~_umask())
+    try:
+        try:
+            _copy_nofollow(Path(src), fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
 

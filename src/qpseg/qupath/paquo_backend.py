@@ -36,7 +36,6 @@ import contextlib
 import functools
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -519,12 +518,12 @@ def _restore_entry_metadata(image: Any, old: dict[str, str | None]) -> None:
 def _backup_image_data(data: Path, project_path: Path) -> bool:
     """Keep the entry's ``data.qpdata`` as ``data.qpdata.bak`` before paquo rewrites it;
     False when the entry has no data yet."""
-    from qpseg._io import backup_path
+    from qpseg._io import backup_path, replace_with_copy
 
     if not data.is_file():
         return False
     try:
-        shutil.copy2(data, backup_path(data))
+        replace_with_copy(data, backup_path(data))  # never through a link at the .bak
     except OSError as exc:
         raise ProjectError(f"cannot back up {data} before writing it ({exc.strerror or exc})",
                            project_path) from exc
@@ -533,15 +532,13 @@ def _backup_image_data(data: Path, project_path: Path) -> bool:
 
 def _restore_image_data(data: Path, had_data: bool, project_path: Path) -> None:
     """Put ``data.qpdata`` back as it was before the save started (atomically)."""
-    from qpseg._io import backup_path
+    from qpseg._io import backup_path, replace_with_copy
 
     try:
         if not had_data:
             data.unlink(missing_ok=True)
             return
-        tmp = data.with_name(data.name + ".restore")
-        shutil.copy2(backup_path(data), tmp)
-        os.replace(tmp, data)
+        replace_with_copy(backup_path(data), data)
     except OSError as exc:
         raise ProjectError(f"saving failed and {data} could not be restored from "
                            f"{backup_path(data).name} ({exc.strerror or exc}): copy it back "
