@@ -28,19 +28,8 @@ from qpseg.training.data import TrainingWarning
 
 torch.set_num_threads(1)
 
-SMALL: dict[str, Any] = {
-    "model_kwargs": {"tile_px": 32, "base_filters": 4, "depth": 2},
-    "data": {"mpp": 4.0},
-    "split": {"val": 0.25, "test": 0.0},
-    "train": {"batch_size": 4, "log_every": 1, "checkpoint_every": 3},
-}
-
-
-def _cfg(**sections: Any) -> dict[str, Any]:
-    out = json.loads(json.dumps(SMALL))
-    for key, value in sections.items():
-        out.setdefault(key, {}).update(value)
-    return out
+# the same tiny tiny_unet recipe as test_train.py
+from test_train import _cfg  # noqa: E402
 
 
 @pytest.fixture(scope="module")
