@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from _bench import machine, write_report
 from qpseg.evaluate import evaluate, usable_cpus
 from qpseg.qupath.geojson import read_geojson
 
@@ -139,13 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         "pixel": summary.get("pixel"),
         "instance": summary.get("instance"),
         "lesion": summary.get("lesion"),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        **machine("cpus", "python"),
     }
-    text = json.dumps(result, indent=2, default=str)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write_report(result, args.out, default=str)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

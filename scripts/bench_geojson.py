@@ -18,11 +18,6 @@ geometry instead of detections. Timed:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +26,7 @@ from typing import Any
 import numpy as np
 import shapely
 
+from _bench import machine, peak_rss_mb, reference_serialise, write_report
 from qpseg.qupath.geojson import QuPathObject, to_feature_collection, write_geojson
 
 _METADATA = {
@@ -79,25 +75,6 @@ def make_objects(n: int, seed: int, float_coords: bool = False,
             metadata=dict(_METADATA),
             nucleus_geometry=None if nuclei is None else nuclei[i]))
     return objs
-
-
-def reference_serialise(objs: list[QuPathObject], path: Path) -> None:
-    """Lower bound for writing: vectorised geometry JSON, plain dumps, no checks."""
-    arr = np.empty(len(objs), dtype=object)
-    arr[:] = [o.geometry for o in objs]
-    geoms = shapely.to_geojson(arr)
-    with path.open("w", encoding="utf-8") as fh:
-        fh.write('{"type":"FeatureCollection","features":[')
-        for i, (o, g) in enumerate(zip(objs, geoms, strict=True)):
-            props: dict[str, Any] = {"objectType": o.object_type,
-                                     "classification": {"name": o.classification,
-                                                        "color": list(o.class_color or ())},
-                                     "measurements": o.measurements, "metadata": o.metadata}
-            if o.name:
-                props["name"] = o.name
-            fh.write(("," if i else "") + '{"type":"Feature","geometry":' + g
-                     + ',"properties":' + json.dumps(props, ensure_ascii=False) + "}")
-        fh.write("]}\n")
 
 
 def _best(fn: Any, repeat: int) -> tuple[float, float, Any]:
@@ -162,17 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         "meets_target_cpu": c_write <= 4.0,
         "geojson_bytes": size,
         "reference_bytes": ref_size,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "python": sys.version.split()[0],
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "shapely": shapely.__version__,
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        **machine("python", "platform", "cpus", "loadavg"),
     }
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write_report(result, args.out)
     return 0
 
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,7 @@ from typing import Any
 import numpy as np
 import shapely
 
+from _bench import machine, peak_rss_mb, write_report
 from qpseg.qupath.geojson import QuPathObject
 
 CLASSES = ("Tumor", "Stroma", "Necrosis")
@@ -170,17 +169,12 @@ def _review_copy(objs: list[QuPathObject], seed: int) -> tuple[list[QuPathObject
     return ai, final
 
 
-def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
-
-
 def _current_rss_mb() -> float:
     try:
         with open("/proc/self/statm") as fh:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:  # not Linux: the peak so far is the best there is
-        return _peak_rss_mb()
+        return peak_rss_mb()
 
 
 def setup(n: int, seed: int, workdir: Path) -> dict[str, Any]:
@@ -197,7 +191,7 @@ def setup(n: int, seed: int, workdir: Path) -> dict[str, Any]:
                                                      "geojson": str(target)}))
     return {"setup_s": round(time.perf_counter() - t, 3), "n_features": n_features,
             "file_mb": round(target.stat().st_size / 2**20, 1),
-            "setup_peak_rss_mb": round(_peak_rss_mb(), 1)}
+            "setup_peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def run_stage(stage: str, n: int, seed: int, workdir: Path,
@@ -250,7 +244,7 @@ def run_stage(stage: str, n: int, seed: int, workdir: Path,
         worst = max(abs(areas.get(k, 0.0) - v) / max(v, 1e-12) for k, v in ref.items())
         res["reference_max_rel_diff"] = worst
         res["reference_equal"] = bool(worst <= 1e-6 and set(ref) == set(areas))
-    res["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return res
 
 
@@ -283,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
         return 0
     report: dict[str, Any] = {
-        "benchmark": "bench_import", "python": platform.python_version(),
-        "shapely": shapely.__version__, "geos": ".".join(map(str, shapely.geos_version)),
-        "cpu_count": os.cpu_count(), "targets": {"1e5_s": 10, "1e6_s": 100, "peak_rss_mb": 2048},
+        "benchmark": "bench_import", "shapely": shapely.__version__,
+        "geos": ".".join(map(str, shapely.geos_version)), **machine("python", "cpu_count"),
+        "targets": {"1e5_s": 10, "1e6_s": 100, "peak_rss_mb": 2048},
         "results": [],
     }
     common = ["--seed", str(args.seed), "--reference-max", str(args.reference_max)]
@@ -304,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                     res["peak_rss_mb"][stage] = out["peak_rss_mb"]
                 print(json.dumps({"n": n, **out}), file=sys.stderr)
             report["results"].append(res)
-        args.out.write_text(json.dumps(report, indent=2))
+        write_report(report, args.out, echo=False)
     return 0
 
 

@@ -33,8 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +40,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from _bench import machine, peak_rss_mb, write_report
 
 HERE = Path(__file__).resolve().parent
 
@@ -71,10 +71,6 @@ def _package(args: argparse.Namespace, folder: Path) -> Path:
                         mpp=args.model_mpp or args.mpp, overwrite=True)
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One slide: (b) the pipeline, peak RSS, then (a) the bare forward on the same tiles."""
     import torch
@@ -96,7 +92,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                              workers=args.workers, tissue=args.tissue, min_area_um2=0.0,
                              precision=args.precision)
     best: dict[str, float] = {}
-    rss_before = _peak_rss_mb()
+    rss_before = peak_rss_mb()
     for rep in range(args.repeats):  # best of N: the machine may be shared
         marks: dict[str, float] = {}
 
@@ -124,7 +120,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             best = marks
     marks = best
     wall_b = marks["wall"]
-    rss_pipeline = _peak_rss_mb()
+    rss_pipeline = peak_rss_mb()
 
     # (a) the same plan's tiles, preloaded, through the same runner
     pkg = load_package(pkg_path)
@@ -269,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size, "slide_mpp": args.mpp,
         "model_mpp": args.model_mpp or args.mpp, "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "sizes": []}
+        **machine("cpu_count", "platform"), "sizes": []}
     with tempfile.TemporaryDirectory() as tmp:
         pkg = _package(args, Path(tmp) / "pkg")
         for size in args.size_gpx:
@@ -293,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             row["seconds_slide_generation"] = gen
             report["sizes"].append(row)
     report["polygonise_write"] = bench_objects(args.objects)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

@@ -13,14 +13,12 @@ timing includes worker start-up (it is what an epoch pays).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _bench import machine, write_report
 
 
 def bench(dataset: Any, *, workers: int, batch_size: int, batches: int,
@@ -65,10 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     report: dict[str, Any] = {
         "benchmark": "bench_loader",
-        "python": sys.version.split()[0],
+        **machine("python", "platform", "cpus"),
         "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
         "slide_px": args.size,
         "slides": args.slides,
         "tile_px": args.tile,
@@ -101,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(r)
             ds.close()
         report["results"] = results
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write_report(report, args.out)
     return 0
 
 

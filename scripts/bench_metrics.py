@@ -15,15 +15,13 @@ an ignored strip. Only the metric calls are timed; generation is reported separa
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _bench import machine, write_report
 from qpseg.metrics.instance import InstanceAccumulator
 from qpseg.metrics.pixel import PixelAccumulator
 
@@ -127,14 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         "within_limit": total <= args.limit,
         "pooled_instance": {k: pooled_i[k] for k in ("aji", "aji_plus", "map", "pq", "f1_50")},
         "pooled_pixel": {k: pooled_p[k] for k in ("miou", "mrecall", "mprecision")},
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        **machine("cpus", "python"),
         "numpy": np.__version__,
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write_report(result, args.out)
     return 0 if result["within_limit"] else 1
 
 

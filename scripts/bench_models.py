@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from _bench import machine, write_report
 from qpseg.models import create_model, get_entry, list_models, make_inputs
 from qpseg.models._base import QpsegModule, count_parameters
 
@@ -218,14 +218,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     result = {
         "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        **machine("python", "cpu"),
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "models": rows,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_report(result, args.out, echo=False)
     print(markdown(rows))
     return 0
 

@@ -17,17 +17,13 @@ name), with a (C, H, W) float32 probability stack, at 0.5 µm/px with a bounds o
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _bench import machine, peak_rss_mb, reference_serialise, write_report
 from qpseg.labels import ClassMap
 from qpseg.objects import (
     MapGeometry,
@@ -48,25 +44,6 @@ def synthetic_map(n_objects: int, seed: int, cell: int = 10) -> np.ndarray:
     cls = rng.integers(1, 3, (side, side)).astype(np.uint8)
     stamp = (d2[None, None] <= (r * r)[:, :, None, None]) * cls[:, :, None, None]
     return stamp.transpose(0, 2, 1, 3).reshape(side * cell, side * cell).astype(np.uint8)
-
-
-def reference_serialise(objs: list, path: Path) -> None:
-    """Lower bound for writing: vectorised geometry JSON, plain dumps, no checks."""
-    import shapely
-
-    geoms = shapely.to_geojson(np.array([o.geometry for o in objs], dtype=object))
-    with path.open("w", encoding="utf-8") as fh:
-        fh.write('{"type":"FeatureCollection","features":[')
-        for i, (o, g) in enumerate(zip(objs, geoms, strict=True)):
-            props = {"objectType": o.object_type,
-                     "classification": {"name": o.classification,
-                                        "color": list(o.class_color)},
-                     "measurements": o.measurements, "metadata": o.metadata}
-            if o.name:
-                props["name"] = o.name
-            fh.write(("," if i else "") + '{"type":"Feature","geometry":' + g
-                     + ',"properties":' + json.dumps(props, ensure_ascii=False) + "}")
-        fh.write("]}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,15 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         "writer_overhead_s": round(t_write - t_ref, 3),
         "geojson_bytes": size,
         "reference_bytes": ref_size,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        **machine("python", "platform", "cpus"),
     }
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write_report(result, args.out)
     return 0
 
 

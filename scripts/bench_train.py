@@ -14,14 +14,13 @@ bottleneck (well below 1: the model is the limit; near 1: the loader is).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _bench import machine, write_report
 
 
 def _loader(data: Any, *, workers: int, batch: int, batches: int, seed: int) -> Any:
@@ -90,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     report: dict[str, Any] = {
-        "benchmark": "bench_train", "python": sys.version.split()[0],
-        "platform": platform.platform(), "torch": torch.__version__, "device": str(device),
+        "benchmark": "bench_train", **machine("python", "platform", "cpu_count"),
+        "torch": torch.__version__, "device": str(device),
         "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
         "params": vars(args) | {"out": str(args.out) if args.out else None},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                             "ratio_step_over_loader": round(
                                 full["tiles_per_s"] / alone["tiles_per_s"], 3)})
         report["results"] = results
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text)
+    write_report(report, args.out)
     return 0
 
 
