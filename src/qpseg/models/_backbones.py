@@ -11,6 +11,10 @@ torchvision's later ``V2`` recipe.
 
 Encoders return their feature maps from fine to coarse; ``channels[i]`` and ``strides[i]``
 describe ``features[i]`` and the last one is the bottom of the U-Net.
+
+VGG, ResNet and DenseNet encoders take ``width_mult`` (every width scaled, tensor names kept:
+narrowed networks for CPU-sized runs and tests); ImageNet weights fit width 1 only
+(:func:`check_full_width`). Inception-v3 has no width option.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -28,13 +33,16 @@ from qpseg.errors import ModelError
 from qpseg.models._weights import load_subset
 
 __all__ = [
+    "DENSENET_BLOCKS",
     "ENCODERS",
+    "RESNET_LAYERS",
     "VGG16_CFG",
     "VGG19_CFG",
     "Encoder",
     "check_full_width",
     "densenet_legacy_keys",
     "make_encoder",
+    "make_resnet",
     "make_vgg_features",
     "scaled",
 ]
@@ -146,22 +154,71 @@ class VGGEncoder(Encoder):
         return feats
 
 
+#: Blocks per stage of torchvision's Bottleneck ResNets (He et al. 2016, Table 1).
+RESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                                                       152: (3, 8, 36, 3)}
+
+
+def make_resnet(depth: int, width_mult: float = 1.0) -> nn.Module:
+    """torchvision's Bottleneck ResNet-``depth`` with every width multiplied by ``width_mult``.
+
+    The stem (64 channels) and the planes of ``layer1``-``layer4`` (64, 128, 256, 512; outputs
+    4x that) are :func:`scaled`; block counts, strides and tensor names are torchvision's, so at
+    width 1 this is ``torchvision.models.resnet<depth>(weights=None)`` exactly (same shapes, same
+    initialisation from the same seed) and ImageNet weights load by name.
+    """
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    layers = RESNET_LAYERS[depth]
+
+    class _ScaledResNet(ResNet):
+        def __init__(self) -> None:
+            # torchvision's ResNet.__init__ with widths scaled (same modules, same order).
+            nn.Module.__init__(self)
+            self._norm_layer = nn.BatchNorm2d
+            self.inplanes = scaled(64, width_mult)
+            self.dilation = 1
+            self.groups = 1
+            self.base_width = 64
+            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3,
+                                   bias=False)
+            self.bn1 = nn.BatchNorm2d(self.inplanes)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            planes = [scaled(c, width_mult) for c in (64, 128, 256, 512)]
+            self.layer1 = self._make_layer(Bottleneck, planes[0], layers[0])
+            self.layer2 = self._make_layer(Bottleneck, planes[1], layers[1], stride=2)
+            self.layer3 = self._make_layer(Bottleneck, planes[2], layers[2], stride=2)
+            self.layer4 = self._make_layer(Bottleneck, planes[3], layers[3], stride=2)
+            self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+            self.fc = nn.Linear(planes[3] * Bottleneck.expansion, 1000)
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+                    nn.init.constant_(m.weight, 1)
+                    nn.init.constant_(m.bias, 0)
+
+    return _ScaledResNet()
+
+
 class ResNetEncoder(Encoder):
-    """torchvision ResNet: stem (stride 2), layer1-4 (strides 4-32)."""
+    """torchvision ResNet: stem (stride 2), layer1-4 (strides 4-32); ``width_mult`` scales
+    every width (:func:`make_resnet`)."""
 
     imagenet_ignore = ("fc.",)
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, width_mult: float = 1.0) -> None:
         super().__init__()
-        import torchvision
-
-        body = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        body = make_resnet(depth, width_mult)
         del body.fc
         self.body = body
         self.label = f"ResNet-{depth}"
+        self.width_mult = float(width_mult)
         self.imagenet_weights = f"ResNet{depth}_Weights.IMAGENET1K_V1"
-        expansion = 4 if depth >= 50 else 1
-        self.channels = [64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
+        b: Any = body
+        self.channels = [b.conv1.out_channels] + [
+            getattr(b, f"layer{i}")[-1].conv3.out_channels for i in range(1, 5)]
         self.strides = [2, 4, 8, 16, 32]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -174,19 +231,29 @@ class ResNetEncoder(Encoder):
         return [x0, x1, x2, x3, x4]
 
 
+#: Dense layers per block of torchvision's DenseNets (Huang et al. 2017, Table 1).
+DENSENET_BLOCKS: dict[int, tuple[int, int, int, int]] = {121: (6, 12, 24, 16),
+                                                         201: (6, 12, 48, 32)}
+
+
 class DenseNetEncoder(Encoder):
-    """torchvision DenseNet: skips are the BN-ReLU outputs that open each transition."""
+    """torchvision DenseNet: skips are the BN-ReLU outputs that open each transition;
+    ``width_mult`` scales the growth rate and the stem (at 1: torchvision's network)."""
 
     imagenet_ignore = ("classifier.",)
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, width_mult: float = 1.0) -> None:
         super().__init__()
-        import torchvision
+        from torchvision.models import DenseNet
 
-        body = getattr(torchvision.models, f"densenet{depth}")(weights=None)
+        # torchvision's densenet<depth>(weights=None) is DenseNet(32, blocks, 64): growth rate
+        # and stem width scale with width_mult (the bottleneck is bn_size 4 x growth rate).
+        body = DenseNet(growth_rate=scaled(32, width_mult), block_config=DENSENET_BLOCKS[depth],
+                        num_init_features=scaled(64, width_mult))
         del body.classifier
         self.body = body
         self.label = f"DenseNet-{depth}"
+        self.width_mult = float(width_mult)
         self.imagenet_weights = f"DenseNet{depth}_Weights.IMAGENET1K_V1"
         f: Any = body.features
         self.channels = [
@@ -326,11 +393,11 @@ def _no_width(factory: Callable[[], Encoder], label: str) -> Callable[..., Encod
 ENCODERS: dict[str, Callable[..., Encoder]] = {
     "vgg16": _vgg(VGG16_CFG, "VGG-16"),
     "vgg19": _vgg(VGG19_CFG, "VGG-19"),
-    "resnet50": _no_width(lambda: ResNetEncoder(50), "ResNet-50"),
-    "resnet101": _no_width(lambda: ResNetEncoder(101), "ResNet-101"),
-    "resnet152": _no_width(lambda: ResNetEncoder(152), "ResNet-152"),
-    "densenet121": _no_width(lambda: DenseNetEncoder(121), "DenseNet-121"),
-    "densenet201": _no_width(lambda: DenseNetEncoder(201), "DenseNet-201"),
+    "resnet50": partial(ResNetEncoder, 50),
+    "resnet101": partial(ResNetEncoder, 101),
+    "resnet152": partial(ResNetEncoder, 152),
+    "densenet121": partial(DenseNetEncoder, 121),
+    "densenet201": partial(DenseNetEncoder, 201),
     "inception_v3": _no_width(InceptionV3Encoder, "Inception-v3"),
 }
 

@@ -90,7 +90,7 @@ def _unet_builder(encoder_name: str) -> Any:
 _TINY_DECODER = (16, 16, 8, 8, 8)
 for _enc in ENCODERS:
     _tiny: dict[str, Any] = {"decoder_filters": _TINY_DECODER, "tile_px": 64}
-    if _enc.startswith("vgg"):
+    if _enc != "inception_v3":  # every encoder but Inception-v3 has a width option
         _tiny["width_mult"] = 0.125
     register_model(f"unet_{_enc}", paper=f"{PAPER}, Methods 'U-net'", tiny=_tiny,
                    summary=f"U-Net with a {_enc} encoder (lagree2021)", paper_init="imagenet",
