@@ -316,8 +316,13 @@ def test_bulk_polygons_known_answers() -> None:
     assert "non-finite" in problems[1].message
 
 
+#: Rings a reader keeps (at least 4 positions once closed): a degenerate ring is refused for
+#: its shape before its numbers are looked at, which is a different, also correct, answer.
+KEPT_RING = GOOD_RING.filter(lambda r: len(r) >= 4 or r[0][:2] != r[-1][:2])
+
+
 @FUZZ
-@given(st.lists(GOOD_RING, min_size=1, max_size=3), st.data(), st.sampled_from(
+@given(st.lists(KEPT_RING, min_size=1, max_size=3), st.data(), st.sampled_from(
     ["geometry", "nucleusGeometry"]))
 def test_out_of_range_numbers_are_refused_by_both_readers(rings: list[Any], data: Any,
                                                           where: str) -> None:
