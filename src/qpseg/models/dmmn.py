@@ -31,7 +31,8 @@ from qpseg.models._base import QpsegModule, check_positive_int
 from qpseg.models.contract import InputSpec, ModelContract
 from qpseg.models.registry import register_model
 
-__all__ = ["DMMNM3", "DMMNUNet", "center_crop", "dmmn_m3", "dmmn_s1", "dmmn_s2"]
+__all__ = ["DMMNM3", "DMMNUNet", "center_crop", "dmmn_m3", "dmmn_s1", "dmmn_s2",
+           "init_like_authors"]
 
 PAPER = "ho2021 (Med. Image Anal. 67:101866), Section 2.4, Fig. 4"
 BASE_MPP = 0.5  # 20×
@@ -55,6 +56,19 @@ def _conv_final(ch: int, num_classes: int) -> nn.Sequential:
     """CONV_FINAL: 3×3 conv, ReLU, 1×1 conv to the classes (softmax applied by ``predict``)."""
     return nn.Sequential(nn.Conv2d(ch, ch, 3, padding=1), nn.ReLU(inplace=True),
                          nn.Conv2d(ch, num_classes, 1))
+
+
+def init_like_authors(module: nn.Module) -> None:
+    """Kaiming-normal weights (fan-in, ReLU gain) and zero biases in every convolution and
+    transposed convolution, as the authors' code starts training (training.py, ``init_weights``
+    applied with ``model.apply``). PyTorch's default initialisation shrinks the signal through
+    the 20+ plain ReLU layers to almost nothing: the output is nearly constant and, at
+    SGD 5e-5, only its bias learns."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def center_crop(x: torch.Tensor, rate: int) -> torch.Tensor:
@@ -154,6 +168,7 @@ class DMMNM3(QpsegModule):
             paper=f"{PAPER} (DMMN-M3)", default_mpp=BASE_MPP,
             notes="inputs: central tile_px at 20x, central 2*tile_px at 10x, central "
                   "4*tile_px at 5x, each tile_px pixels")
+        init_like_authors(self)
 
     def forward(self, x20: torch.Tensor, x10: torch.Tensor, x5: torch.Tensor) -> torch.Tensor:
         c5, s5 = self.enc_5x(x5)
@@ -187,6 +202,7 @@ class DMMNUNet(QpsegModule):
             architecture=name, num_classes=num_classes, inputs=_inputs(tile_px, scales),
             output="pixel", tile_px=tile_px, output_px=tile_px, size_multiple=1 << DEPTH,
             paper=f"{PAPER} ({label})", default_mpp=BASE_MPP)
+        init_like_authors(self)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         x = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
