@@ -44,6 +44,7 @@ import shapely
 
 from _bench import machine, peak_rss_mb, write_report
 from qpseg.qupath.geojson import QuPathObject
+from qpseg.testing.reference import reference_class_geometries
 
 CLASSES = ("Tumor", "Stroma", "Necrosis")
 SPACING = 20.0
@@ -108,39 +109,6 @@ def write_export(path: Path, n: int, seed: int) -> int:
             written += len(features)
         fh.write(b"]}\n")
     return written
-
-
-def reference_areas(objects: list[QuPathObject], class_map: Any) -> dict[int, float]:
-    """Per-class areas by the label rule as first written (quadratic; small inputs only)."""
-    from shapely import union_all
-    from shapely.geometry import Polygon
-
-    from qpseg.labels import label_role
-    from qpseg.qupath.geojson import repair_polygonal
-
-    regions, classes, ignores = [], [], []
-    for order, obj in enumerate(objects):
-        geom = repair_polygonal(obj.geometry)
-        if geom.is_empty:
-            continue
-        role = label_role(obj.classification)
-        if role == "region":
-            regions.append((geom, 0))
-        elif role == "ignore":
-            ignores.append((geom, class_map.ignore_index))
-        elif role == "class":
-            idx = class_map.index_of(obj.classification)
-            if idx is not None:
-                classes.append((-geom.area, order, geom, idx))
-    classes.sort(key=lambda t: (t[0], t[1]))
-    covered: Any = Polygon()
-    out: dict[int, list[Any]] = {}
-    for geom, value in reversed(regions + [(g, v) for _, _, g, v in classes] + ignores):
-        visible = geom.difference(covered) if not covered.is_empty else geom
-        if not visible.is_empty:
-            out.setdefault(value, []).append(visible)
-        covered = union_all([covered, geom])
-    return {k: float(union_all(v).area) for k, v in out.items()}
 
 
 def _review_copy(objs: list[QuPathObject], seed: int) -> tuple[list[QuPathObject],
@@ -239,7 +207,7 @@ def run_stage(stage: str, n: int, seed: int, workdir: Path,
     if stage == "class_areas" and n <= reference_max:
         assert objs is not None
         t0 = time.perf_counter()
-        ref = reference_areas(objs, cm)
+        ref = {k: float(g.area) for k, g in reference_class_geometries(objs, cm).items()}
         res["reference_s"] = round(time.perf_counter() - t0, 3)
         worst = max(abs(areas.get(k, 0.0) - v) / max(v, 1e-12) for k, v in ref.items())
         res["reference_max_rel_diff"] = worst

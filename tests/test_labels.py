@@ -9,6 +9,7 @@ from shapely.geometry import Polygon, box
 from qpseg.errors import LabelError
 from qpseg.labels import IGNORE_INDEX, ClassMap, class_geometries, label_role, rasterize_labels
 from qpseg.qupath.geojson import QuPathObject
+from qpseg.testing.reference import reference_class_geometries
 
 CM = ClassMap.from_names(["Tumor", "Stroma"])
 
@@ -221,40 +222,7 @@ def test_unlabelled_option_errors() -> None:
 
 
 # ------------------------------------------------ equality with the rule as first written
-def _reference_class_geometries(objects, class_map):
-    """class_geometries as first written (quadratic: one growing union of everything painted
-    above); the fast implementation must give the same areas."""
-    from shapely import union_all
-
-    from qpseg.labels import label_role
-    from qpseg.qupath.geojson import repair_polygonal
-
-    regions, classes, ignores = [], [], []
-    for order, obj in enumerate(objects):
-        geom = repair_polygonal(obj.geometry)
-        if geom.is_empty:
-            continue
-        role = label_role(obj.classification)
-        if role == "region":
-            regions.append((geom, 0))
-        elif role == "ignore":
-            ignores.append((geom, class_map.ignore_index))
-        elif role == "class":
-            idx = class_map.index_of(obj.classification)
-            if idx is not None:
-                classes.append((-geom.area, order, geom, idx))
-    classes.sort(key=lambda t: (t[0], t[1]))
-    painted = regions + [(g, v) for _, _, g, v in classes] + ignores
-    covered = Polygon()
-    out: dict[int, list] = {}
-    for geom, value in reversed(painted):
-        visible = geom.difference(covered) if not covered.is_empty else geom
-        if not visible.is_empty:
-            out.setdefault(value, []).append(visible)
-        covered = union_all([covered, geom])
-    return {k: union_all(v) for k, v in out.items()}
-
-
+# (qpseg.testing.reference.reference_class_geometries)
 _NAMES = ["Tumor", "Stroma", "Region*", "Ignore*", None, "Necrosis"]
 
 
@@ -302,7 +270,7 @@ def test_fast_class_geometries_equal_the_reference_rule() -> None:
     @settings(max_examples=300, deadline=None)
     @given(_objects_strategy())
     def check(objs):
-        ref = _reference_class_geometries(objs, CM)
+        ref = reference_class_geometries(objs, CM)
         _assert_same_areas(class_geometries(objs, CM), ref)
         areas = class_areas(objs, CM)
         assert set(areas) == set(ref)
@@ -325,7 +293,7 @@ def test_fast_class_geometries_many_covers_per_object() -> None:
         objs.append(ann(box(x, y, x + s, y + s), str(rng.choice(["Tumor", "Stroma", "Ignore*"]))))
     # A large Stroma under many, itself over the Region*: both take the "many covers" path.
     objs.append(ann(box(100, 100, 400, 400), "Tumor"))
-    ref = _reference_class_geometries(objs, CM)
+    ref = reference_class_geometries(objs, CM)
     _assert_same_areas(class_geometries(objs, CM), ref)
     areas = class_areas(objs, CM)
     assert set(areas) == set(ref)
